@@ -1,0 +1,48 @@
+"""optax_decoupled: weight decay you can trust, as composable Optax transforms."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from optax_decoupled._aliases import adam_l2 as adam_l2
+from optax_decoupled._aliases import adamw as adamw
+from optax_decoupled._aliases import bert_adamw as bert_adamw
+from optax_decoupled._aliases import sgd_l2 as sgd_l2
+from optax_decoupled._masks import BERT_EXCLUDE as BERT_EXCLUDE
+from optax_decoupled._masks import Decision as Decision
+from optax_decoupled._masks import Predicate as Predicate
+from optax_decoupled._masks import exclude_names as exclude_names
+from optax_decoupled._masks import include_names as include_names
+from optax_decoupled._masks import min_ndim as min_ndim
+from optax_decoupled._masks import resolve_mask as resolve_mask
+from optax_decoupled._report import MaskReport as MaskReport
+from optax_decoupled._report import MaskRow as MaskRow
+from optax_decoupled._report import describe_mask as describe_mask
+from optax_decoupled._transforms import WeightDecayState as WeightDecayState
+from optax_decoupled._transforms import add_decoupled_decay as add_decoupled_decay
+from optax_decoupled._transforms import add_l2_to_grad as add_l2_to_grad
+from optax_decoupled._transforms import scale_by_adam as scale_by_adam
+
+try:
+  __version__ = version("optax_decoupled")
+except PackageNotFoundError:  # running from a source tree that is not installed
+  __version__ = "0.0.0"
+
+__all__ = [
+    "BERT_EXCLUDE",
+    "Decision",
+    "MaskReport",
+    "MaskRow",
+    "Predicate",
+    "WeightDecayState",
+    "adam_l2",
+    "adamw",
+    "add_decoupled_decay",
+    "add_l2_to_grad",
+    "bert_adamw",
+    "describe_mask",
+    "exclude_names",
+    "include_names",
+    "min_ndim",
+    "resolve_mask",
+    "scale_by_adam",
+    "sgd_l2",
+]

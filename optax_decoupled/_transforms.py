@@ -1,0 +1,285 @@
+"""Composable transforms: coupled L2, Adam scaling, decoupled weight decay.
+
+``add_l2_to_grad`` and ``add_decoupled_decay`` perform the same arithmetic,
+``u + λ_t·θ`` on the masked leaves; what makes them different optimizers is
+where they sit in a chain. Before an adaptive scaling (``scale_by_adam``) the
+term enters Adam's moments and is normalised by them (coupled L2). After it,
+and before ``optax.scale_by_learning_rate``, it is decoupled weight decay with
+a per-step shrink of η_t·λ (the "lr-coupled" convention of torch, optax, Keras
+and BERT). Keeping two names for the two roles makes the chain read as the
+algorithm it is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_decoupled import _masks
+
+__all__ = [
+    "WeightDecayState",
+    "add_l2_to_grad",
+    "add_decoupled_decay",
+    "scale_by_adam",
+]
+
+
+class WeightDecayState(NamedTuple):
+  """State of :func:`add_l2_to_grad` and :func:`add_decoupled_decay`.
+
+  The same type whether ``weight_decay`` is a constant or a schedule.
+  """
+
+  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+
+
+def check_weight_decay(weight_decay: Any, who: str) -> None:
+  """Raises early for weight decays that are masks, negative or not finite."""
+  if isinstance(weight_decay, _masks.Predicate):
+    raise TypeError(
+        f"{who}: weight_decay={weight_decay!r} is a mask predicate; pass it as "
+        "mask=... and give weight_decay a number or a schedule."
+    )
+  if callable(weight_decay):
+    if jax.tree_util.tree_leaves(weight_decay):
+      raise TypeError(
+          f"{who}: weight_decay={type(weight_decay).__name__} is callable and also a "
+          "pytree with leaves (a mask tree or module?). Pass a number or a schedule "
+          "(a function of the step count)."
+      )
+    return
+  if isinstance(weight_decay, jax.core.Tracer):
+    return  # injected by optax.inject_hyperparams under a trace: checked by the caller.
+  try:
+    value = np.asarray(weight_decay)
+  except Exception:  # noqa: BLE001 - anything not array-like is a type error below.
+    value = None
+  if value is None or value.ndim != 0 or not np.issubdtype(value.dtype, np.number):
+    raise TypeError(
+        f"{who}: weight_decay must be a non-negative number or a schedule "
+        f"(a function of the step count), got {weight_decay!r}."
+    )
+  if not math.isfinite(float(value)) or float(value) < 0:
+    raise ValueError(
+        f"{who}: weight_decay must be finite and >= 0, got {float(value)!r}. "
+        "A negative value would grow the weights."
+    )
+
+
+def value_at(hyperparam: Any, count: chex.Array) -> chex.Array:
+  """A constant, or a schedule evaluated at ``count``."""
+  return hyperparam(count) if callable(hyperparam) else hyperparam
+
+
+def _no_params_error(who: str) -> ValueError:
+  return ValueError(
+      f"{who} needs the parameters: call tx.update(updates, state, params)."
+  )
+
+
+def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.GradientTransformation:
+  """``u + λ_t·θ`` on the leaves ``mask`` selects; others untouched."""
+  check_weight_decay(weight_decay, who)
+
+  def init_fn(params):
+    _masks.resolve_mask(params, mask)  # fail at init for a bad mask, not mid-run.
+    return WeightDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise _no_params_error(who)
+    mask_tree = _masks.resolve_mask(params, mask)
+    wd = value_at(weight_decay, state.count)
+
+    def add(u, p, decay):
+      if not decay or u is None:
+        return u
+      return (u + wd * p).astype(u.dtype)
+
+    try:
+      updates = jax.tree.map(add, updates, params, mask_tree, is_leaf=lambda x: x is None)
+    except ValueError as e:
+      raise ValueError(
+          f"{who}: updates and params have different tree structures: {e}"
+      ) from e
+    return updates, WeightDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_l2_to_grad(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
+  r"""Coupled L2 regularization: adds ``λ_t·θ`` to the incoming gradient.
+
+  .. math:: g_t \leftarrow g_t + \lambda_t \theta_{t-1}
+
+  This is the gradient of :math:`\tfrac{\lambda}{2}\lVert\theta\rVert^2`. Place it
+  *first* in a chain, before an adaptive scaling: the term then enters Adam's
+  first and second moments and is normalised by :math:`\sqrt{\hat v}` along with
+  the data gradient. Decay convention: **coupled L2** (not weight decay: with
+  Adam the effective shrink of a weight depends on its gradient history; only
+  for plain SGD does it equal decoupled decay with λ·η).
+
+  Args:
+    weight_decay: λ, a non-negative number or an optax schedule of the step.
+    mask: which leaves get the term: None (all), a predicate
+      (``od.exclude_names(...)``), a pytree of bools, or a function of the
+      parameters returning one. Resolved at trace time; excluded leaves pass
+      through unchanged (their L2 term is simply absent).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`WeightDecayState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
+    >>> tx = optax.chain(od.add_l2_to_grad(0.1), od.scale_by_adam(),
+    ...                  optax.scale_by_learning_rate(1e-3))
+    >>> params = {"w": jnp.ones(2)}
+    >>> updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+
+  References:
+    torch.optim.Adam(weight_decay=λ), torch.optim.SGD(weight_decay=λ):
+    ``grad = grad.add(param, alpha=weight_decay)`` before the moment updates.
+  """
+  return _add_scaled_params(weight_decay, mask, "add_l2_to_grad")
+
+
+def add_decoupled_decay(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
+  r"""Decoupled weight decay: adds ``λ_t·θ`` *after* the adaptive scaling.
+
+  .. math:: u_t \leftarrow u_t + \lambda_t \theta_{t-1}
+
+  Place it after ``scale_by_adam`` (or any preconditioner) and before
+  ``optax.scale_by_learning_rate(η)``; the step is then
+  :math:`\theta_t = \theta_{t-1} - \eta_t(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta_{t-1})`,
+  a per-step shrink of :math:`\eta_t\lambda`. Decay convention:
+  **lr-coupled** (torch AdamW, optax.adamw, Keras, BERT). For the paper's
+  schedule-coupled form or an lr-independent shrink, see the ``coupling``
+  option of the aliases.
+
+  Unlike ``optax.masked(optax.add_decayed_weights(...), mask)``, the mask is
+  resolved at trace time from names and shapes, the compiled update holds no
+  per-element select, and excluded leaves pass through with no decay term;
+  ``optax.masked`` would likewise pass them through untouched, which means the
+  *incoming update* continues unchanged, not that the leaf is frozen.
+
+  Args:
+    weight_decay: λ, a non-negative number or an optax schedule of the step.
+    mask: which leaves decay: None (all), a predicate, a pytree of bools, or a
+      function of the parameters returning one.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`WeightDecayState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
+    >>> tx = optax.chain(od.scale_by_adam(),
+    ...                  od.add_decoupled_decay(1e-2, mask=od.exclude_names("bias")),
+    ...                  optax.scale_by_learning_rate(1e-3))
+    >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    >>> updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+
+  References:
+    Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019,
+    https://arxiv.org/abs/1711.05101 (Algorithm 2, line 12).
+  """
+  return _add_scaled_params(weight_decay, mask, "add_decoupled_decay")
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    bias_correction: bool = True,
+    eps_hat: bool = False,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+  r"""Adam's preconditioning, with BERT's and Keras's variants as keywords.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
+
+  with :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v = v/(1-\beta_2^t)`.
+
+  * ``bias_correction=False``: :math:`u_t = m_t/(\sqrt{v_t}+\epsilon)`, the step
+    of BERT's ``AdamWeightDecayOptimizer`` (google-research/bert optimization.py).
+  * ``eps_hat=True``: the "epsilon hat" placement of Keras/TF,
+    :math:`u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, m_t/(\sqrt{v_t}+\hat\epsilon)`.
+
+  No decay is applied here (decay convention: none). With the defaults this is
+  exactly ``optax.scale_by_adam`` (it is returned as is), and the state is
+  ``optax.ScaleByAdamState(count, mu, nu)`` in every case, so optax's tree
+  utilities and checkpoints see the usual fields.
+
+  Args:
+    b1, b2: moment decay rates. eps, eps_root: see the formula.
+    bias_correction: divide the moments by :math:`1-\beta^t` (Adam) or not (BERT).
+    eps_hat: Keras/TF placement of ε (outside the bias correction).
+    mu_dtype: dtype of the first moment (None: that of the parameters).
+    nesterov: Nesterov momentum (NAdam), as in ``optax.scale_by_adam``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_decoupled as od
+    >>> tx = od.scale_by_adam(bias_correction=False, eps=1e-6)
+    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> type(state).__name__
+    'ScaleByAdamState'
+
+  References:
+    Kingma & Ba, Adam, https://arxiv.org/abs/1412.6980.
+  """
+  if eps_hat and nesterov:
+    raise ValueError("scale_by_adam: eps_hat=True (Keras) has no Nesterov form; set nesterov=False.")
+  if bias_correction and not eps_hat:
+    return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+  mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+
+  def init_fn(params):
+    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+    nu = optax.tree.zeros_like(params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def correct(tree, decay, count):
+    return optax.tree.bias_correction(tree, decay, count) if bias_correction else tree
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count_inc = optax.safe_increment(state.count)
+    if eps_hat:
+      # Keras: lr_t = lr·√(1−β2^t)/(1−β1^t); step = lr_t·m/(√v + ε̂).
+      t = count_inc.astype(jnp.float32)
+      scale = jnp.sqrt(1 - b2**t) / (1 - b1**t) if bias_correction else 1.0
+      mu_hat, nu_hat = mu, nu
+    else:
+      scale = 1.0
+      mu_hat, nu_hat = correct(mu, b1, count_inc), correct(nu, b2, count_inc)
+    if nesterov:
+      mu_hat = jax.tree.map(
+          lambda m, g: b1 * m + (1 - b1) * g,
+          correct(mu, b1, optax.safe_increment(count_inc)),
+          correct(updates, b1, count_inc),
+      )
+    updates = jax.tree.map(
+        lambda m, v: None if m is None else scale * m / (jnp.sqrt(v + eps_root) + eps),
+        mu_hat,
+        nu_hat,
+        is_leaf=lambda x: x is None,
+    )
+    mu = optax.tree.cast(mu, mu_dtype)
+    nu = optax.tree.cast_like(nu, state.nu)
+    return updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
