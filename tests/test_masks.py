@@ -1,0 +1,320 @@
+"""Masks from parameter-name and shape predicates (od.exclude_names & co.).
+
+Oracle for the name rule: BERT's ``_do_use_weight_decay`` (google-research/bert,
+optimization.py), transcribed in ``bert_decays`` below: a parameter decays unless
+``re.search(r, name)`` finds one of the exclude patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_decoupled as od
+from tests.fixtures import bert_linen_params
+
+
+def bert_decays(name: str, exclude=("LayerNorm", "layer_norm", "bias")) -> bool:
+  """google-research/bert optimization.py, AdamWeightDecayOptimizer._do_use_weight_decay."""
+  for r in exclude:
+    if re.search(r, name) is not None:
+      return False
+  return True
+
+
+
+def decisions(params, mask) -> dict[str, bool]:
+  return {r.path: r.decay for r in od.describe_mask(params, mask).rows}
+
+
+# --- BERT's rule on a BERT-shaped linen tree -------------------------------------------------
+
+
+def test_bert_exclude_matches_bert_rule_on_every_leaf():
+  params = bert_linen_params()
+  got = decisions(params, od.exclude_names(*od.BERT_EXCLUDE))
+  assert len(got) == len(jax.tree.leaves(params))
+  for path, decay in got.items():
+    assert decay == bert_decays(path), path
+  # Sanity of the fixture: both kinds occur, LayerNorm scales and all biases are excluded.
+  assert any(got.values()) and not all(got.values())
+  assert got["embeddings/LayerNorm/scale"] is False
+  assert got["encoder/layer_1/LayerNorm_1/scale"] is False
+  assert got["pooler/bias"] is False
+  assert got["encoder/layer_0/attention/query/kernel"] is True
+
+
+def test_mask_tree_has_params_structure_and_python_bools():
+  params = bert_linen_params()
+  tree = od.exclude_names("bias")(params)
+  assert jax.tree.structure(tree) == jax.tree.structure(params)
+  assert all(type(x) is bool for x in jax.tree.leaves(tree))
+
+
+def test_predicate_accepted_by_optax_masked_and_optax_adamw():
+  params = bert_linen_params()
+  mask = od.exclude_names(*od.BERT_EXCLUDE)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  # optax.adamw with a callable mask: zero gradient, so the update is -lr*wd*θ on decayed leaves.
+  tx = optax.adamw(0.1, weight_decay=0.5, mask=mask)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for (path, decay), u, p in zip(decisions(params, mask).items(), jax.tree.leaves(updates),
+                                 jax.tree.leaves(params)):
+    expected = -0.1 * 0.5 * p if decay else jnp.zeros_like(p)
+    np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=path)
+  # optax.masked with a predicate.
+  tx = optax.masked(optax.scale(3.0), od.include_names("kernel$"))
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, tx.init(params), params)
+  for path, u in zip(decisions(params, None), jax.tree.leaves(updates)):
+    assert float(u.ravel()[0]) == (3.0 if path.endswith("kernel") else 1.0), path
+
+
+# --- the same paths on every kind of pytree --------------------------------------------------
+
+
+class Pair(NamedTuple):
+  weight: jax.Array
+  bias: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Block:
+  weight: jax.Array
+  bias: jax.Array
+
+
+@pytest.mark.parametrize(
+    "tree, expected",
+    [
+        ([jnp.ones((2, 2)), jnp.ones(2)], {"0": True, "1": True}),
+        ((jnp.ones((2, 2)), {"bias": jnp.ones(2)}), {"0": True, "1/bias": False}),
+        (Pair(jnp.ones((2, 2)), jnp.ones(2)), {"weight": True, "bias": False}),
+        (Block(jnp.ones((2, 2)), jnp.ones(2)), {"weight": True, "bias": False}),
+        ({"layers": [Pair(jnp.ones((2, 2)), jnp.ones(2))]},
+         {"layers/0/weight": True, "layers/0/bias": False}),
+    ],
+    ids=["list", "tuple+dict", "namedtuple", "dataclass", "nested"],
+)
+def test_paths_on_plain_pytrees(tree, expected):
+  assert decisions(tree, od.exclude_names("bias", allow_unmatched=True)) == expected
+
+
+def test_frozendict_gives_same_paths_as_dict():
+  flax_core = pytest.importorskip("flax.core")
+  params = bert_linen_params()
+  frozen = flax_core.freeze(params)
+  mask = od.exclude_names(*od.BERT_EXCLUDE)
+  assert decisions(frozen, mask) == decisions(params, mask)
+
+
+def test_equinox_module_paths():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(3, 2, width_size=4, depth=1, key=jax.random.PRNGKey(0))
+  params = eqx.filter(model, eqx.is_array)
+  got = decisions(params, od.exclude_names("bias"))
+  assert got == {
+      "layers/0/weight": True,
+      "layers/0/bias": False,
+      "layers/1/weight": True,
+      "layers/1/bias": False,
+  }
+  # The mask works inside a real update.
+  tx = od.adamw(1e-2, weight_decay=0.1, mask=od.exclude_names("bias"))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_array_equal(updates.layers[0].bias, 0.0)
+  np.testing.assert_allclose(updates.layers[0].weight, -1e-3 * params.layers[0].weight, rtol=1e-6)
+
+
+def test_equinox_module_as_mask_is_refused():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.Linear(2, 2, key=jax.random.PRNGKey(0))  # callable *and* a pytree
+  params = {"w": jnp.ones((2, 2))}
+  with pytest.raises(TypeError, match="both callable and a pytree"):
+    od.resolve_mask(params, model)
+
+
+def _nnx_model():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Tiny(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.LayerNorm = nnx.LayerNorm(4, rngs=rngs)
+      self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.LayerNorm(self.dense(x)))
+
+  return nnx, Tiny(nnx.Rngs(0))
+
+
+def test_nnx_state_paths_equal_at_init_and_update():
+  nnx, model = _nnx_model()
+  state = nnx.state(model, nnx.Param)  # leaves are Variables: key paths end in `.value`
+  pure = nnx.as_pure(state)  # what nnx.Optimizer hands to tx.update
+  mask = od.exclude_names(*od.BERT_EXCLUDE)
+  at_init, at_update = decisions(state, mask), decisions(pure, mask)
+  assert at_init == at_update
+  assert at_init == {
+      "LayerNorm/bias": False,
+      "LayerNorm/scale": False,
+      "dense/bias": False,
+      "dense/kernel": True,
+      "head/bias": False,
+      "head/kernel": True,
+  }
+
+
+def test_nnx_optimizer_applies_name_mask():
+  nnx, model = _nnx_model()
+  before = nnx.state(model, nnx.Param)
+  before = jax.tree.map(lambda x: np.array(x), nnx.as_pure(before))
+  opt = nnx.Optimizer(model, od.adamw(0.1, weight_decay=0.5,
+                                      mask=od.exclude_names(*od.BERT_EXCLUDE)), wrt=nnx.Param)
+  grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  opt.update(model, grads)
+  after = nnx.as_pure(nnx.state(model, nnx.Param))
+  np.testing.assert_array_equal(after["LayerNorm"]["scale"], before["LayerNorm"]["scale"])
+  np.testing.assert_array_equal(after["dense"]["bias"], before["dense"]["bias"])
+  np.testing.assert_allclose(after["dense"]["kernel"], before["dense"]["kernel"] * (1 - 0.05),
+                             rtol=1e-6)
+
+
+# --- refusing to fail silently ---------------------------------------------------------------
+
+
+def test_typo_pattern_is_an_error_naming_pattern_and_closest_paths():
+  params = bert_linen_params()
+  with pytest.raises(ValueError) as info:
+    od.exclude_names("LayerNrom", "bias")(params)
+  msg = str(info.value)
+  assert "'LayerNrom'" in msg and "matches no parameter" in msg
+  assert "LayerNorm" in msg.split("Closest paths:")[1]
+  assert "allow_unmatched=True" in msg
+
+
+def test_typo_is_raised_at_init_of_a_transform():
+  params = bert_linen_params()
+  tx = od.adamw(1e-3, mask=od.exclude_names("layernorm"))  # wrong case: matches nothing
+  with pytest.raises(ValueError, match="'layernorm'"):
+    tx.init(params)
+
+
+def test_alternative_spellings_count_as_one_rule():
+  params = bert_linen_params()  # uses "LayerNorm", never "layer_norm"
+  od.exclude_names(("LayerNorm", "layer_norm"), "bias")(params)  # no error
+  with pytest.raises(ValueError, match="'layer_norm'"):
+    od.exclude_names("LayerNorm", "layer_norm", "bias")(params)  # flat: strict per pattern
+  # allow_unmatched silences the check.
+  od.exclude_names("LayerNorm", "layer_norm", "bias", allow_unmatched=True)(params)
+
+
+def test_mask_that_decays_nothing_warns():
+  params = {"bias": jnp.ones(2), "scale": jnp.ones(2)}
+  with pytest.warns(UserWarning, match="decays no parameter"):
+    od.resolve_mask(params, od.exclude_names("bias", "scale"))
+
+
+def test_mask_that_decays_every_leaf_including_1d_warns():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  with pytest.warns(UserWarning, match="including 1-D"):
+    od.resolve_mask(params, {"kernel": True, "bias": True})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    od.resolve_mask(params, None)  # None is the explicit "decay everything"
+    od.resolve_mask({"kernel": jnp.ones((2, 2))}, od.min_ndim(2))  # nothing 1-D to worry about
+
+
+def test_mask_structure_mismatch_is_an_error():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  with pytest.raises(ValueError, match="structure of the parameters"):
+    od.resolve_mask(params, {"kernel": True})
+
+
+def test_traced_mask_leaf_is_an_error():
+  params = {"kernel": jnp.ones((2, 2))}
+
+  @jax.jit
+  def f(flag):
+    return od.resolve_mask(params, {"kernel": flag})
+
+  with pytest.raises(TypeError, match="resolved at trace"):
+    f(jnp.bool_(True))
+
+
+def test_invalid_regex_is_an_error_at_construction():
+  with pytest.raises(ValueError, match="not a valid regular expression"):
+    od.exclude_names("LayerNorm[")
+
+
+# --- predicates: small frozen, printable, combinable types ----------------------------------
+
+
+def test_predicates_are_hashable_printable_and_not_pytrees():
+  p = od.exclude_names(*od.BERT_EXCLUDE) & ~od.include_names("embedding") | od.min_ndim(3)
+  assert repr(p) == (
+      "((exclude_names(('LayerNorm', 'layer_norm'), 'bias') & ~include_names('embedding'))"
+      " | min_ndim(3))"
+  )
+  assert hash(p) == hash(od.exclude_names(*od.BERT_EXCLUDE) & ~od.include_names("embedding")
+                         | od.min_ndim(3))
+  assert jax.tree.leaves(p) == [p]  # a leaf, never a container of arrays
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    p.left = None  # type: ignore[misc]
+
+
+def test_combinators_follow_boolean_algebra():
+  params = bert_linen_params()
+  a, b = od.exclude_names(*od.BERT_EXCLUDE), od.min_ndim(2)
+  da, db = decisions(params, a), decisions(params, b)
+  assert decisions(params, a & b) == {k: da[k] and db[k] for k in da}
+  assert decisions(params, a | b) == {k: da[k] or db[k] for k in da}
+  assert decisions(params, ~a) == {k: not da[k] for k in da}
+  # min_ndim: the embedding (2-D) decays, biases and scales (1-D) do not.
+  assert db["embeddings/word_embeddings/embedding"] and not db["pooler/bias"]
+
+
+def test_combining_with_a_non_predicate_is_a_type_error():
+  with pytest.raises(TypeError, match="only with other predicates"):
+    od.exclude_names("bias") & (lambda path: True)  # noqa: B018
+
+
+# --- describe_mask ---------------------------------------------------------------------------
+
+
+def test_describe_mask_table_content():
+  params = {
+      "Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+      "LayerNorm_0": {"scale": jnp.ones(3, jnp.bfloat16)},
+  }
+  report = od.describe_mask(params, od.exclude_names(("LayerNorm", "layer_norm"), "bias"))
+  lines = str(report).splitlines()
+  assert lines[0] == "mask: exclude_names(('LayerNorm', 'layer_norm'), 'bias')"
+  assert lines[1].split() == ["path", "shape", "dtype", "decay", "rule"]
+  body = {line.split()[0]: line for line in lines[3:6]}
+  assert body["Dense_0/kernel"].split()[1:5] == ["(4,", "3)", "float32", "yes"]
+  assert body["Dense_0/kernel"].endswith("no exclude pattern matched")
+  assert body["Dense_0/bias"].endswith("excluded by 'bias'")
+  assert "bfloat16" in body["LayerNorm_0/scale"]
+  assert body["LayerNorm_0/scale"].endswith("excluded by ('LayerNorm', 'layer_norm')")
+  # Totals: 1 of 3 leaves, 12 of 18 parameters decayed.
+  assert lines[-1] == ("decayed: 1 of 3 leaves, 12 of 18 parameters; "
+                       "not decayed: 2 leaves, 6 parameters")
+  assert [r.path for r in report.decayed] == ["Dense_0/kernel"]
+
+
+def test_describe_mask_raises_the_mask_errors():
+  with pytest.raises(ValueError, match="matches no parameter"):
+    od.describe_mask({"w": jnp.ones(2)}, od.exclude_names("bias"))
