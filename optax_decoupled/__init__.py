@@ -13,6 +13,9 @@ from optax_decoupled._masks import exclude_names as exclude_names
 from optax_decoupled._masks import include_names as include_names
 from optax_decoupled._masks import min_ndim as min_ndim
 from optax_decoupled._masks import resolve_mask as resolve_mask
+from optax_decoupled._precision import LowPrecisionDecayWarning as LowPrecisionDecayWarning
+from optax_decoupled._precision import StochasticRoundingState as StochasticRoundingState
+from optax_decoupled._precision import stochastic_rounding as stochastic_rounding
 from optax_decoupled._report import MaskReport as MaskReport
 from optax_decoupled._report import MaskRow as MaskRow
 from optax_decoupled._report import describe_mask as describe_mask
@@ -29,9 +32,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "BERT_EXCLUDE",
     "Decision",
+    "LowPrecisionDecayWarning",
     "MaskReport",
     "MaskRow",
     "Predicate",
+    "StochasticRoundingState",
     "WeightDecayState",
     "adam_l2",
     "adamw",
@@ -45,4 +50,5 @@ __all__ = [
     "resolve_mask",
     "scale_by_adam",
     "sgd_l2",
+    "stochastic_rounding",
 ]

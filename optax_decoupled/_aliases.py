@@ -55,11 +55,12 @@ def adamw(
     Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 ;
     torch.optim.AdamW; optax.adamw.
   """
-  return optax.chain(
+  tx = optax.chain(
       _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
       _transforms.add_decoupled_decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+  return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "adamw")
 
 
 def adam_l2(
@@ -91,11 +92,12 @@ def adam_l2(
     torch.optim.Adam (``grad = grad.add(param, alpha=weight_decay)``);
     Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 (Adam with L2).
   """
-  return optax.chain(
+  tx = optax.chain(
       _transforms.add_l2_to_grad(weight_decay, mask),
       _transforms.scale_by_adam(b1, b2, eps),
       optax.scale_by_learning_rate(learning_rate),
   )
+  return _transforms.guard_decay(tx, learning_rate, 0.0, mask, "adam_l2")  # L2: no direct shrink.
 
 
 def sgd_l2(
@@ -124,11 +126,12 @@ def sgd_l2(
   """
   if nesterov and not momentum:
     raise ValueError("sgd_l2: nesterov=True needs momentum > 0 (as torch.optim.SGD).")
-  return optax.chain(
+  tx = optax.chain(
       _transforms.add_l2_to_grad(weight_decay, mask),
       optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
       optax.scale_by_learning_rate(learning_rate),
   )
+  return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "sgd_l2")
 
 
 def bert_adamw(
@@ -162,8 +165,10 @@ def bert_adamw(
     google-research/bert, optimization.py, ``AdamWeightDecayOptimizer.apply_gradients``
     and ``_do_use_weight_decay``.
   """
-  return optax.chain(
+  mask = _masks.exclude_names(*exclude)
+  tx = optax.chain(
       _transforms.scale_by_adam(b1, b2, eps, bias_correction=False),
-      _transforms.add_decoupled_decay(weight_decay, _masks.exclude_names(*exclude)),
+      _transforms.add_decoupled_decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+  return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "bert_adamw")

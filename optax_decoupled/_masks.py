@@ -320,6 +320,49 @@ def _to_bool(x: Any, path: str) -> bool:
   )
 
 
+def is_callable_pytree(x: Any) -> bool:
+  """True for callables that are also pytree nodes with leaves (Equinox modules, ...).
+
+  A plain function is a pytree *leaf* (``tree_leaves(f) == [f]``), so it is not
+  one of these; a callable object whose flattening yields children is.
+  """
+  if not callable(x):
+    return False
+  treedef = jax.tree_util.tree_structure(x)
+  return not jax.tree_util.treedef_is_leaf(treedef) and treedef.num_leaves > 0
+
+
+def _is_number(x: Any) -> bool:
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  return isinstance(x, (int, float, complex, np.number)) or (
+      hasattr(x, "dtype") and np.ndim(x) == 0 and not np.issubdtype(x.dtype, np.bool_)
+  )
+
+
+def _check_mask_fn_result(fn: Any, result: Any) -> None:
+  """A mask function must return bools: catch schedules and the like passed as masks."""
+  leaves = jax.tree_util.tree_leaves(result)
+  bad = [
+      x for x in leaves
+      if not isinstance(x, (bool, np.bool_, jax.core.Tracer))  # tracers: see _to_bool.
+      and not (np.ndim(x) == 0 and np.asarray(x).dtype == np.bool_)
+  ]
+  if not leaves or not bad:
+    return
+  name = getattr(fn, "__qualname__", type(fn).__name__)
+  looks_like_schedule = "schedule" in name or (len(leaves) == 1 and _is_number(leaves[0]))
+  hint = (
+      " It looks like a schedule: schedules go to learning_rate= or weight_decay=."
+      if looks_like_schedule else ""
+  )
+  raise TypeError(
+      f"mask={name} returned {bad[0]!r} where a mask function must return a pytree of "
+      "Python bools with the structure of the parameters (True = apply weight decay)."
+      f"{hint} Pass a predicate such as od.exclude_names('bias') instead."
+  )
+
+
 def _decisions(params: Any, mask: Any) -> list[tuple[str, Any, Decision]]:
   """(path, leaf, decision) for every leaf of ``params``; validates ``mask``."""
   leaves = _paths.leaves_with_paths(params)
@@ -334,13 +377,20 @@ def _decisions(params: Any, mask: Any) -> list[tuple[str, Any, Decision]]:
       )
     return [(p, x, mask.decide(p, x)) for p, x in leaves]
   if callable(mask):
-    if jax.tree_util.tree_leaves(mask) and not isinstance(mask, Predicate):
+    if is_callable_pytree(mask):
       raise TypeError(
           f"mask={type(mask).__name__} is both callable and a pytree with leaves "
           "(an Equinox module?), so it is ambiguous. Pass a predicate, a plain "
           "function of the parameters, or a pytree of bools."
       )
-    mask = mask(params)
+    fn, mask = mask, mask(params)
+    _check_mask_fn_result(fn, mask)
+  elif _is_number(mask):
+    raise TypeError(
+        f"mask={mask!r} is a number. A mask says which leaves decay (a predicate such "
+        "as od.exclude_names('bias'), or a pytree of bools); the decay strength goes "
+        "to weight_decay=."
+    )
   mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
   params_def = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
   if mask_def.num_leaves != params_def.num_leaves or mask_def != params_def:

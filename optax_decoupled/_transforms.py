@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_decoupled import _masks
+from optax_decoupled import _masks, _paths, _precision
 
 __all__ = [
     "WeightDecayState",
@@ -48,7 +48,7 @@ def check_weight_decay(weight_decay: Any, who: str) -> None:
         "mask=... and give weight_decay a number or a schedule."
     )
   if callable(weight_decay):
-    if jax.tree_util.tree_leaves(weight_decay):
+    if _masks.is_callable_pytree(weight_decay):
       raise TypeError(
           f"{who}: weight_decay={type(weight_decay).__name__} is callable and also a "
           "pytree with leaves (a mask tree or module?). Pass a number or a schedule "
@@ -73,6 +73,86 @@ def check_weight_decay(weight_decay: Any, who: str) -> None:
     )
 
 
+def check_learning_rate(learning_rate: Any, who: str) -> None:
+  """Raises early for learning rates that are masks, predicates, negative or not finite."""
+  if isinstance(learning_rate, _masks.Predicate):
+    raise TypeError(
+        f"{who}: learning_rate={learning_rate!r} is a mask predicate; pass it as mask=... "
+        "and give learning_rate a number or a schedule."
+    )
+  if callable(learning_rate):
+    if _masks.is_callable_pytree(learning_rate):
+      raise TypeError(
+          f"{who}: learning_rate={type(learning_rate).__name__} is callable and also a "
+          "pytree with leaves (a module?). Pass a number or a schedule (a function of the "
+          "step count)."
+      )
+    return
+  if isinstance(learning_rate, jax.core.Tracer):
+    return
+  try:
+    value = np.asarray(learning_rate)
+  except Exception:  # noqa: BLE001
+    value = None
+  if (
+      value is None or value.ndim != 0 or value.dtype == np.bool_
+      or not np.issubdtype(value.dtype, np.number)
+  ):
+    raise TypeError(
+        f"{who}: learning_rate must be a non-negative number or a schedule (a function "
+        f"of the step count), got {learning_rate!r}."
+    )
+  if not math.isfinite(float(value)) or float(value) < 0:
+    raise ValueError(
+        f"{who}: learning_rate must be finite and >= 0, got {float(value)!r}. "
+        "To maximize an objective, negate the loss."
+    )
+
+
+def guard_decay(
+    tx: optax.GradientTransformation,
+    learning_rate: Any,
+    weight_decay: Any,
+    mask: Any,
+    who: str,
+) -> optax.GradientTransformation:
+  """Construction-time checks shared by the aliases; returns ``tx`` with a checking ``init``.
+
+  For a per-step shrink ``learning_rate · weight_decay`` (lr-coupled decay;
+  pass ``learning_rate=1.0`` for an lr-independent shrink of λ):
+
+  * ``learning_rate`` must be a non-negative finite number or a schedule, and
+    ``weight_decay`` a non-negative finite number or a schedule;
+  * when both are constants, ``η·λ >= 1`` is a ``ValueError`` (the decay would
+    flip the sign of every decayed weight, or zero it);
+  * at ``init``, when both are constants, a :class:`LowPrecisionDecayWarning`
+    names the decayed bfloat16/float16 leaves on which the shrink rounds to nothing.
+
+  The returned transformation has ``tx``'s update and state: results are unchanged.
+  """
+  check_learning_rate(learning_rate, who)
+  check_weight_decay(weight_decay, who)
+  lr, wd = _precision._as_constant(learning_rate), _precision._as_constant(weight_decay)
+  shrink = None if lr is None or wd is None else lr * wd
+  if shrink is not None and shrink >= 1:
+    raise ValueError(
+        f"{who}: the per-step weight-decay shrink learning_rate*weight_decay = {lr!r}*{wd!r} "
+        f"= {shrink:.4g} is >= 1, so every decayed weight would flip sign (or become 0) "
+        f"each step. Use weight_decay < 1/learning_rate = {1 / lr:.4g} (lr-coupled λ values "
+        "are typically 1e-4 ... 1e-1)."
+    )
+  if shrink is None or shrink == 0:
+    return tx
+
+  def init_fn(params):
+    _precision.warn_if_decay_vanishes(params, shrink, mask, who)
+    return tx.init(params)
+
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    return optax.GradientTransformationExtraArgs(init_fn, tx.update)
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
 def value_at(hyperparam: Any, count: chex.Array) -> chex.Array:
   """A constant, or a schedule evaluated at ``count``."""
   return hyperparam(count) if callable(hyperparam) else hyperparam
@@ -84,18 +164,38 @@ def _no_params_error(who: str) -> ValueError:
   )
 
 
+def _check_decayed_dtypes(params: Any, mask_tree: Any, who: str) -> None:
+  """Decay is defined for floating (and complex) leaves only: refuse int/bool leaves it selects."""
+  is_leaf = _paths.is_variable
+  for (path, leaf), decay in zip(
+      _paths.leaves_with_paths(params), jax.tree_util.tree_leaves(mask_tree, is_leaf=is_leaf)
+  ):
+    dtype = getattr(_paths.leaf_value(leaf), "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(_paths.leaf_value(leaf)).dtype
+    if decay and not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{who}: weight decay applies to floating-point parameters only, but the leaf "
+          f"{path!r} has dtype {dtype} and the mask decays it. Exclude it from the mask "
+          f"(e.g. mask=od.exclude_names({path.split('/')[-1]!r}) or od.include_names(...)), "
+          "or keep integer/bool state out of the tree given to the optimizer."
+      )
+
+
 def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.GradientTransformation:
   """``u + λ_t·θ`` on the leaves ``mask`` selects; others untouched."""
   check_weight_decay(weight_decay, who)
 
   def init_fn(params):
-    _masks.resolve_mask(params, mask)  # fail at init for a bad mask, not mid-run.
+    mask_tree = _masks.resolve_mask(params, mask)  # fail at init for a bad mask, not mid-run.
+    _check_decayed_dtypes(params, mask_tree, who)
     return WeightDecayState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise _no_params_error(who)
     mask_tree = _masks.resolve_mask(params, mask)
+    _check_decayed_dtypes(params, mask_tree, who)
     wd = value_at(weight_decay, state.count)
 
     def add(u, p, decay):
@@ -202,6 +302,7 @@ def scale_by_adam(
     eps_hat: bool = False,
     mu_dtype: Any = None,
     nesterov: bool = False,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""Adam's preconditioning, with BERT's and Keras's variants as keywords.
 
@@ -228,6 +329,11 @@ def scale_by_adam(
     eps_hat: Keras/TF placement of ε (outside the bias correction).
     mu_dtype: dtype of the first moment (None: that of the parameters).
     nesterov: Nesterov momentum (NAdam), as in ``optax.scale_by_adam``.
+    nu_dtype: dtype of the second moment (None: that of the parameters). With
+      bfloat16/float16 parameters, ``mu_dtype=nu_dtype=jnp.float32`` keeps both
+      moments, the update and the decay term in float32; ``optax.apply_updates``
+      then rounds ``θ + u`` to the parameter dtype once. (optax.scale_by_adam has
+      no such option; with ``nu_dtype=None`` the optax function is returned.)
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
@@ -241,13 +347,14 @@ def scale_by_adam(
   """
   if eps_hat and nesterov:
     raise ValueError("scale_by_adam: eps_hat=True (Keras) has no Nesterov form; set nesterov=False.")
-  if bias_correction and not eps_hat:
+  if bias_correction and not eps_hat and nu_dtype is None:
     return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
   mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
+  nu_dtype = jax.dtypes.canonicalize_dtype(nu_dtype) if nu_dtype is not None else None
 
   def init_fn(params):
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = optax.tree.zeros_like(params)
+    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def correct(tree, decay, count):
