@@ -334,6 +334,8 @@ def scale_by_adam(
       moments, the update and the decay term in float32; ``optax.apply_updates``
       then rounds ``θ + u`` to the parameter dtype once. (optax.scale_by_adam has
       no such option; with ``nu_dtype=None`` the optax function is returned.)
+      When ``nu_dtype`` is set, gradients are cast up to each moment's dtype
+      before entering it, so a float32 moment sees the bfloat16 gradient exactly.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
@@ -360,10 +362,19 @@ def scale_by_adam(
   def correct(tree, decay, count):
     return optax.tree.bias_correction(tree, decay, count) if bias_correction else tree
 
+  def upcast(tree, like):
+    # Low-precision gradients enter float32 moments in float32 (no bf16 (1-β)·g rounding).
+    return jax.tree.map(
+        lambda g, s: None if g is None else g.astype(jnp.promote_types(g.dtype, s.dtype)),
+        tree, like, is_leaf=lambda x: x is None,
+    )
+
   def update_fn(updates, state, params=None):
     del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    mu = optax.tree.update_moment(
+        upcast(updates, state.mu) if mu_dtype is not None else updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(
+        upcast(updates, state.nu) if nu_dtype is not None else updates, state.nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
     if eps_hat:
       # Keras: lr_t = lr·√(1−β2^t)/(1−β1^t); step = lr_t·m/(√v + ε̂).
@@ -377,7 +388,7 @@ def scale_by_adam(
       mu_hat = jax.tree.map(
           lambda m, g: b1 * m + (1 - b1) * g,
           correct(mu, b1, optax.safe_increment(count_inc)),
-          correct(updates, b1, count_inc),
+          correct(upcast(updates, state.mu) if mu_dtype is not None else updates, b1, count_inc),
       )
     updates = jax.tree.map(
         lambda m, v: None if m is None else scale * m / (jnp.sqrt(v + eps_root) + eps),
