@@ -6,6 +6,21 @@ from optax_decoupled._aliases import adam_l2 as adam_l2
 from optax_decoupled._aliases import adamw as adamw
 from optax_decoupled._aliases import bert_adamw as bert_adamw
 from optax_decoupled._aliases import sgd_l2 as sgd_l2
+from optax_decoupled._aliases import sgdw as sgdw
+from optax_decoupled._conventions import COUPLINGS as COUPLINGS
+from optax_decoupled._conventions import CoupledWeightDecay as CoupledWeightDecay
+from optax_decoupled._conventions import convert_weight_decay as convert_weight_decay
+from optax_decoupled._conventions import coupled_weight_decay as coupled_weight_decay
+from optax_decoupled._conventions import (
+    cosine_warm_restarts_schedule as cosine_warm_restarts_schedule,
+)
+from optax_decoupled._conventions import normalized_weight_decay as normalized_weight_decay
+from optax_decoupled._conventions import (
+    timescale_from_weight_decay as timescale_from_weight_decay,
+)
+from optax_decoupled._conventions import (
+    weight_decay_from_timescale as weight_decay_from_timescale,
+)
 from optax_decoupled._masks import BERT_EXCLUDE as BERT_EXCLUDE
 from optax_decoupled._masks import Decision as Decision
 from optax_decoupled._masks import Predicate as Predicate
@@ -13,6 +28,8 @@ from optax_decoupled._masks import exclude_names as exclude_names
 from optax_decoupled._masks import include_names as include_names
 from optax_decoupled._masks import min_ndim as min_ndim
 from optax_decoupled._masks import resolve_mask as resolve_mask
+from optax_decoupled._multipliers import DecayMultipliers as DecayMultipliers
+from optax_decoupled._multipliers import decay_multipliers as decay_multipliers
 from optax_decoupled._precision import LowPrecisionDecayWarning as LowPrecisionDecayWarning
 from optax_decoupled._precision import StochasticRoundingState as StochasticRoundingState
 from optax_decoupled._precision import stochastic_rounding as stochastic_rounding
@@ -23,6 +40,10 @@ from optax_decoupled._transforms import WeightDecayState as WeightDecayState
 from optax_decoupled._transforms import add_decoupled_decay as add_decoupled_decay
 from optax_decoupled._transforms import add_l2_to_grad as add_l2_to_grad
 from optax_decoupled._transforms import scale_by_adam as scale_by_adam
+from optax_decoupled._wrappers import DecayTowardState as DecayTowardState
+from optax_decoupled._wrappers import DecoupledDecayState as DecoupledDecayState
+from optax_decoupled._wrappers import with_decay_toward as with_decay_toward
+from optax_decoupled._wrappers import with_decoupled_decay as with_decoupled_decay
 
 try:
   __version__ = version("optax_decoupled")
@@ -31,7 +52,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "BERT_EXCLUDE",
+    "COUPLINGS",
+    "CoupledWeightDecay",
+    "DecayMultipliers",
+    "DecayTowardState",
     "Decision",
+    "DecoupledDecayState",
     "LowPrecisionDecayWarning",
     "MaskReport",
     "MaskRow",
@@ -43,12 +69,22 @@ __all__ = [
     "add_decoupled_decay",
     "add_l2_to_grad",
     "bert_adamw",
+    "convert_weight_decay",
+    "cosine_warm_restarts_schedule",
+    "coupled_weight_decay",
+    "decay_multipliers",
     "describe_mask",
     "exclude_names",
     "include_names",
     "min_ndim",
+    "normalized_weight_decay",
     "resolve_mask",
     "scale_by_adam",
     "sgd_l2",
+    "sgdw",
     "stochastic_rounding",
+    "timescale_from_weight_decay",
+    "weight_decay_from_timescale",
+    "with_decay_toward",
+    "with_decoupled_decay",
 ]

@@ -10,9 +10,9 @@ from typing import Any
 
 import optax
 
-from optax_decoupled import _masks, _transforms
+from optax_decoupled import _conventions, _masks, _multipliers, _transforms, _wrappers
 
-__all__ = ["adamw", "adam_l2", "sgd_l2", "bert_adamw"]
+__all__ = ["adamw", "adam_l2", "sgd_l2", "sgdw", "bert_adamw"]
 
 
 def adamw(
@@ -26,41 +26,83 @@ def adamw(
     *,
     mu_dtype: Any = None,
     nesterov: bool = False,
+    coupling: str = "lr",
+    peak_learning_rate: Any = None,
 ) -> optax.GradientTransformation:
-  r"""AdamW: Adam with decoupled weight decay, lr-coupled (torch / optax).
+  r"""AdamW: Adam with decoupled weight decay, lr-coupled (torch / optax) by default.
 
   .. math::
     \theta_t = \theta_{t-1} - \eta_t\big(\hat m_t/(\sqrt{\hat v_t+\epsilon_{root}}+\epsilon)
     + \lambda\,\theta_{t-1}\big)
 
-  Decay convention: **lr-coupled**, a per-step shrink of :math:`\eta_t\lambda`.
-  Equal (to float32 round-off) to ``torch.optim.AdamW`` and ``optax.adamw``
-  with the same hyperparameters. The default ``weight_decay=1e-4`` is
-  optax.adamw's, so this is a drop-in replacement for it; torch's default is
-  1e-2, Keras's 4e-3: pass the value of the code you port.
+  Decay convention: **lr-coupled** by default, a per-step shrink of
+  :math:`\eta_t\lambda`; ``coupling`` selects another (see below). With the
+  default ``coupling="lr"`` this is the chain below, equal (to float32
+  round-off) to ``torch.optim.AdamW`` and ``optax.adamw`` with the same
+  hyperparameters.
+
+  ``coupling="schedule"`` is the paper's Algorithm 2,
+  :math:`\theta_t = \theta_{t-1} - \eta_t\hat m_t/(\sqrt{\hat v_t}+\epsilon)
+  - (\eta_t/\eta_{peak})\lambda\theta_{t-1}`: the schedule multiplies the
+  decay, the base learning rate does not (λ_paper = α·λ_torch).
+  ``coupling="none"`` shrinks by λ_t whatever the learning rate (TF's
+  ``DecoupledWeightDecayExtension``; λ may be its own schedule), and
+  ``"corrected"`` by :math:`\eta_t^2/\eta_{peak}\cdot\lambda` (Defazio 2025).
+  For ``"schedule"``/``"corrected"`` the peak is ``peak_learning_rate`` if
+  given, else a constant ``learning_rate``; a learning-rate schedule without
+  ``peak_learning_rate`` is an error (see :func:`coupled_weight_decay`). These
+  variants are built as ``od.with_decoupled_decay(adam_chain, c_t, mask=mask)``.
+
+  The default ``weight_decay=1e-4`` is optax.adamw's, so this is a drop-in
+  replacement for it; torch's default is 1e-2, Keras's 4e-3: pass the value
+  of the code you port (in the convention ``coupling`` names).
 
   Args:
     learning_rate: η, a float or an optax schedule.
     b1, b2, eps, eps_root: Adam's hyperparameters (see :func:`scale_by_adam`).
     weight_decay: λ, a float or a schedule.
-    mask: which leaves decay (None: all); e.g. ``od.exclude_names("bias")``.
+    mask: which leaves decay (None: all); e.g. ``od.exclude_names("bias")``,
+      or :func:`decay_multipliers` rules.
     mu_dtype: dtype of the first moment. nesterov: NAdamW.
+    coupling: ``"lr"`` (default), ``"schedule"``, ``"none"`` or ``"corrected"``.
+    peak_learning_rate: η_peak (α) for ``"schedule"``/``"corrected"``; ignored
+      otherwise. Traced values work (e.g. inside ``jax.vmap`` over α).
 
   Example:
-    >>> import jax.numpy as jnp, optax_decoupled as od
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
     >>> tx = od.adamw(1e-3, weight_decay=1e-2, mask=od.min_ndim(2))
     >>> state = tx.init({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})
+    >>> lr = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 1000)
+    >>> paper = od.adamw(lr, weight_decay=1e-5, coupling="schedule", peak_learning_rate=1e-3)
 
   References:
-    Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 ;
+    Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 (Algorithm 2);
     torch.optim.AdamW; optax.adamw.
   """
-  tx = optax.chain(
-      _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
-      _transforms.add_decoupled_decay(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-  return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "adamw")
+  _conventions.check_coupling(coupling, "adamw")
+  adam = _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
+  if coupling == "lr" and not isinstance(mask, _multipliers.DecayMultipliers):
+    tx = optax.chain(
+        adam,
+        _transforms.add_decoupled_decay(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "adamw")
+  return _decoupled(optax.chain(adam, optax.scale_by_learning_rate(learning_rate)),
+                    learning_rate, weight_decay, coupling, peak_learning_rate, mask, "adamw")
+
+
+def _decoupled(inner, learning_rate, weight_decay, coupling, peak_learning_rate, mask, who):
+  """``with_decoupled_decay(inner, c_t)`` with the shrink c_t of ``coupling``."""
+  _transforms.check_learning_rate(learning_rate, who)
+  shrink = _conventions.coupled_weight_decay(
+      weight_decay, coupling=coupling, learning_rate=learning_rate,
+      peak_learning_rate=peak_learning_rate)
+  tx = _wrappers.with_decoupled_decay(inner, shrink, mask=mask)
+  constant = shrink.constant()  # the construction-time checks see the per-step shrink.
+  guard_mask = None if isinstance(mask, _multipliers.DecayMultipliers) else mask
+  return _transforms.guard_decay(tx, 1.0, shrink if constant is None else constant,
+                                 guard_mask, who)
 
 
 def adam_l2(
@@ -132,6 +174,78 @@ def sgd_l2(
       optax.scale_by_learning_rate(learning_rate),
   )
   return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "sgd_l2")
+
+
+def sgdw(
+    learning_rate: Any,
+    momentum: Any = 0.9,
+    nesterov: bool = False,
+    *,
+    weight_decay: Any,
+    coupling: str = "schedule",
+    mask: Any = None,
+    peak_learning_rate: Any = None,
+) -> optax.GradientTransformation:
+  r"""SGDW: SGD with momentum and decoupled weight decay, the paper's Algorithm 1.
+
+  .. math::
+    m_t = \mu\,m_{t-1} + \eta_t\,g_t;\quad
+    \theta_t = \theta_{t-1} - m_t - c_t\,\theta_{t-1}
+
+  The momentum buffer holds **lr-scaled** steps (the paper's
+  :math:`m_t = \beta_1 m_{t-1} + \eta_t\alpha g_t`, with our η_t = its
+  η_t·α), unlike ``torch.optim.SGD``/``optax.sgd`` whose buffer holds
+  gradients that are scaled by the *current* learning rate; the two differ
+  only when the learning rate changes. The decay is not in the buffer.
+  ``nesterov=True`` uses :math:`\eta_t g_t + \mu m_t` in place of
+  :math:`m_t` (``optax.trace``'s Nesterov form; the paper has none).
+
+  Decay convention: **schedule-coupled** by default (``coupling="schedule"``,
+  :math:`c_t = (\eta_t/\eta_{peak})\lambda`, the paper's): λ is the paper's
+  λ, independent of α. ``"lr"`` gives :math:`c_t = \eta_t\lambda`
+  (torch-style units; with momentum 0 it equals ``torch.optim.SGD`` with L2
+  coefficient λ), ``"none"`` gives λ_t (TF's ``SGDW``), ``"corrected"``
+  :math:`\eta_t^2/\eta_{peak}\lambda`. The peak: ``peak_learning_rate``, or a
+  constant ``learning_rate``; a schedule without it is an error.
+
+  ``weight_decay`` has no default (as TF's ``SGDW``): its scale depends on the
+  convention, so write the one you mean.
+
+  Args:
+    learning_rate: η_t (α times the paper's multiplier), a float or schedule.
+    momentum: μ (the paper's β1); 0 disables the buffer.
+    nesterov: Nesterov momentum on the lr-scaled buffer.
+    weight_decay: λ in the ``coupling`` convention (number, array or schedule).
+    coupling: ``"schedule"`` (default), ``"lr"``, ``"none"`` or ``"corrected"``.
+    mask: which leaves decay (None: all), or :func:`decay_multipliers` rules.
+    peak_learning_rate: η_peak (α) for ``"schedule"``/``"corrected"``; ignored
+      otherwise. Traced values work.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
+    >>> lr = optax.cosine_decay_schedule(0.1, 1000)
+    >>> tx = od.sgdw(lr, momentum=0.9, weight_decay=1e-4, peak_learning_rate=0.1)
+    >>> state = tx.init({"w": jnp.ones(3)})
+
+  References:
+    Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 (Algorithm 1);
+    tfa.optimizers.SGDW / tf.contrib.opt.SGDWOptimizer (``coupling="none"``).
+  """
+  who = "sgdw"
+  _conventions.check_coupling(coupling, who)
+  if not isinstance(nesterov, bool):
+    raise TypeError(f"{who}: nesterov must be True or False, got {nesterov!r}.")
+  _conventions.check_number(momentum, "momentum", who, allow_schedule=False)
+  mu = _conventions.concrete(momentum)
+  if mu is not None and mu >= 1:
+    raise ValueError(f"{who}: momentum must be in [0, 1), got {mu!r}.")
+  if nesterov and mu == 0:
+    raise ValueError(f"{who}: nesterov=True needs momentum > 0.")
+  inner = optax.chain(
+      optax.scale_by_learning_rate(learning_rate),  # -η_t g_t
+      optax.identity() if mu == 0 else optax.trace(decay=momentum, nesterov=nesterov),
+  )
+  return _decoupled(inner, learning_rate, weight_decay, coupling, peak_learning_rate, mask, who)
 
 
 def bert_adamw(

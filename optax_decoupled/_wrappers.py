@@ -1,0 +1,211 @@
+"""Decoupled decay around any complete optax optimizer, and its variants.
+
+``with_decoupled_decay(inner, c)`` runs ``inner`` (an optimizer whose updates
+are already scaled by its learning rate and sign-flipped, like ``optax.adam``)
+and then subtracts ``c_t·θ`` from its update, θ being the parameters *before*
+the step. Because the decay is applied after the inner optimizer and with a
+minus sign, it cannot end up inside Adam's moments nor with the wrong sign
+(the flax sst2 example's ``chain(sgd, add_decayed_weights)`` adds +λθ after
+the sign flip, which makes weights grow).
+
+Variants: decay toward a reference point (L2-SP), cautious decay (only where
+the update and the weight agree in sign), per-parameter multipliers; and, via
+:func:`coupled_weight_decay`, the four couplings of ``c_t`` to the learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_decoupled import _conventions, _masks, _multipliers
+
+__all__ = ["DecayTowardState", "DecoupledDecayState", "with_decay_toward", "with_decoupled_decay"]
+
+
+class DecoupledDecayState(NamedTuple):
+  """State of the decay step appended by :func:`with_decoupled_decay`."""
+
+  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+
+
+class DecayTowardState(NamedTuple):
+  """State of the decay step appended by :func:`with_decay_toward`."""
+
+  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+  reference: Any  # the params' tree structure; θ_ref on decayed leaves, None elsewhere.
+
+
+def _check_inner(inner: Any, who: str) -> None:
+  if not isinstance(inner, optax.GradientTransformation):
+    hint = (" (a factory? call it, e.g. optax.adam(1e-3))" if callable(inner) else "")
+    raise TypeError(
+        f"{who}: inner must be an optax.GradientTransformation{hint}, got {inner!r}."
+    )
+
+
+def _check_weight_decay(weight_decay: Any, who: str) -> None:
+  if isinstance(weight_decay, (_masks.Predicate, _multipliers.DecayMultipliers)):
+    raise TypeError(
+        f"{who}: weight_decay={weight_decay!r} is a mask; pass it as mask=... and give "
+        "weight_decay a number or a schedule."
+    )
+  _conventions.check_number(weight_decay, "weight_decay", who)
+
+
+def _decay_step(weight_decay, mask, *, who, cautious=False, toward=None):
+  """Appends ``u ← u − mult·c_t·(θ − θ_ref)`` on leaves with a nonzero multiplier."""
+
+  def init_fn(params):
+    mults = _multipliers.resolve_multipliers(params, mask)  # fail early on a bad mask.
+    count = jnp.zeros([], jnp.int32)
+    if toward is None:
+      return DecoupledDecayState(count=count)
+    ref = params if toward == "init" else toward
+    try:
+      ref = jax.tree.map(lambda m, r: None if not m else jnp.array(r, copy=True), mults, ref)
+    except ValueError as e:
+      raise ValueError(f"{who}: reference and params have different tree structures: {e}") from e
+    return DecayTowardState(count=count, reference=ref)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
+    mults = _multipliers.resolve_multipliers(params, mask)
+    c = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    refs = state.reference if toward is not None else jax.tree.map(lambda _: None, mults)
+
+    def step(u, p, mult, ref):
+      if u is None or not mult:
+        return u
+      target = p if ref is None else p - ref
+      term = c * target if mult == 1.0 else (c * mult) * target
+      if cautious:  # Chen et al.: decay where sign(update direction) = sign(θ), i.e. u·θ <= 0.
+        term = jnp.where(u * p <= 0, term, jnp.zeros_like(term))
+      return (u - term).astype(u.dtype)
+
+    try:
+      updates = jax.tree.map(step, updates, params, mults, refs, is_leaf=lambda x: x is None)
+    except ValueError as e:
+      raise ValueError(f"{who}: updates and params have different tree structures: {e}") from e
+    count = optax.safe_increment(state.count)
+    if toward is None:
+      return updates, DecoupledDecayState(count=count)
+    return updates, DecayTowardState(count=count, reference=state.reference)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def with_decoupled_decay(
+    inner: optax.GradientTransformation,
+    weight_decay: Any,
+    *,
+    mask: Any = None,
+    cautious: bool = False,
+) -> optax.GradientTransformation:
+  r"""Decoupled weight decay around any complete optimizer.
+
+  .. math:: u_t = \text{inner}(g_t) - c_t\,\theta_{t-1}
+            \quad\Rightarrow\quad
+            \theta_t = (1 - c_t)\,\theta_{t-1} + \text{inner}(g_t)
+
+  on the leaves ``mask`` selects (times their multiplier, for a
+  :func:`decay_multipliers` rule set). ``inner`` is an optimizer whose
+  updates are already scaled by its learning rate and sign-flipped
+  (``optax.sgd``, ``optax.adam``, ``optax.lion``, ``optax.adafactor``, ...);
+  θ is the parameters before the step. ``weight_decay`` is the **per-step
+  shrink** c_t directly: a number, an array (traced values work, e.g. from
+  ``optax.inject_hyperparams``), or a schedule of the step. Decay convention:
+  **independent** (TF's DecoupledWeightDecayExtension) as written; pass
+  :func:`coupled_weight_decay` to get the lr- or schedule-coupled shrink.
+
+  With ``cautious=True`` a coordinate is decayed only where the update
+  direction agrees in sign with the weight (Chen et al. 2025): with
+  θ ← θ − η(d + λθ) written in terms of the direction d = −u/η, decay where
+  d·θ >= 0, i.e. where the inner update u satisfies u·θ <= 0.
+
+  The state is ``(inner_state, DecoupledDecayState(count))``, an
+  ``optax.chain`` state.
+
+  Args:
+    inner: a complete ``optax.GradientTransformation``.
+    weight_decay: c_t, the per-step shrink (number, array or schedule).
+    mask: None (all leaves), a predicate, a bool tree, a function of the
+      params, or :func:`decay_multipliers` rules.
+    cautious: decay only where sign(update direction) = sign(θ).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
+    >>> tx = od.with_decoupled_decay(optax.sgd(0.1), 0.01)
+    >>> params = {"w": jnp.ones(2)}
+    >>> updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    >>> updates["w"].tolist()  # weights shrink: -0.01 * 1
+    [-0.009999999776482582, -0.009999999776482582]
+
+  References:
+    Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 (decoupled decay);
+    tf.contrib.opt / tfa.optimizers ``DecoupledWeightDecayExtension``;
+    Chen et al., Cautious Weight Decay, https://arxiv.org/abs/2510.12402.
+  """
+  who = "with_decoupled_decay"
+  _check_inner(inner, who)
+  _check_weight_decay(weight_decay, who)
+  if not isinstance(cautious, bool):
+    raise TypeError(f"{who}: cautious must be True or False, got {cautious!r}.")
+  return optax.chain(inner, _decay_step(weight_decay, mask, who=who, cautious=cautious))
+
+
+def with_decay_toward(
+    inner: optax.GradientTransformation,
+    weight_decay: Any,
+    *,
+    reference: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""Decay toward a reference point (L2-SP, for fine-tuning) around any optimizer.
+
+  .. math:: u_t = \text{inner}(g_t) - c_t\,(\theta_{t-1} - \theta_{ref})
+
+  on the masked leaves. θ_ref is held in the state (only for decayed leaves):
+  the parameters given to ``init`` when ``reference=None`` (the usual L2-SP:
+  the pretrained weights), or the pytree ``reference``. ``weight_decay`` is
+  the per-step shrink c_t as in :func:`with_decoupled_decay` (decay
+  convention: **independent**; use :func:`coupled_weight_decay` for coupled
+  forms). With θ_ref = 0 this is :func:`with_decoupled_decay`.
+
+  Args:
+    inner: a complete ``optax.GradientTransformation``.
+    weight_decay: c_t (number, array or schedule).
+    reference: None (θ at ``init``) or a pytree with the params' structure.
+    mask: which leaves are pulled back (as in :func:`with_decoupled_decay`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state
+    ``(inner_state, DecayTowardState(count, reference))``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
+    >>> pretrained = {"w": jnp.ones(2)}
+    >>> tx = od.with_decay_toward(optax.sgd(0.1), 0.5)
+    >>> state = tx.init(pretrained)
+    >>> moved = {"w": jnp.array([3.0, 1.0])}
+    >>> updates, _ = tx.update({"w": jnp.zeros(2)}, state, moved)
+    >>> optax.apply_updates(moved, updates)["w"].tolist()  # pulled toward 1.0, not 0
+    [2.0, 1.0]
+
+  References:
+    Li, Grandvalet & Davoine, Explicit Inductive Bias for Transfer Learning
+    with Convolutional Networks (L2-SP), https://arxiv.org/abs/1802.01483.
+  """
+  who = "with_decay_toward"
+  _check_inner(inner, who)
+  _check_weight_decay(weight_decay, who)
+  toward = "init" if reference is None else reference
+  return optax.chain(inner, _decay_step(weight_decay, mask, who=who, toward=toward))

@@ -1,0 +1,233 @@
+"""The ``coupling`` keyword of od.adamw and od.sgdw, against numpy transcriptions.
+
+Oracles (tests/decay_references.py): the paper's Algorithm 2 (AdamW) and
+Algorithm 1 (SGDW), TF's DecoupledWeightDecayExtension around Keras Adam, and
+torch's AdamW. Trajectories are 150 steps of a noisy quadratic with curvatures
+over three decades; float32 (ours) against float64 (oracle).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_decoupled as od
+from tests import decay_references as ref
+
+STEPS = 150
+# float32 round-off accumulated over 150 steps. For SGD the recursion is linear and
+# stable: 2e-6 absolute on θ ~ 1. For Adam, optax's own float32 step (bias corrections
+# 1 − β^t computed in float32) drifts from the float64 transcription by ~1e-7 per step
+# at α = 3e-2: measured 1.6e-5 max over 150 steps for optax.scale_by_adam alone
+# (λ = 0), so Adam trajectories get ATOL_ADAM. Conventions differ by > 1e-3.
+RTOL, ATOL, ATOL_ADAM = 2e-5, 2e-6, 3e-5
+
+
+def run(tx, problem: ref.Problem, steps: int = STEPS):
+  """Our trajectory in float32: [θ_0, ..., θ_steps]."""
+
+  def step(carry, k):
+    theta, state = carry
+    g = {"w": problem.grad_jax(theta["w"], k)}
+    updates, state = tx.update(g, state, theta)
+    theta = optax.apply_updates(theta, updates)
+    return (theta, state), theta["w"]
+
+  theta = {"w": jnp.asarray(problem.theta0, jnp.float32)}
+  _, traj = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))((theta, tx.init(theta)))
+  return np.concatenate([np.asarray(theta["w"])[None], np.asarray(traj)])
+
+
+def multiplier_schedule(mult: np.ndarray, alpha: float = 1.0):
+  """η_k = α·mult[k] as an optax schedule (the numpy multiplier, cast to float32)."""
+  table = jnp.asarray(mult, jnp.float32)
+  return lambda count: alpha * table[jnp.minimum(count, len(mult) - 1)]
+
+
+def assert_traj(ours, oracle, atol=ATOL_ADAM):
+  np.testing.assert_allclose(ours, np.asarray(oracle), rtol=RTOL, atol=atol)
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_adamw_schedule_coupling_is_paper_algorithm_2(warmup):
+  p = ref.Problem(kind="drift")
+  mult = ref.cosine_multiplier(STEPS, warmup)  # warmup: multiplier 0 at step 0
+  alpha, lam = 3e-2, 1e-2
+  tx = od.adamw(multiplier_schedule(mult, alpha), weight_decay=lam, coupling="schedule",
+                peak_learning_rate=alpha)
+  oracle = ref.paper_adamw(p.theta0, p.grad, mult, STEPS, alpha=alpha, lam=lam)
+  assert_traj(run(tx, p), oracle)
+  # The decay is not multiplied by α: the lr-coupled AdamW with the same λ decays less.
+  lr_coupled = run(od.adamw(multiplier_schedule(mult, alpha), weight_decay=lam), p)
+  assert np.abs(lr_coupled[-1] - oracle[-1]).max() > 1e-3
+
+
+def test_adamw_schedule_coupling_with_an_optax_schedule():
+  """optax.cosine_decay_schedule(α, T) is α times the paper's cosine multiplier."""
+  p = ref.Problem(seed=1, kind="drift")
+  alpha, lam = 1e-2, 5e-3
+  tx = od.adamw(optax.cosine_decay_schedule(alpha, STEPS), weight_decay=lam,
+                coupling="schedule", peak_learning_rate=alpha)
+  oracle = ref.paper_adamw(p.theta0, p.grad, ref.cosine_multiplier(STEPS), STEPS,
+                           alpha=alpha, lam=lam)
+  assert_traj(run(tx, p), oracle)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_sgdw_default_is_paper_algorithm_1(momentum, warmup):
+  p = ref.Problem(seed=2)
+  mult = ref.cosine_multiplier(STEPS, warmup)
+  alpha, lam = 2e-2, 1e-2
+  tx = od.sgdw(multiplier_schedule(mult, alpha), momentum=momentum, weight_decay=lam,
+               peak_learning_rate=alpha)  # default coupling="schedule"
+  oracle = ref.paper_sgdw(p.theta0, p.grad, mult, STEPS, alpha=alpha, lam=lam, b1=momentum)
+  assert_traj(run(tx, p), oracle, atol=ATOL)
+
+
+def test_sgdw_buffer_holds_lr_scaled_steps():
+  """With a changing lr, Algorithm 1 differs from optax.sgd's buffer of raw gradients."""
+  p = ref.Problem(seed=3)
+  mult = ref.cosine_multiplier(STEPS)
+  alpha = 2e-2
+  ours = run(od.sgdw(multiplier_schedule(mult, alpha), weight_decay=0.0,
+                     peak_learning_rate=alpha), p)
+  optax_sgd = run(optax.sgd(multiplier_schedule(mult, alpha), momentum=0.9), p)
+  oracle = ref.paper_sgdw(p.theta0, p.grad, mult, STEPS, alpha=alpha, lam=0.0)
+  assert_traj(ours, oracle, atol=ATOL)
+  assert np.abs(optax_sgd - ours).max() > 1e-3
+
+
+def test_sgdw_lr_coupling_and_no_momentum_equals_sgd_with_l2():
+  """Paper Proposition 1: plain SGD + L2(λ) = decoupled decay with shrink η·λ."""
+  p = ref.Problem(seed=4)
+  lr, lam = 1e-2, 0.3
+  ours = run(od.sgdw(lr, momentum=0.0, weight_decay=lam, coupling="lr"), p)
+  l2 = run(od.sgd_l2(lr, weight_decay=lam), p)
+  np.testing.assert_allclose(ours, l2, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_none_coupling_is_tf_decoupled_weight_decay_extension():
+  """λ_t is its own schedule, not multiplied by the lr; Keras ε-hat Adam step."""
+  p = ref.Problem(seed=5, kind="drift")
+  mult = ref.cosine_multiplier(STEPS, 10)
+  lr, wd = 1e-2, 1e-3
+  tf_like = od.with_decoupled_decay(
+      optax.chain(od.scale_by_adam(eps=1e-7, eps_hat=True),
+                  optax.scale_by_learning_rate(multiplier_schedule(mult, lr))),
+      multiplier_schedule(mult, wd))  # TF docs: schedule λ_t by hand with the lr.
+  oracle = ref.tf_adamw(p.theta0, p.grad, lr * mult, wd * mult, STEPS)
+  assert_traj(run(tf_like, p), oracle)
+  # od.adamw(coupling="none") is the same convention with the default Adam step.
+  ours = od.adamw(multiplier_schedule(mult, lr), eps=1e-7, weight_decay=1e-3, coupling="none")
+  const = ref.tf_adamw(p.theta0, p.grad, lr * mult, np.full(STEPS, wd), STEPS)
+  assert np.abs(run(ours, p)[-1] - const[-1]).max() < 1e-3
+
+
+def test_adamw_lr_coupling_is_torch_adamw():
+  p = ref.Problem(seed=6, kind="drift")
+  mult = ref.cosine_multiplier(STEPS)
+  lr, lam = 1e-2, 0.1
+  oracle = ref.torch_style_adamw(p.theta0, p.grad, lr * mult, STEPS, lam=lam)
+  assert_traj(run(od.adamw(multiplier_schedule(mult, lr), weight_decay=lam, coupling="lr"), p),
+              oracle)
+
+
+def _default_chain(lr, wd, mask):
+  return optax.chain(od.scale_by_adam(), od.add_decoupled_decay(wd, mask),
+                     optax.scale_by_learning_rate(lr))
+
+
+@pytest.mark.parametrize("lr", [1e-2, optax.cosine_decay_schedule(1e-2, STEPS)])
+def test_adamw_default_is_unchanged_bit_for_bit(lr):
+  """The default path is the core chain itself: equal bit for bit, with and without coupling='lr'."""
+  p = ref.Problem(seed=7, kind="drift")
+  chain = run(_default_chain(lr, 1e-2, None), p)
+  np.testing.assert_array_equal(run(od.adamw(lr, weight_decay=1e-2), p), chain)
+  np.testing.assert_array_equal(run(od.adamw(lr, weight_decay=1e-2, coupling="lr"), p), chain)
+  # and its state is the core chain's (checkpoints keep their shape).
+  params = {"w": jnp.ones(3)}
+  assert (jax.tree.structure(od.adamw(lr).init(params))
+          == jax.tree.structure(_default_chain(lr, 1e-4, None).init(params)))
+
+
+def test_traced_hyperparameters_under_vmap_and_jit():
+  """Issue 5's call: schedules built from a traced α, traced λ and peak, inside vmap."""
+  p = ref.Problem(seed=8, kind="drift")
+  mult = ref.cosine_multiplier(STEPS, 10)
+  alphas = np.array([1e-2, 3e-2])
+  lams = np.array([1e-3, 1e-2])
+
+  def final(alpha, lam, which):
+    sched = multiplier_schedule(mult, alpha)
+    if which == "adamw":
+      tx = od.adamw(learning_rate=sched, weight_decay=lam, coupling="schedule",
+                    peak_learning_rate=alpha)
+    else:
+      tx = od.sgdw(learning_rate=sched, momentum=0.9, weight_decay=lam, coupling=which,
+                   peak_learning_rate=alpha)
+    return jnp.asarray(run_traced(tx, p))
+
+  for which, oracle_fn, atol in [("adamw", ref.paper_adamw, ATOL_ADAM),
+                                 ("schedule", ref.paper_sgdw, ATOL)]:
+    out = jax.vmap(functools.partial(final, which=which))(alphas, lams)
+    for i in range(2):
+      oracle = oracle_fn(p.theta0, p.grad, mult, STEPS, alpha=alphas[i], lam=lams[i])
+      np.testing.assert_allclose(np.asarray(out[i]), oracle[-1], rtol=RTOL, atol=atol)
+  # coupling="lr" ignores the traced peak and shrinks by η_t·λ = α·s_t·λ.
+  out = jax.vmap(functools.partial(final, which="lr"))(alphas, lams)
+  for i in range(2):
+    oracle = ref.paper_sgdw(p.theta0, p.grad, mult, STEPS, alpha=alphas[i],
+                            lam=alphas[i] * lams[i])
+    np.testing.assert_allclose(np.asarray(out[i]), oracle[-1], rtol=RTOL, atol=ATOL)
+
+
+def run_traced(tx, problem):
+  """Like ``run`` but traceable (no jit/np inside), returning θ_T."""
+
+  def step(carry, k):
+    theta, state = carry
+    updates, state = tx.update({"w": problem.grad_jax(theta["w"], k)}, state, theta)
+    return (optax.apply_updates(theta, updates), state), None
+
+  theta = {"w": jnp.asarray(problem.theta0, jnp.float32)}
+  (theta, _), _ = jax.lax.scan(step, (theta, tx.init(theta)), jnp.arange(STEPS))
+  return theta["w"]
+
+
+def test_schedule_coupling_needs_the_peak_of_a_schedule():
+  with pytest.raises(ValueError, match="peak_learning_rate"):
+    od.adamw(optax.cosine_decay_schedule(1e-3, 10), coupling="schedule")
+  with pytest.raises(ValueError, match="peak_learning_rate"):
+    od.sgdw(optax.cosine_decay_schedule(1e-3, 10), weight_decay=1e-4)
+  with pytest.raises(ValueError, match="peak_learning_rate"):
+    od.sgdw(0.1, weight_decay=1e-4, peak_learning_rate=0.0)
+  # a constant learning rate is its own peak: the shrink is λ per step.
+  c = od.coupled_weight_decay(1e-4, coupling="schedule", learning_rate=0.1)
+  assert float(c(0)) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(coupling="paper"), ValueError),
+        (dict(coupling="schedule", weight_decay=-1.0), ValueError),
+        (dict(coupling="lr", weight_decay="0.1"), TypeError),
+        (dict(coupling="lr", momentum=1.0), ValueError),
+        (dict(coupling="lr", momentum=0.0, nesterov=True), ValueError),
+    ],
+)
+def test_bad_arguments_fail_early(kwargs, error):
+  kwargs = dict(dict(weight_decay=1e-4), **kwargs)
+  with pytest.raises(error):
+    od.sgdw(0.1, **kwargs)
+
+
+def test_adamw_rejects_unknown_coupling():
+  with pytest.raises(ValueError, match="coupling"):
+    od.adamw(1e-3, coupling="decoupled")
