@@ -5,10 +5,10 @@ regular expression *fully* matches the path wins (``re.fullmatch``, as
 big_vision's ``make_mask_trees``), and leaves no rule matches get the explicit
 ``default``. A multiplier of 0 means "not decayed".
 
-A rule set is deliberately *not* callable and not a pytree: passed to a
-transform that only understands boolean masks (``optax.adamw``,
-``od.add_decoupled_decay``) it fails with a structure error instead of being
-silently read as "decay everything".
+A rule set is deliberately *not* callable, not a pytree and refuses ``bool()``:
+passed to a transform that only understands boolean masks (``optax.adamw``,
+``od.add_decoupled_decay``) it fails with an error instead of being silently
+read as "decay everything".
 """
 
 from __future__ import annotations
@@ -55,6 +55,16 @@ class DecayMultipliers:
       elif all(any(re.fullmatch(q, p) for q, _ in self.rules[:k]) for p in hits):
         out.append(f"rule {pattern!r} only matches paths an earlier rule already decides")
     return out
+
+  def __bool__(self) -> bool:
+    # optax.masked / optax.adamw(mask=...) would read a non-callable mask object as
+    # one truthy leaf and decay every parameter with multiplier 1: refuse instead.
+    raise TypeError(
+        f"{self!r} is a set of per-parameter decay multipliers, not a boolean mask: "
+        "optax.masked and optax's mask= arguments cannot use it. Pass it as mask= to "
+        "od.with_decoupled_decay, od.with_decay_toward, od.adamw or od.sgdw, or use "
+        "mults.resolve(params) to get the multiplier tree."
+    )
 
   def resolve(self, params: Any) -> Any:
     """The tree of Python-float multipliers for ``params`` (nnx Variables are leaves)."""

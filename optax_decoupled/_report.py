@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_decoupled import _masks, _paths
+from optax_decoupled import _masks, _multipliers, _paths
 
 __all__ = ["MaskRow", "MaskReport", "describe_mask"]
 
@@ -21,6 +21,7 @@ class MaskRow:
   dtype: str
   decay: bool
   rule: str
+  multiplier: float | None = None  # λ multiplier, for od.decay_multipliers rules.
 
   @property
   def size(self) -> int:
@@ -48,6 +49,9 @@ class MaskReport:
         (r.path, str(r.shape), r.dtype, "yes" if r.decay else "no", r.rule)
         for r in self.rows
     ]
+    if any(r.multiplier is not None for r in self.rows):  # a multipliers rule set
+      head = head[:4] + ("mult",) + head[4:]
+      body = [b[:4] + (f"{r.multiplier:g}",) + b[4:] for b, r in zip(body, self.rows)]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [f"mask: {self.mask}", fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
@@ -69,7 +73,9 @@ def describe_mask(params: Any, mask: Any = None) -> MaskReport:
     params: any parameter pytree (dicts, Flax linen or nnx state, Equinox
       modules, lists, ...).
     mask: anything the transforms accept as ``mask`` (None, a predicate, a
-      pytree of bools, a function of the parameters).
+      pytree of bools, a function of the parameters), or
+      :func:`decay_multipliers` rules, which add a ``mult`` column (the
+      multiplier of λ; a leaf is decayed when it is nonzero).
 
   Returns:
     A :class:`MaskReport`; ``print(report)`` shows a table of path, shape,
@@ -83,9 +89,15 @@ def describe_mask(params: Any, mask: Any = None) -> MaskReport:
     >>> [(r.path, r.decay) for r in report.rows]
     [('dense/bias', False), ('dense/kernel', True)]
   """
-  decisions = _masks._decisions(params, mask)
+  if isinstance(mask, _multipliers.DecayMultipliers):
+    decisions = [
+        (path, leaf, _masks.Decision(mult != 0, rule), mult)
+        for path, leaf, mult, rule in _multipliers.decisions(params, mask)
+    ]
+  else:
+    decisions = [(p, x, d, None) for p, x, d in _masks._decisions(params, mask)]
   rows = []
-  for path, leaf, decision in decisions:
+  for path, leaf, decision, mult in decisions:
     value = _paths.leaf_value(leaf)
     rows.append(
         MaskRow(
@@ -94,6 +106,7 @@ def describe_mask(params: Any, mask: Any = None) -> MaskReport:
             dtype=str(getattr(value, "dtype", type(value).__name__)),
             decay=decision.decay,
             rule=decision.rule,
+            multiplier=mult,
         )
     )
   return MaskReport(rows=tuple(rows), mask=repr(mask))

@@ -96,9 +96,11 @@ def tf_adamw(theta0, grad, lr, wd, steps, *, b1=0.9, b2=0.999, eps=1e-7):
 def torch_style_adamw(theta0, grad, lr, steps, *, lam, b1=0.9, b2=0.999, eps=1e-8):
   """torch.optim.AdamW (torch/optim/adamw.py, single-tensor path): lr-coupled decay.
 
-  θ ← θ(1 − η_t λ); m, v as Adam; θ ← θ − η_t m̂/(√v̂ + ε).
+  θ ← θ(1 − η_t λ); m, v as Adam; θ ← θ − η_t m̂/(√v̂ + ε). ``lam`` may be an
+  array (λ_t per step), e.g. AdamC's λ·η_t/η_max (Defazio 2025, Algorithm 1).
   """
-  lam, b1, b2, eps = map(f32, (lam, b1, b2, eps))
+  lam = np.broadcast_to(np.asarray(lam, np.float32).astype(np.float64), (steps,))
+  b1, b2, eps = map(f32, (b1, b2, eps))
   theta = np.array(theta0, np.float64)
   m = np.zeros_like(theta)
   v = np.zeros_like(theta)
@@ -106,7 +108,7 @@ def torch_style_adamw(theta0, grad, lr, steps, *, lam, b1=0.9, b2=0.999, eps=1e-
   for k in range(steps):
     t = k + 1
     g = grad(theta, k)
-    theta = theta * (1 - lr[k] * lam)
+    theta = theta * (1 - lr[k] * lam[k])
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     theta = theta - lr[k] * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
