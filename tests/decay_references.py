@@ -93,6 +93,26 @@ def tf_adamw(theta0, grad, lr, wd, steps, *, b1=0.9, b2=0.999, eps=1e-7):
   return out
 
 
+def tf_sgdw(theta0, grad, lr, wd, steps, *, momentum=0.9, nesterov=False):
+  """tfa.optimizers.SGDW: ``DecoupledWeightDecayExtension`` around Keras SGD.
+
+  Decay first, θ ← θ − λ_t·θ (not × lr), then Keras SGD with momentum
+  (keras/optimizers/optimizer_v2/gradient_descent.py): v ← μ·v − η·g;
+  θ ← θ + v, or θ ← θ + μ·v − η·g with Nesterov. g is computed at the undecayed θ.
+  """
+  momentum = f32(momentum)
+  theta = np.array(theta0, np.float64)
+  v = np.zeros_like(theta)
+  out = [theta.copy()]
+  for k in range(steps):
+    g = grad(theta, k)
+    theta = theta - wd[k] * theta
+    v = momentum * v - lr[k] * g
+    theta = theta + (momentum * v - lr[k] * g if nesterov else v)
+    out.append(theta.copy())
+  return out
+
+
 def torch_style_adamw(theta0, grad, lr, steps, *, lam, b1=0.9, b2=0.999, eps=1e-8):
   """torch.optim.AdamW (torch/optim/adamw.py, single-tensor path): lr-coupled decay.
 

@@ -129,6 +129,34 @@ def test_adamw_none_coupling_is_tf_decoupled_weight_decay_extension():
   assert np.abs(run(ours, p)[-1] - const[-1]).max() < 1e-3
 
 
+def test_keras3_adamw_recipe():
+  """Keras 3 AdamW (keras/src/optimizers/adamw.py + base_optimizer._apply_weight_decay):
+  θ ← θ − η_t·λ·θ first (lr-coupled), then the ε-hat Adam step (ε̂ = 1e-7, λ = 0.004).
+  It is TF's extension with λ_t = η_t·λ: the README's recipe."""
+  p = ref.Problem(seed=9, kind="drift")
+  mult = ref.cosine_multiplier(STEPS, 10)
+  lr, lam = 1e-2, 0.004
+  sched = multiplier_schedule(mult, lr)
+  keras = od.with_decoupled_decay(
+      optax.chain(od.scale_by_adam(eps=1e-7, eps_hat=True), optax.scale_by_learning_rate(sched)),
+      od.coupled_weight_decay(lam, coupling="lr", learning_rate=sched))
+  oracle = ref.tf_adamw(p.theta0, p.grad, lr * mult, np.float32(lr * mult) * np.float32(lam),
+                        STEPS)
+  assert_traj(run(keras, p), oracle)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgdw_none_coupling_is_tfa_sgdw(nesterov):
+  p = ref.Problem(seed=10)
+  mult = ref.cosine_multiplier(STEPS, 10)
+  lr, wd = 2e-2, 1e-3
+  tx = od.sgdw(multiplier_schedule(mult, lr), momentum=0.9, nesterov=nesterov,
+               weight_decay=multiplier_schedule(mult, wd), coupling="none")
+  oracle = ref.tf_sgdw(p.theta0, p.grad, np.float32(lr * mult), np.float32(wd * mult), STEPS,
+                       nesterov=nesterov)
+  assert_traj(run(tx, p), oracle, atol=ATOL)
+
+
 def test_adamw_lr_coupling_is_torch_adamw():
   p = ref.Problem(seed=6, kind="drift")
   mult = ref.cosine_multiplier(STEPS)
