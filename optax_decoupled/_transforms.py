@@ -197,9 +197,12 @@ def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.Gradient
     mask_tree = _masks.resolve_mask(params, mask)
     _check_decayed_dtypes(params, mask_tree, who)
     wd = value_at(weight_decay, state.count)
+    # A constant λ = 0 emits no term at all (as torch's `if weight_decay != 0`), so the
+    # chain is exactly the undecayed optimizer, even for -0.0 updates or non-finite θ.
+    zero = _precision._as_constant(weight_decay) == 0.0
 
     def add(u, p, decay):
-      if not decay or u is None:
+      if not decay or u is None or zero:
         return u
       return (u + wd * p).astype(u.dtype)
 
