@@ -100,6 +100,13 @@ def _decoupled(inner, learning_rate, weight_decay, coupling, peak_learning_rate,
       peak_learning_rate=peak_learning_rate)
   tx = _wrappers.with_decoupled_decay(inner, shrink, mask=mask)
   constant = shrink.constant()  # the construction-time checks see the per-step shrink.
+  if constant is not None and constant >= 1:
+    raise ValueError(
+        f"{who}: coupling={coupling!r} gives a per-step shrink c = {constant:.4g} >= 1, so "
+        "every decayed weight would flip sign (or become 0) each step. In the 'schedule' and "
+        "'none' conventions λ is itself the per-step shrink at the peak (typically 1e-5 ... "
+        "1e-3); od.convert_weight_decay converts a torch-style λ."
+    )
   guard_mask = None if isinstance(mask, _multipliers.DecayMultipliers) else mask
   return _transforms.guard_decay(tx, 1.0, shrink if constant is None else constant,
                                  guard_mask, who)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_decoupled import _conventions, _masks, _multipliers
+from optax_decoupled import _conventions, _masks, _multipliers, _paths
 
 __all__ = ["DecayTowardState", "DecoupledDecayState", "with_decay_toward", "with_decoupled_decay"]
 
@@ -67,7 +67,8 @@ def _decay_step(weight_decay, mask, *, who, cautious=False, toward=None):
       return DecoupledDecayState(count=count)
     ref = params if toward == "init" else toward
     try:
-      ref = jax.tree.map(lambda m, r: None if not m else jnp.array(r, copy=True), mults, ref)
+      ref = jax.tree.map(  # nnx Variables (at init) are leaves: store their arrays.
+          lambda m, r: None if not m else jnp.array(_paths.leaf_value(r), copy=True), mults, ref)
     except ValueError as e:
       raise ValueError(f"{who}: reference and params have different tree structures: {e}") from e
     return DecayTowardState(count=count, reference=ref)

@@ -248,6 +248,8 @@ def test_schedule_coupling_needs_the_peak_of_a_schedule():
         (dict(coupling="lr", weight_decay="0.1"), TypeError),
         (dict(coupling="lr", momentum=1.0), ValueError),
         (dict(coupling="lr", momentum=0.0, nesterov=True), ValueError),
+        (dict(coupling="schedule", weight_decay=1.5), ValueError),  # shrink >= 1 per step
+        (dict(coupling="none", weight_decay=1.0), ValueError),
     ],
 )
 def test_bad_arguments_fail_early(kwargs, error):

@@ -307,3 +307,26 @@ def test_update_without_params_is_an_error():
   params = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="needs the parameters"):
     tx.update(params, tx.init(params))
+
+
+def test_under_nnx_optimizer():
+  """nnx.Optimizer calls init on Variables and update on arrays: masks, multipliers and the
+  L2-SP reference must see the same paths and values in both."""
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+    def __init__(self):
+      self.kernel = nnx.Param(jnp.ones((2, 2)))
+      self.bias = nnx.Param(jnp.ones(2))
+
+  def zero_loss(m):
+    return 0.0 * (m.kernel[...].sum() + m.bias[...].sum())
+
+  model = Model()
+  mults = od.decay_multipliers([("kernel", 0.5)], default=0.0)
+  tx = od.with_decay_toward(optax.sgd(0.1), 0.5, mask=mults)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  model.kernel[...] = model.kernel[...] * 3.0  # move away from the reference (ones)
+  opt.update(model, nnx.grad(zero_loss)(model))
+  np.testing.assert_allclose(model.kernel[...], 3.0 - 0.5 * 0.5 * (3.0 - 1.0))
+  np.testing.assert_allclose(model.bias[...], 1.0)
