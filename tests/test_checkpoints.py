@@ -1,0 +1,189 @@
+"""Checkpoints: orbax save mid-run, restore in a fresh process, resume bit for bit.
+
+Three separate Python processes (this file run as a script, bounded timeouts):
+``full`` trains N steps uninterrupted; ``first`` trains K < N steps and saves
+params + optimizer state with ``orbax.checkpoint.StandardCheckpointer``;
+``resume`` restores into the abstract state ``jax.eval_shape(tx.init, params)``
+and trains the remaining N − K steps. The resumed parameters and state must be
+bitwise those of the uninterrupted run, for every optimizer in ``OPTIMIZERS``
+(including a learning-rate schedule, a name mask, stochastic rounding's PRNG
+key and optax.apply_if_finite's counters).
+
+``test_state_layout_is_stable`` pins the state fields that checkpoints contain
+(documented in BUILD_NOTES.md, "Reliability and scale (issue 7)"): a change to
+them breaks loading old checkpoints and must be deliberate.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_decoupled as od
+
+N_STEPS, K_STEPS = 12, 5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  return {
+      "encoder": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), dtype),
+                  "bias": jnp.asarray(rng.normal(size=(4,)), dtype),
+                  "LayerNorm": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=(4,)), dtype)}},
+      "head": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype)},
+  }
+
+
+def _optimizers():
+  lr = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, N_STEPS)
+  mask = od.exclude_names(*od.BERT_EXCLUDE)
+  return {
+      "adamw": (od.adamw(lr, weight_decay=0.05, mask=mask), jnp.float32),
+      "adam_l2": (od.adam_l2(1e-2, weight_decay=1e-3, mask=mask), jnp.float32),
+      "sgd_l2": (od.sgd_l2(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), jnp.float32),
+      "bert_adamw": (od.bert_adamw(lr), jnp.float32),
+      "adamw_if_finite": (optax.apply_if_finite(od.adamw(1e-2, weight_decay=0.05, mask=mask), 3),
+                          jnp.float32),
+      "adamw_bf16_sr": (od.stochastic_rounding(optax.chain(
+          od.scale_by_adam(mu_dtype=jnp.float32, nu_dtype=jnp.float32),
+          od.add_decoupled_decay(0.05, mask), optax.scale_by_learning_rate(lr)), seed=3),
+          jnp.bfloat16),
+  }
+
+
+def _grads(params, step):
+  """Deterministic gradients per step (a NaN at step 7 exercises apply_if_finite)."""
+  rng = np.random.default_rng(1000 + step)
+  g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  g = jax.tree.map(lambda gi, p: gi + 0.1 * p, g, params)  # depends on θ, like a real loss
+  if step == 7:
+    g["head"]["kernel"] = g["head"]["kernel"].at[0, 0].set(jnp.nan)
+  return g
+
+
+def _train(tx, params, state, start, stop, finite_steps_only=False):
+  step = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)))
+  for t in range(start, stop):
+    g = _grads(params, t)
+    if finite_steps_only and t == 7:
+      g = jax.tree.map(lambda x: jnp.nan_to_num(x), g)
+    params, state = step(g, state, params)
+  return params, state
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _main(phase: str, workdir: str) -> None:
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)
+  ckptr = ocp.StandardCheckpointer()
+  for name, (tx, dtype) in _optimizers().items():
+    finite_only = name != "adamw_if_finite"
+    params = _params(dtype)
+    path = os.path.join(workdir, name)
+    if phase == "full":
+      params, state = _train(tx, params, tx.init(params), 0, N_STEPS, finite_only)
+    elif phase == "first":
+      params, state = _train(tx, params, tx.init(params), 0, K_STEPS, finite_only)
+      ckptr.save(os.path.join(path, "ckpt"), {"params": params, "opt_state": state})
+      ckptr.wait_until_finished()
+      continue
+    else:  # resume in a process that never saw the first K steps
+      abstract = jax.eval_shape(lambda p=params: {"params": p, "opt_state": tx.init(p)})
+      restored = ckptr.restore(os.path.join(path, "ckpt"), abstract)
+      params, state = _train(tx, restored["params"], restored["opt_state"], K_STEPS, N_STEPS,
+                             finite_only)
+    out = {f"p{k}": v for k, v in _flat(params).items()}
+    out.update({f"s{k}": v for k, v in _flat(state).items()})
+    np.savez(os.path.join(path + f"_{phase}.npz"), **{
+        k: (v.view(np.uint16) if v.dtype == jnp.bfloat16 else v) for k, v in out.items()})
+
+
+def _run(phase, workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), phase, str(workdir)],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=240,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
+  _run("full", tmp_path)
+  _run("first", tmp_path)
+  _run("resume", tmp_path)
+  for name in _optimizers():
+    full = np.load(tmp_path / f"{name}_full.npz")
+    resumed = np.load(tmp_path / f"{name}_resume.npz")
+    assert sorted(full.files) == sorted(resumed.files), name
+    for k in full.files:
+      np.testing.assert_array_equal(resumed[k], full[k], err_msg=f"{name}: {k}")
+  # The NaN step was really skipped (not silently fed to the moments).
+  s = np.load(tmp_path / "adamw_if_finite_full.npz")
+  assert int(s["s.total_notfinite"]) == 1
+
+
+def _layout(state):
+  """(type name, field names) of every NamedTuple in a state, in order."""
+  out = []
+
+  def visit(x):
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+      out.append((type(x).__name__, x._fields))
+      for v in x:
+        visit(v)
+    elif isinstance(x, (tuple, list)):
+      for v in x:
+        visit(v)
+
+  visit(state)
+  return out
+
+
+def test_state_layout_is_stable():
+  """The checkpointed fields; BUILD_NOTES.md lists the same. Changing them is a break."""
+  params = _params()
+  adam = ("ScaleByAdamState", ("count", "mu", "nu"))
+  wd = ("WeightDecayState", ("count",))
+  empty = ("EmptyState", ())
+  sched = ("ScaleByScheduleState", ("count",))  # optax: a schedule learning rate has a count
+  expected = {
+      "adamw": [adam, wd, sched],
+      "adam_l2": [wd, adam, empty],
+      "sgd_l2": [wd, ("TraceState", ("trace",)), empty],
+      "bert_adamw": [adam, wd, sched],
+      "adamw_if_finite": [("ApplyIfFiniteState",
+                           ("notfinite_count", "last_finite", "total_notfinite", "inner_state")),
+                          adam, wd, empty],
+      "adamw_bf16_sr": [("StochasticRoundingState", ("inner_state", "key")), adam, wd, sched],
+  }
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)
+    for name, (tx, dtype) in _optimizers().items():
+      state = tx.init(_params(dtype))
+      assert _layout(state) == expected[name], name
+      counts = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32 and x.shape == ()]
+      assert counts, name
+  sr = _optimizers()["adamw_bf16_sr"][0].init(_params(jnp.bfloat16))
+  assert sr.key.dtype == jnp.uint32 and sr.key.shape == (2,)
+  adam_state = _optimizers()["adamw_bf16_sr"][0].init(_params(jnp.bfloat16)).inner_state[0]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((adam_state.mu, adam_state.nu)))
+  del params
+
+
+if __name__ == "__main__":
+  _main(sys.argv[1], sys.argv[2])
