@@ -32,14 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "COUPLINGS",
-    "CoupledWeightDecay",
-    "convert_weight_decay",
-    "coupled_weight_decay",
-    "cosine_warm_restarts_schedule",
-    "normalized_weight_decay",
-    "timescale_from_weight_decay",
-    "weight_decay_from_timescale",
+  "COUPLINGS",
+  "CoupledWeightDecay",
+  "convert_weight_decay",
+  "cosine_warm_restarts_schedule",
+  "coupled_weight_decay",
+  "normalized_weight_decay",
+  "timescale_from_weight_decay",
+  "weight_decay_from_timescale",
 ]
 
 #: The accepted values of ``coupling``.
@@ -276,12 +276,12 @@ def normalized_weight_decay(
   for name, v in (("batch_size", batch_size), ("num_examples", num_examples),
                   ("num_epochs", num_epochs)):
     check_number(v, name, who, positive=True, allow_schedule=False)
-  if concrete(batch_size) is not None and concrete(num_examples) is not None:
-    if concrete(batch_size) > concrete(num_examples):
-      raise ValueError(
-          f"{who}: batch_size={batch_size} exceeds num_examples={num_examples}; "
-          "did you swap them?"
-      )
+  b, n = concrete(batch_size), concrete(num_examples)
+  if b is not None and n is not None and b > n:
+    raise ValueError(
+        f"{who}: batch_size={batch_size} exceeds num_examples={num_examples}; "
+        "did you swap them?"
+    )
   return lambda_norm * (batch_size / (num_examples * num_epochs)) ** 0.5
 
 

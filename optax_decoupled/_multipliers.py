@@ -129,7 +129,7 @@ def decay_multipliers(
 
 
 def _check_mult(x: Any, what: str) -> float:
-  if isinstance(x, (bool, np.bool_)) or isinstance(x, jax.core.Tracer):
+  if isinstance(x, (bool, np.bool_, jax.core.Tracer)):
     raise TypeError(f"{what} must be a Python number, got {x!r}.")
   try:
     value = float(x)

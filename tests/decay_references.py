@@ -172,7 +172,7 @@ class Problem:
 
   def grad_jax(self, theta, k):
     """The same gradient in jax.numpy, float32, traceable in k."""
-    import jax.numpy as jnp  # noqa: PLC0415 - keep this module numpy-only at import.
+    import jax.numpy as jnp
 
     noise = jnp.asarray(self.noise, jnp.float32)
     if self.kind == "drift":

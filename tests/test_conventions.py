@@ -177,7 +177,7 @@ def test_warm_restarts_as_decay_multiplier():
   """AdamWR: one multiplier drives both the lr and the decay; the shrink restarts with it."""
   alpha, lam = 1e-3, 1e-4
   mult = od.cosine_warm_restarts_schedule(1.0, first_period=10, period_multiplier=2)
-  lr = lambda t: alpha * mult(t)  # noqa: E731 - a schedule
+  lr = lambda t: alpha * mult(t)
   shrink = od.coupled_weight_decay(lam, coupling="schedule", learning_rate=lr,
                                    peak_learning_rate=alpha)
   for t in (0, 10, 30, 70):
@@ -193,7 +193,7 @@ def test_warm_restarts_as_decay_multiplier():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(first_period=0), dict(period_multiplier=1.5), dict(first_period=True)]
+    "kwargs", [{"first_period": 0}, {"period_multiplier": 1.5}, {"first_period": True}]
 )
 def test_warm_restarts_reject_bad_periods(kwargs):
   with pytest.raises(ValueError, match="int >= 1"):

@@ -243,17 +243,17 @@ def test_schedule_coupling_needs_the_peak_of_a_schedule():
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        (dict(coupling="paper"), ValueError),
-        (dict(coupling="schedule", weight_decay=-1.0), ValueError),
-        (dict(coupling="lr", weight_decay="0.1"), TypeError),
-        (dict(coupling="lr", momentum=1.0), ValueError),
-        (dict(coupling="lr", momentum=0.0, nesterov=True), ValueError),
-        (dict(coupling="schedule", weight_decay=1.5), ValueError),  # shrink >= 1 per step
-        (dict(coupling="none", weight_decay=1.0), ValueError),
+        ({"coupling": "paper"}, ValueError),
+        ({"coupling": "schedule", "weight_decay": -1.0}, ValueError),
+        ({"coupling": "lr", "weight_decay": "0.1"}, TypeError),
+        ({"coupling": "lr", "momentum": 1.0}, ValueError),
+        ({"coupling": "lr", "momentum": 0.0, "nesterov": True}, ValueError),
+        ({"coupling": "schedule", "weight_decay": 1.5}, ValueError),  # shrink >= 1 per step
+        ({"coupling": "none", "weight_decay": 1.0}, ValueError),
     ],
 )
 def test_bad_arguments_fail_early(kwargs, error):
-  kwargs = dict(dict(weight_decay=1e-4), **kwargs)
+  kwargs = dict({"weight_decay": 1e-4}, **kwargs)
   with pytest.raises(error):
     od.sgdw(0.1, **kwargs)
 

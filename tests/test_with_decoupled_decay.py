@@ -53,7 +53,7 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
 def test_update_is_inner_update_minus_shrink(name, inner):
   """Step by step: u = inner(g) − c_t·θ_before on decayed leaves, inner(g) elsewhere."""
   params = bert_linen_params(seed=1)
-  c = lambda t: 1e-3 * (1.0 + t)  # noqa: E731 - a schedule, to check the step count
+  c = lambda t: 1e-3 * (1.0 + t)
   mask = od.exclude_names("bias", "LayerNorm")
   tx = od.with_decoupled_decay(inner, c, mask=mask)
   state, inner_state = tx.init(params), inner.init(params)
@@ -62,7 +62,8 @@ def test_update_is_inner_update_minus_shrink(name, inner):
     grads = multiscale_grads(params, k)
     updates, state = tx.update(grads, state, params)
     expected, inner_state = inner.update(grads, inner_state, params)
-    expected = jax.tree.map(lambda u, p, d: u - c(k) * p if d else u, expected, params, decayed)
+    expected = jax.tree.map(lambda u, p, d, k=k: u - c(k) * p if d else u,
+                            expected, params, decayed)
     _assert_trees_close(updates, expected, rtol=1e-5, atol=1e-9)
     params = optax.apply_updates(params, updates)
 
@@ -288,15 +289,15 @@ def test_multiplier_rule_errors(rules, default, error, match):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(inner=optax.adam), TypeError, "factory"),
-        (dict(weight_decay=od.exclude_names("bias")), TypeError, "mask"),
-        (dict(weight_decay=-0.1), ValueError, ">= 0"),
-        (dict(weight_decay="0.1"), TypeError, "number or a schedule"),
-        (dict(cautious=1), TypeError, "cautious"),
+        ({"inner": optax.adam}, TypeError, "factory"),
+        ({"weight_decay": od.exclude_names("bias")}, TypeError, "mask"),
+        ({"weight_decay": -0.1}, ValueError, ">= 0"),
+        ({"weight_decay": "0.1"}, TypeError, "number or a schedule"),
+        ({"cautious": 1}, TypeError, "cautious"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
-  args = dict(dict(inner=optax.sgd(0.1), weight_decay=1e-2), **kwargs)
+  args = dict({"inner": optax.sgd(0.1), "weight_decay": 1e-2}, **kwargs)
   inner, wd = args.pop("inner"), args.pop("weight_decay")
   with pytest.raises(error, match=match):
     od.with_decoupled_decay(inner, wd, **args)
