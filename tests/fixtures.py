@@ -62,3 +62,19 @@ def multiscale_grads(params, step: int, seed: int = 0):
     scale = 10.0 ** (i % 7 - 4)
     out.append(jnp.asarray(scale * rng.normal(size=leaf.shape), leaf.dtype))
   return jax.tree.unflatten(treedef, out)
+
+
+def small_named_params(seed: int = 0) -> dict:
+  """Seven float32 leaves named like a small Flax model (kernels, biases, a LayerNorm, an
+  embedding); with ``multiscale_grads`` their gradient scales run from 1e-4 to 1e2."""
+  rng = np.random.default_rng(seed)
+
+  def a(*shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+  return {
+      "LayerNorm": {"bias": a(3), "scale": 1 + 0.1 * a(3)},
+      "dense": {"bias": a(3), "kernel": a(4, 3)},
+      "embed": {"embedding": a(5, 4)},
+      "head": {"bias": a(2), "kernel": a(3, 2)},
+  }
