@@ -274,7 +274,8 @@ def bert_adamw(
   ``["LayerNorm", "layer_norm", "bias"]`` with its two spellings of the norm
   rule grouped, ``(("LayerNorm", "layer_norm"), "bias")``, so a model using
   either spelling passes the unmatched-pattern check; a rule that matches
-  nothing is an error (see :func:`exclude_names`).
+  nothing is an error (see :func:`exclude_names`). ``exclude=()`` decays every
+  parameter, as BERT's ``exclude_from_weight_decay=None``.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
@@ -286,7 +287,7 @@ def bert_adamw(
     google-research/bert, optimization.py, ``AdamWeightDecayOptimizer.apply_gradients``
     and ``_do_use_weight_decay``.
   """
-  mask = _masks.exclude_names(*exclude)
+  mask = _masks.exclude_names(*exclude) if exclude else None  # BERT: no list, no exclusion.
   tx = optax.chain(
       _transforms.scale_by_adam(b1, b2, eps, bias_correction=False),
       _transforms.add_decoupled_decay(weight_decay, mask),

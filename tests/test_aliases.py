@@ -251,3 +251,17 @@ def test_default_weight_decays_are_the_documented_ones():
   ours = R.run_optax(od.bert_adamw(ADAM_LR), params, grads, steps)
   ref = R.bert_adamw_trajectory(R.to_leaves(params), R.leaf_names(params), grads, steps, ADAM_LR)
   np.testing.assert_allclose(ours, ref, rtol=0, atol=tolerance(ref))
+
+
+@pytest.mark.parametrize("exclude", [(), None], ids=["empty", "None"])
+def test_bert_adamw_without_exclude_list_decays_everything(exclude):
+  """BERT's ``_do_use_weight_decay`` with ``exclude_from_weight_decay=None`` (or []): every
+  parameter decays. (Regression: ``exclude=()`` used to raise from exclude_names().)"""
+  params = small_named_params()
+  grads = R.quadratic_grad_fn(params)
+  steps = 30
+  ours = R.run_optax(od.bert_adamw(ADAM_LR, weight_decay=WD, exclude=exclude), params, grads,
+                     steps)
+  ref = R.bert_adamw_trajectory(R.to_leaves(params), R.leaf_names(params), grads, steps,
+                                ADAM_LR, weight_decay_rate=WD, exclude_from_weight_decay=exclude)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=tolerance(ref))
