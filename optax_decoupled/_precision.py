@@ -113,9 +113,11 @@ def _round_stochastically(x: chex.Array, dtype: Any, key: chex.Array) -> chex.Ar
   lo, hi = jnp.where(nearest_f <= other_f, nearest, other), jnp.where(
       nearest_f <= other_f, other, nearest
   )
-  p_up = (x - lo_f) / (hi_f - lo_f)
+  # Round up with probability (x − lo)/(hi − lo), written without a division: hi − lo is a
+  # power of two and x − lo is exact in float32, so the comparison is exact and the same
+  # under any compilation (sharded or not).
   u = jax.random.uniform(key, x.shape, jnp.float32)
-  rounded = jnp.where(u < p_up, hi, lo)
+  rounded = jnp.where(u * (hi_f - lo_f) < x - lo_f, hi, lo)
   return jnp.where((nearest_f == x) | ~jnp.isfinite(x), nearest, rounded)
 
 

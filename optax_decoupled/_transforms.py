@@ -204,7 +204,10 @@ def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.Gradient
     def add(u, p, decay):
       if not decay or u is None or zero:
         return u
-      return (u + wd * p).astype(u.dtype)
+      # In the wider of the two dtypes: a float32 update gets λ·θ of a bfloat16 θ in float32
+      # (θ cast exactly), not a bfloat16 product that XLA may or may not round.
+      dtype = jnp.promote_types(u.dtype, p.dtype)
+      return (u.astype(dtype) + wd * p.astype(dtype)).astype(u.dtype)
 
     try:
       updates = jax.tree.map(add, updates, params, mask_tree, is_leaf=lambda x: x is None)

@@ -1,0 +1,139 @@
+"""SPMD on one host: 8 emulated CPU devices, FSDP-style sharded parameters.
+
+JAX fixes the device count at first use and the pytest process has one CPU
+device, so the check runs in a subprocess (this file as a script, with
+``jax_num_cpu_devices=8``; bounded timeout). For each optimizer it asserts:
+
+* the optimizer state is created *with* the parameters' shardings: ``init``
+  is jitted with ``out_shardings`` derived from ``jax.eval_shape(tx.init)`` by
+  ``optax.tree_map_params`` (params-shaped state gets the parameter's
+  NamedSharding, counters are replicated), and every state leaf ends up with
+  exactly the sharding of its parameter;
+* the compiled update step contains no cross-device communication: its HLO
+  has no all-gather, all-reduce, reduce-scatter, all-to-all or
+  collective-permute (masks are resolved at trace time and every op is
+  elementwise per leaf);
+* three sharded steps give bit for bit the parameters and state of the same
+  three steps on a single device.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+NAMES = ("adamw", "adam_l2", "sgd_l2", "bert_adamw", "adamw_bf16_sr")
+
+
+def _worker() -> None:
+  import jax  # noqa: PLC0415
+
+  jax.config.update("jax_num_cpu_devices", 8)
+  import warnings  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  from jax.sharding import NamedSharding  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  import optax_decoupled as od  # noqa: PLC0415
+
+  warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)
+  assert len(jax.devices()) == 8, jax.devices()
+  mesh = jax.make_mesh((8,), ("fsdp",))
+  rng = np.random.default_rng(0)
+
+  def host_params(dtype):
+    return {
+        "embed": {"embedding": rng.normal(size=(64, 16)).astype(dtype)},
+        "layer": {"kernel": rng.normal(size=(16, 32)).astype(dtype),
+                  "bias": rng.normal(size=(32,)).astype(dtype),
+                  "LayerNorm": {"scale": (1 + 0.1 * rng.normal(size=(16,))).astype(dtype)}},
+        "head": {"kernel": rng.normal(size=(32, 10)).astype(dtype),  # 10: not divisible by 8
+                 "bias": rng.normal(size=(10,)).astype(dtype)},
+    }
+
+  specs = {
+      "embed": {"embedding": P("fsdp", None)},
+      "layer": {"kernel": P(None, "fsdp"), "bias": P("fsdp"), "LayerNorm": {"scale": P("fsdp")}},
+      "head": {"kernel": P("fsdp", None), "bias": P()},
+  }
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                           is_leaf=lambda x: isinstance(x, P))
+  replicated = NamedSharding(mesh, P())
+  mask = od.exclude_names(*od.BERT_EXCLUDE)
+  lr = optax.cosine_decay_schedule(1e-2, 100)
+  optimizers = {
+      "adamw": (od.adamw(lr, weight_decay=0.05, mask=mask), np.float32),
+      "adam_l2": (od.adam_l2(1e-2, weight_decay=1e-3, mask=mask), np.float32),
+      "sgd_l2": (od.sgd_l2(0.1, momentum=0.9, weight_decay=1e-3, mask=od.min_ndim(2)),
+                 np.float32),
+      "bert_adamw": (od.bert_adamw(1e-2), np.float32),
+      "adamw_bf16_sr": (od.stochastic_rounding(optax.chain(
+          od.scale_by_adam(mu_dtype=jnp.float32, nu_dtype=jnp.float32),
+          od.add_decoupled_decay(0.05, mask), optax.scale_by_learning_rate(lr))), jnp.bfloat16),
+  }
+  assert tuple(optimizers) == NAMES
+
+  for name, (tx, dtype) in optimizers.items():
+    hp = host_params(dtype)
+    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(dtype), hp) for _ in range(3)]
+
+    def step(params, state, g, tx=tx):
+      u, state = tx.update(g, state, params)
+      return optax.apply_updates(params, u), state
+
+    # -- sharded run
+    params = jax.device_put(hp, shardings)
+    abstract = jax.eval_shape(tx.init, params)
+    state_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract, shardings, transform_non_params=lambda _: replicated)
+    state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+    # every params-shaped state leaf carries its parameter's sharding
+    checked = optax.tree_map_params(
+        tx, lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings,
+        transform_non_params=lambda x: x.sharding.is_equivalent_to(replicated, x.ndim))
+    assert all(jax.tree.leaves(checked)), f"{name}: state shardings {checked}"
+    n_param_like = sum(1 for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(abstract))
+                       if a.ndim >= 1 and a.shape[0] in (64, 16, 32, 10))
+    assert n_param_like >= len(jax.tree.leaves(hp)), name
+
+    jstep = jax.jit(step, in_shardings=(shardings, state_shardings, shardings),
+                    out_shardings=(shardings, state_shardings))
+    hlo = jstep.lower(params, state, jax.device_put(grads[0], shardings)).compile().as_text()
+    found = [c for c in COLLECTIVES if c in hlo]
+    assert not found, f"{name}: the compiled update communicates: {found}"
+    for g in grads:
+      params, state = jstep(params, state, jax.device_put(g, shardings))
+    assert all(p.sharding.is_equivalent_to(s, p.ndim) for p, s in
+               zip(jax.tree.leaves(params), jax.tree.leaves(shardings))), name
+
+    # -- single-device run, same data
+    dev0 = jax.devices()[0]
+    p1 = jax.device_put(hp, dev0)
+    s1 = jax.jit(tx.init)(p1)
+    for g in grads:
+      p1, s1 = jax.jit(step)(p1, s1, jax.device_put(g, dev0))
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p1, s1))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    print("OK", name, flush=True)
+
+
+def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == list(
+      NAMES)
+
+
+if __name__ == "__main__":
+  _worker()
