@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,7 +44,7 @@ from tests.fixtures import multiscale_grads
 
 Leaves = list[np.ndarray]
 GradFn = Callable[[int, Leaves], Leaves]
-LR = Union[float, Callable[[int], Any]]
+LR = float | Callable[[int], Any]
 
 
 # --- trees, names, trajectories ---------------------------------------------------------------
@@ -188,7 +188,7 @@ def run_torch(
       ``[(decayed, {}), (excluded, {"weight_decay": 0.0})]``; every leaf must be in one.
     **options: the optimizer's keyword arguments (betas, eps, weight_decay, momentum, ...).
   """
-  import torch  # noqa: PLC0415 - a test extra; callers importorskip it first.
+  import torch  # a test extra, imported here only: callers importorskip it first.
 
   tensors = [torch.tensor(np.array(x, np.float32), requires_grad=True) for x in leaves]
   if groups is None:
@@ -385,7 +385,7 @@ def bert_lr_schedule(init_lr: float, num_train_steps: int, num_warmup_steps: int
   ``apply_gradients``, so the first update sees ``global_step = 0`` (optax's count).
   Written with ``jnp`` so the same function serves as an optax schedule.
   """
-  import jax.numpy as jnp  # noqa: PLC0415
+  import jax.numpy as jnp
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)

@@ -234,13 +234,16 @@ def test_eps_hat_chain_is_keras_adamw():
 def test_schedule_weight_decay_is_evaluated_at_the_update_count():
   """Step k (0-based) adds wd(k)·θ: optax's convention, the same count as the learning rate."""
   params = small_params()
-  wd = lambda count: 0.01 * (count + 1)  # noqa: E731 - a distinct value at every step.
+
+  def wd(count):  # a distinct value at every step
+    return 0.01 * (count + 1)
+
   tx = od.add_decoupled_decay(wd)
   all_updates, _ = run_updates(tx, params, 6, "with_jit", apply=False)
   for k, updates in enumerate(all_updates):
     g = random_grads(params, k)
-    expected = jax.tree.map(lambda u, p: np.asarray(u) + np.float32(wd(k)) * np.asarray(p),
-                            g, params)
+    wd_k = np.float32(wd(k))
+    expected = jax.tree.map(lambda u, p, w=wd_k: np.asarray(u) + w * np.asarray(p), g, params)
     assert_roundoff_close(updates, expected, ulps=2)
   # Through an alias, lr and λ schedules share the count: a zero gradient gives θ(1 − η_k λ_k).
   lr = optax.linear_schedule(1e-2, 2e-2, 6)
@@ -250,7 +253,7 @@ def test_schedule_weight_decay_is_evaluated_at_the_update_count():
   for k in range(6):
     u, state = tx.update(zeros, state, p)
     shrink = float(np.float32(lr(k))) * float(np.float32(wd(k)))
-    chex.assert_trees_all_close(u, jax.tree.map(lambda x: -shrink * x, p), rtol=1e-5)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x, c=shrink: -c * x, p), rtol=1e-5)
     p = optax.apply_updates(p, u)
 
 
