@@ -119,6 +119,13 @@ ALIASES: dict[str, Callable[[], optax.GradientTransformation]] = {
         SGD_SCHEDULE, momentum=0.9, nesterov=True, weight_decay=WD, mask=BERT_MASK),
     "bert_adamw": lambda: od.bert_adamw(ADAM_LR, weight_decay=WD),
     "bert_adamw-schedule": lambda: od.bert_adamw(BERT_SCHEDULE, weight_decay=WD),
+    # Non-default hyperparameters, so that each one is seen to be wired through (ε = 1e-3 is
+    # large next to the 1e-4-scale gradients, so it shapes those leaves' steps).
+    "adamw-hparams": lambda: od.adamw(ADAM_LR, b1=0.8, b2=0.99, eps=1e-3, weight_decay=WD),
+    "adam_l2-hparams": lambda: od.adam_l2(ADAM_LR, b1=0.8, b2=0.99, eps=1e-3, weight_decay=WD),
+    "sgd_l2-hparams": lambda: od.sgd_l2(SGD_LR, momentum=0.5, nesterov=True, weight_decay=WD),
+    "bert_adamw-hparams": lambda: od.bert_adamw(ADAM_LR, weight_decay=WD, b1=0.8, b2=0.99,
+                                                eps=1e-3),
 }
 _TRAJECTORIES: dict[str, np.ndarray] = {}
 
@@ -144,11 +151,11 @@ def _optax_adamw(lr):
   return reference
 
 
-def _bert(lr):
+def _bert(lr, **hparams):
   def reference(s: Setup, wd: float, mask_on: bool):
     return R.bert_adamw_trajectory(
         s.leaves, s.names, s.grad_fn, T, lr, weight_decay_rate=wd,
-        exclude_from_weight_decay=BERT_NAMES if mask_on else None)
+        exclude_from_weight_decay=BERT_NAMES if mask_on else None, **hparams)
   return reference
 
 
@@ -183,6 +190,16 @@ CASES = [
          needs_torch=False),
     Case("bert_adamw-bert-schedule/numpy-bert", "bert_adamw-schedule", _bert(BERT_SCHEDULE), WD,
          masked=True, needs_torch=False),
+    # Non-default β1, β2, ε, momentum.
+    Case("adamw-hparams/torch", "adamw-hparams",
+         _torch("AdamW", ADAM_LR, betas=(0.8, 0.99), eps=1e-3), WD),
+    Case("adam_l2-hparams/torch", "adam_l2-hparams",
+         _torch("Adam", ADAM_LR, betas=(0.8, 0.99), eps=1e-3), WD),
+    Case("sgd_l2-hparams/torch", "sgd_l2-hparams",
+         _torch("SGD", SGD_LR, momentum=0.5, nesterov=True), WD),
+    Case("bert_adamw-hparams/numpy-bert", "bert_adamw-hparams",
+         _bert(ADAM_LR, beta_1=0.8, beta_2=0.99, epsilon=1e-3), WD, masked=True,
+         needs_torch=False),
 ]
 
 
@@ -233,10 +250,14 @@ def test_bert_mask_excludes_what_bert_excludes(setup: Setup):
   assert jax.tree.leaves(mask) == setup.decayed()
 
 
-def test_adamw_is_not_adam_l2_on_the_same_setup(setup: Setup):
-  """Cross-check of the suite: the two conventions give trajectories far apart."""
+def test_the_suite_tells_optimizers_apart(setup: Setup):
+  """Cross-check of the suite: the two conventions, and the non-default hyperparameters,
+  give trajectories far apart."""
   adamw, adam_l2 = trajectory("adamw", setup), trajectory("adam_l2", setup)
   assert np.abs(adamw - adam_l2).max() > 1000 * tolerance(adamw)
+  for name in ("adamw", "adam_l2", "bert_adamw"):
+    gap = np.abs(trajectory(name, setup) - trajectory(name + "-hparams", setup)).max()
+    assert gap > 100 * tolerance(trajectory(name, setup)), name
 
 
 def test_default_weight_decays_are_the_documented_ones():
