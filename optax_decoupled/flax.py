@@ -404,7 +404,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
   ``tree`` is any pytree of arrays (a linen ``TrainState``, a dict of
   parameters and ``optax`` states), or an ``nnx.State``, e.g.
   ``nnx.state((model, optimizer))`` for the parameters and the optimizer
-  state together (stored as its pure dict). Uses
+  state together (stored as its pure dict). An existing checkpoint ``step``
+  is replaced. Uses
   ``orbax.checkpoint.CheckpointManager`` with ``StandardSave``; the values are
   stored exactly (restoring gives bitwise the same arrays).
 
@@ -422,6 +423,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
   if _is_nnx_state(tree):
     tree = nnx.to_pure_dict(tree)
   with ocp.CheckpointManager(os.path.abspath(os.fspath(directory))) as mgr:
+    if step in mgr.all_steps():
+      mgr.delete(step)  # a re-run overwrites its own step instead of failing
     mgr.save(step, args=ocp.args.StandardSave(tree), force=True)
     mgr.wait_until_finished()
 

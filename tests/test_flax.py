@@ -306,7 +306,8 @@ def test_linen_train_state_checkpoint_round_trip_is_bitwise(tmp_path):
       linen.apply({"params": p}, x), y).mean())
   for t in range(3):
     state, _ = step(state, *_batch(t))
-  odf.save_checkpoint(tmp_path, 3, state)
+  odf.save_checkpoint(tmp_path, 3, {"not": jnp.zeros(2)})
+  odf.save_checkpoint(tmp_path, 3, state)  # a re-run replaces its own step
   fresh = train_state.TrainState.create(apply_fn=linen.apply, params=params, tx=_tx())
   got_step, restored = odf.restore_checkpoint(tmp_path, fresh)
   assert got_step == 3
