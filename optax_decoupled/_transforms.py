@@ -340,8 +340,10 @@ def scale_by_adam(
       moments, the update and the decay term in float32; ``optax.apply_updates``
       then rounds ``θ + u`` to the parameter dtype once. (optax.scale_by_adam has
       no such option; with ``nu_dtype=None`` the optax function is returned.)
-      When ``nu_dtype`` is set, gradients are cast up to each moment's dtype
-      before entering it, so a float32 moment sees the bfloat16 gradient exactly.
+      In the variants built here (``nu_dtype`` set, ``bias_correction=False``,
+      ``eps_hat=True``) gradients are cast up to ``mu_dtype``/``nu_dtype``
+      before entering that moment, so a float32 moment sees a bfloat16
+      gradient exactly (no bfloat16 (1−β)·g product).
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
