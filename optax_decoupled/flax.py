@@ -94,47 +94,54 @@ def _normalize_type_rules(types: Sequence[TypeRule]) -> tuple[tuple[type, ...], 
   return tuple(rules)
 
 
-def _param_paths_by_rule(
+def _param_owners_by_rule(
     model: Any, rules: tuple[tuple[type, ...], ...], wrt: Any
-) -> tuple[tuple[str, ...], tuple[frozenset[str], ...]]:
-  """All ``wrt`` paths of ``model`` and, per rule, those owned by modules of its types.
+) -> tuple[tuple[str, ...], tuple[tuple[tuple[str, str], ...], ...]]:
+  """All ``wrt`` paths of ``model`` and, per rule, ``(path, owning type name)`` pairs.
 
   A parameter belongs to a module if it is reachable from it (directly or through
-  submodules), as in HF's ``get_parameter_names``. Ownership is established by
-  Variable identity and, as a cross-check, by path prefix, so shared (tied)
-  modules are handled however the state names them.
+  submodules), as in HF's ``get_parameter_names``; the innermost matching module
+  names it. Ownership is established by Variable identity and, as a cross-check,
+  by path prefix, so shared (tied) modules are handled however the state names them.
   """
   leaves = _paths.leaves_with_paths(nnx.state(model, wrt))
   all_paths = tuple(p for p, _ in leaves)
-  modules = list(nnx.iter_modules(model))
-  owned = []
+  modules = list(nnx.iter_modules(model))  # children before their parents
+  owners = []
   for alternatives in rules:
-    ids: set[int] = set()
-    prefixes: list[str] = []
+    owner: dict[str, str] = {}
     for mpath, module in modules:
-      if isinstance(module, alternatives):
-        prefixes.append(_paths.path_to_str(mpath))
-        ids.update(id(v) for _, v in _paths.leaves_with_paths(nnx.state(module, wrt)))
-    found = {
-        p
-        for p, v in leaves
-        if id(v) in ids or any(pre == "" or p.startswith(pre + "/") for pre in prefixes)
-    }
-    owned.append(frozenset(found))
-  return all_paths, tuple(owned)
+      if not isinstance(module, alternatives):
+        continue
+      prefix = _paths.path_to_str(mpath)
+      ids = {id(v) for _, v in _paths.leaves_with_paths(nnx.state(module, wrt))}
+      for p, v in leaves:
+        if p not in owner and (id(v) in ids or not prefix or p.startswith(prefix + "/")):
+          owner[p] = type(module).__name__
+    owners.append(tuple(sorted(owner.items())))
+  return all_paths, tuple(owners)
 
 
 @dataclasses.dataclass(frozen=True)
 class _ModuleTypes(_masks.Predicate):
   rules: tuple[tuple[type, ...], ...]
-  owned: tuple[frozenset[str], ...]
+  owners: tuple[tuple[tuple[str, str], ...], ...]
   model_name: str
   allow_unmatched: bool = False
+  _lookup: tuple[dict[str, str], ...] = dataclasses.field(
+      init=False, repr=False, compare=False, hash=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "_lookup", tuple(dict(o) for o in self.owners))
+
+  @property
+  def owned(self) -> tuple[frozenset[str], ...]:
+    return tuple(frozenset(d) for d in self._lookup)
 
   def decide(self, path: str, leaf: Any) -> _masks.Decision:
-    for alternatives, paths in zip(self.rules, self.owned):
-      if path in paths:
-        return _masks.Decision(False, f"excluded: in a {_rule_name(alternatives)} module")
+    for lookup in self._lookup:
+      if path in lookup:
+        return _masks.Decision(False, f"excluded: in a {lookup[path]} module")
     return _masks.Decision(True, "not in an excluded module type")
 
   def unmatched(self, paths: Sequence[str]) -> list[str]:
@@ -213,8 +220,8 @@ def exclude_module_types(
         "e.g. od.exclude_names(*od.BERT_EXCLUDE)."
     )
   rules = _normalize_type_rules(types)
-  all_paths, owned = _param_paths_by_rule(model, rules, wrt)
-  pred = _ModuleTypes(rules, owned, type(model).__name__, allow_unmatched)
+  all_paths, owners = _param_owners_by_rule(model, rules, wrt)
+  pred = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched)
   problems = pred.unmatched(all_paths)
   if problems:
     raise ValueError(

@@ -266,6 +266,32 @@ def test_module_type_predicate_errors_on_types_that_own_no_parameter():
   assert hash(pred) == hash(odf.exclude_module_types(model, nnx.LayerNorm, nnx.Embed))
 
 
+class Gain(nnx.Module):
+  """A user's own norm layer whose names match no BERT pattern."""
+
+  def __init__(self):
+    self.g = nnx.Param(jnp.ones(D))
+
+
+class TiedNet(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.post = Gain()
+    self.again = self.post  # one module reachable by two attribute paths
+    self.dense = nnx.Linear(D, D, rngs=rngs)
+
+
+def test_module_types_catch_custom_and_shared_norm_layers_that_names_miss():
+  model = TiedNet(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  (norm_path,) = [p for p in _params(model) if p.endswith("/g")]  # one leaf, shared
+  with pytest.raises(ValueError, match="LayerNorm"):  # BERT's names match nothing here
+    od.resolve_mask(params, odf.bert_mask())
+  mask = odf.hf_trainer_mask(model, (*odf.NORM_TYPES, Gain))
+  assert _mask_dict(params, mask) == {norm_path: False, "dense/bias": False, "dense/kernel": True}
+  rows = {r.path: r.rule for r in od.describe_mask(params, mask).rows}
+  assert rows[norm_path] == "excluded: in a Gain module"
+
+
 def _spy(record: list):
   """A transform that records the mask it resolves at init and at update."""
 
