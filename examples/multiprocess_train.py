@@ -44,7 +44,7 @@ def init_params(seed: int = 0) -> dict:
 
 def global_batches(steps: int):
   """The same sequence of global batches in every process (fixed seed)."""
-  from sklearn.datasets import load_digits  # noqa: PLC0415
+  from sklearn.datasets import load_digits
 
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32)
@@ -54,30 +54,18 @@ def global_batches(steps: int):
     yield x[idx], y[idx].astype(np.int32)
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--num-processes", type=int, default=1)
-  ap.add_argument("--process-id", type=int, default=0)
-  ap.add_argument("--coordinator", default=None, help="host:port of process 0")
-  ap.add_argument("--single", action="store_true", help="one process, whole global batch")
-  ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--out", default=None, help="write this process's final params (npz)")
-  args = ap.parse_args()
+def train(steps: int) -> tuple[dict, float]:
+  """Trains ``steps`` data-parallel steps over all processes; returns (host params, last loss).
 
-  if not args.single:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator, num_processes=args.num_processes,
-        process_id=args.process_id, initialization_timeout=60, heartbeat_timeout_seconds=30,
-    )
+  In a single process (no ``jax.distributed``) this is ordinary one-device training on the
+  whole global batch.
+  """
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
-  import jax.numpy as jnp  # noqa: PLC0415
-  import optax  # noqa: PLC0415
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  from jax.sharding import NamedSharding  # noqa: PLC0415
-  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-
-  import optax_decoupled as od  # noqa: PLC0415
+  import optax_decoupled as od
 
   n_proc, pid = jax.process_count(), jax.process_index()
   mesh = jax.make_mesh((len(jax.devices()),), ("data",))
@@ -103,22 +91,44 @@ def main() -> None:
 
   params = jax.device_put(init_params(), replicated)
   state = jax.jit(tx.init, out_shardings=replicated)(params)
-  t0 = time.perf_counter()
-  for x, y in global_batches(args.steps):
+  loss = None
+  for x, y in global_batches(steps):
     lo = pid * local  # this process's rows of the global batch
     gx = jax.make_array_from_process_local_data(data_sharded, x[lo:lo + local], x.shape)
     gy = jax.make_array_from_process_local_data(data_sharded, y[lo:lo + local], y.shape)
     params, state, loss = step(params, state, gx, gy)
   host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)
+  return host, float(loss.addressable_data(0))
 
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--num-processes", type=int, default=1)
+  ap.add_argument("--process-id", type=int, default=0)
+  ap.add_argument("--coordinator", default=None, help="host:port of process 0")
+  ap.add_argument("--single", action="store_true", help="one process, whole global batch")
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--out", default=None, help="write this process's final params (npz)")
+  args = ap.parse_args()
+
+  if not args.single:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id, initialization_timeout=60, heartbeat_timeout_seconds=30,
+    )
+  from jax.experimental import multihost_utils
+
+  n_proc, pid = jax.process_count(), jax.process_index()
+  t0 = time.perf_counter()
+  host, loss = train(args.steps)
   if n_proc > 1:  # every process holds the same parameters, bit for bit
     gathered = multihost_utils.process_allgather(host)
     same = all(np.array_equal(g[0], g[i]) for g in jax.tree.leaves(gathered)
                for i in range(n_proc))
     assert same, "parameters differ across processes"
-  print(f"process {pid}/{n_proc}: {args.steps} steps, final loss "
-        f"{float(loss.addressable_data(0)):.4f}, params identical across processes: True, "
-        f"{time.perf_counter() - t0:.1f}s", flush=True)
+  print(f"process {pid}/{n_proc}: {args.steps} steps, final loss {loss:.4f}, "
+        f"params identical across processes: True, {time.perf_counter() - t0:.1f}s", flush=True)
   if args.out:
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(host)[0]}
     np.savez(args.out, **flat)

@@ -76,7 +76,7 @@ def vanishing_decay_leaves(params: Any, shrink: float, mask: Any = None) -> list
 
 def warn_if_decay_vanishes(params: Any, shrink: float, mask: Any, who: str) -> None:
   """Warns (:class:`LowPrecisionDecayWarning`) when the shrink rounds to nothing."""
-  import warnings  # noqa: PLC0415 - only needed on this path.
+  import warnings
 
   lost = vanishing_decay_leaves(params, shrink, mask)
   if not lost:
@@ -168,7 +168,7 @@ def stochastic_rounding(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    import warnings  # noqa: PLC0415
+    import warnings
 
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", LowPrecisionDecayWarning)

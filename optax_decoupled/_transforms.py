@@ -24,10 +24,10 @@ import optax
 from optax_decoupled import _masks, _paths, _precision
 
 __all__ = [
-    "WeightDecayState",
-    "add_l2_to_grad",
-    "add_decoupled_decay",
-    "scale_by_adam",
+  "WeightDecayState",
+  "add_decoupled_decay",
+  "add_l2_to_grad",
+  "scale_by_adam",
 ]
 
 

@@ -71,7 +71,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     assert "params identical across processes: True" in out, out[-3000:]
   single = subprocess.run(
       [sys.executable, EXAMPLE, "--single", "--steps", "20", "--out", str(tmp_path / "s.npz")],
-      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False)
   assert single.returncode == 0, single.stderr[-3000:]
 
   p0, p1, s = (_load(tmp_path / n) for n in ("p0.npz", "p1.npz", "s.npz"))
@@ -81,25 +81,22 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     np.testing.assert_allclose(p0[k], s[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_single_process_matches_optax_with_the_same_mask(tmp_path):
+def test_single_process_matches_optax_with_the_same_mask():
   """The example's optimizer is od.adamw with BERT's name mask; oracle: optax.adamw with
   the equivalent boolean mask tree (optax/_src/alias.py adamw), same data, in-process."""
   pytest.importorskip("sklearn")
-  import jax  # noqa: PLC0415
-  import optax  # noqa: PLC0415
+  import jax
+  import optax
 
   sys.path.insert(0, os.path.join(ROOT, "examples"))
   try:
-    import multiprocess_train as ex  # noqa: PLC0415
+    import multiprocess_train as ex
   finally:
     sys.path.pop(0)
-  single = subprocess.run(
-      [sys.executable, EXAMPLE, "--single", "--steps", "5", "--out", str(tmp_path / "s.npz")],
-      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-  assert single.returncode == 0, single.stderr[-3000:]
-  ours = _load(tmp_path / "s.npz")
+  ours = {jax.tree_util.keystr(k): v
+          for k, v in jax.tree_util.tree_flatten_with_path(ex.train(5)[0])[0]}
 
-  import jax.numpy as jnp  # noqa: PLC0415
+  import jax.numpy as jnp
 
   params = jax.tree.map(jnp.asarray, ex.init_params())
   mask = {"dense": {"kernel": True, "bias": False}, "LayerNorm": {"scale": False, "bias": False},
@@ -121,5 +118,5 @@ def test_single_process_matches_optax_with_the_same_mask(tmp_path):
     params = optax.apply_updates(params, u)
   ref = {jax.tree_util.keystr(k): np.asarray(v)
          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for k in ref:
-    np.testing.assert_allclose(ours[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  for k, v in ref.items():
+    np.testing.assert_allclose(ours[k], v, rtol=1e-5, atol=1e-7, err_msg=k)

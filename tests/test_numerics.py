@@ -183,8 +183,11 @@ def test_apply_if_finite_leaves_params_and_state_bit_identical(make, bad):
   bit-identical; the next finite step equals the run that never saw the bad one."""
   tx = optax.apply_if_finite(make(), max_consecutive_errors=3)
   params = _tree()
-  step = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)))
+  @jax.jit
+  def step(g, s, p):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
   state = tx.init(params)
   params, state = step(_tree(seed=1), state, params)
   bad_grads = _tree(seed=2)
@@ -239,7 +242,7 @@ def test_step_counter_saturates_past_int32_and_matches_optax(ours, ref):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(bias_correction=False), dict(eps_hat=True), dict(nu_dtype=jnp.float32)],
+    "kw", [{"bias_correction": False}, {"eps_hat": True}, {"nu_dtype": jnp.float32}],
     ids=["bert", "eps_hat", "nu_dtype"])
 def test_adam_variants_stay_finite_at_saturated_count(kw):
   """Bias correction at t = 2^31 − 1: 1 − β^t is exactly 1 in float32, so the step is

@@ -17,10 +17,10 @@ import optax
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import optax_decoupled as od  # noqa: E402
+import optax_decoupled as od
 
 settings.register_profile(
     "optax_decoupled", derandomize=True, max_examples=25, deadline=None,

@@ -29,18 +29,18 @@ NAMES = ("adamw", "adam_l2", "sgd_l2", "bert_adamw", "adamw_bf16_sr")
 
 
 def _worker() -> None:
-  import jax  # noqa: PLC0415
+  import jax
 
   jax.config.update("jax_num_cpu_devices", 8)
-  import warnings  # noqa: PLC0415
+  import warnings
 
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import optax  # noqa: PLC0415
-  from jax.sharding import NamedSharding  # noqa: PLC0415
-  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
-  import optax_decoupled as od  # noqa: PLC0415
+  import optax_decoupled as od
 
   warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)
   assert len(jax.devices()) == 8, jax.devices()
@@ -81,7 +81,8 @@ def _worker() -> None:
 
   for name, (tx, dtype) in optimizers.items():
     hp = host_params(dtype)
-    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(dtype), hp) for _ in range(3)]
+    grads = [jax.tree.map(lambda x, dt=dtype: rng.normal(size=x.shape).astype(dt), hp)
+             for _ in range(3)]
 
     def step(params, state, g, tx=tx):
       u, state = tx.update(g, state, params)
@@ -128,7 +129,7 @@ def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-      capture_output=True, text=True, timeout=300,
+      capture_output=True, text=True, timeout=300, check=False,
   )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == list(
