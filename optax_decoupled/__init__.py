@@ -21,6 +21,7 @@ from optax_decoupled._conventions import (
 from optax_decoupled._conventions import (
     weight_decay_from_timescale as weight_decay_from_timescale,
 )
+from optax_decoupled._fused import fused_step as fused_step
 from optax_decoupled._masks import BERT_EXCLUDE as BERT_EXCLUDE
 from optax_decoupled._masks import Decision as Decision
 from optax_decoupled._masks import Predicate as Predicate
@@ -75,6 +76,7 @@ __all__ = [
     "decay_multipliers",
     "describe_mask",
     "exclude_names",
+    "fused_step",
     "include_names",
     "min_ndim",
     "normalized_weight_decay",

@@ -1,0 +1,67 @@
+"""Timing helpers shared by the benchmarks: interleaved, randomised, median-based.
+
+The machines this project runs on are small and noisy (REFERENCE.md §5): absolute times
+move by tens of percent from one minute to the next, and the order in which contenders run
+matters (whatever runs right after torch's fused step was measured ~30% slower). So every
+comparison here is made *inside one process*, with all contenders visited in a fresh random
+order each round; each visit makes one untimed call (to settle caches and thread pools) and
+then times a few back-to-back calls. We report the median over all timed calls and ratios of
+medians; only ratios measured side by side mean anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+
+@dataclasses.dataclass
+class Timing:
+  """Per-call wall times (seconds) of one contender."""
+
+  name: str
+  times: list[float] = dataclasses.field(default_factory=list)
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times)
+
+  @property
+  def iqr(self) -> tuple[float, float]:
+    qs = statistics.quantiles(self.times, n=4) if len(self.times) > 1 else self.times * 3
+    return qs[0], qs[2]
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], None]],
+    *,
+    rounds: int = 10,
+    calls_per_visit: int = 3,
+    warmup: int = 2,
+    seed: int = 0,
+) -> dict[str, Timing]:
+  """Times each ``contenders[name]()`` (a blocking call) interleaved in random order.
+
+  Every contender is first called ``warmup`` times (untimed; this also compiles). Then, for
+  each of ``rounds`` rounds, the contenders are visited in a freshly shuffled order; a visit is
+  one untimed call followed by ``calls_per_visit`` individually timed calls.
+  """
+  rng = random.Random(seed)
+  names = list(contenders)
+  for name in names:
+    for _ in range(warmup):
+      contenders[name]()
+  out = {name: Timing(name) for name in names}
+  for _ in range(rounds):
+    rng.shuffle(names)
+    for name in names:
+      fn = contenders[name]
+      fn()  # untimed: whoever ran before us must not be charged to us.
+      for _ in range(calls_per_visit):
+        t0 = time.perf_counter()
+        fn()
+        out[name].times.append(time.perf_counter() - t0)
+  return out
