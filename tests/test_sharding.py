@@ -15,6 +15,9 @@ device, so the check runs in a subprocess (this file as a script, with
   elementwise per leaf);
 * three sharded steps give bit for bit the parameters and state of the same
   three steps on a single device.
+
+A negative control (``optax.clip_by_global_norm`` in front, which must reduce
+across shards) shows that the HLO check does detect communication.
 """
 
 from __future__ import annotations
@@ -123,6 +126,18 @@ def _worker() -> None:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     print("OK", name, flush=True)
 
+  # Negative control: the HLO check does see communication when there is some. A global
+  # gradient-norm clip reduces over every shard, so its compiled update must all-reduce.
+  tx = optax.chain(optax.clip_by_global_norm(1.0), od.adamw(1e-2, weight_decay=0.05, mask=mask))
+  params = jax.device_put(host_params(np.float32), shardings)
+  abstract = jax.eval_shape(tx.init, params)
+  state_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract, shardings, transform_non_params=lambda _: replicated)
+  state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+  hlo = jax.jit(lambda p, s, g: tx.update(g, s, p)).lower(params, state, params).compile().as_text()
+  assert any(c in hlo for c in COLLECTIVES), "negative control: expected a collective"
+  print("OK control", flush=True)
+
 
 def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -132,8 +147,8 @@ def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
       capture_output=True, text=True, timeout=300, check=False,
   )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == list(
-      NAMES)
+  assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == [
+      *NAMES, "control"]
 
 
 if __name__ == "__main__":
