@@ -332,6 +332,11 @@ def is_callable_pytree(x: Any) -> bool:
   return not jax.tree_util.treedef_is_leaf(treedef) and treedef.num_leaves > 0
 
 
+def is_predicate_factory(x: Any) -> bool:
+  """True for the uncalled factories ``od.exclude_names`` & co. (a common slip)."""
+  return x is exclude_names or x is include_names or x is min_ndim
+
+
 def _is_number(x: Any) -> bool:
   if isinstance(x, (bool, np.bool_)):
     return False
@@ -376,6 +381,11 @@ def _decisions(params: Any, mask: Any) -> list[tuple[str, Any, Decision]]:
           "allow_unmatched=True to the predicate if it may legitimately match nothing."
       )
     return [(p, x, mask.decide(p, x)) for p, x in leaves]
+  if is_predicate_factory(mask):
+    raise TypeError(
+        f"mask=od.{mask.__name__} is the predicate factory, not a predicate: call it, "
+        f"e.g. mask=od.{mask.__name__}({'2' if mask is min_ndim else repr('bias')})."
+    )
   if callable(mask):
     if is_callable_pytree(mask):
       raise TypeError(

@@ -42,7 +42,7 @@ class WeightDecayState(NamedTuple):
 
 def check_weight_decay(weight_decay: Any, who: str) -> None:
   """Raises early for weight decays that are masks, negative or not finite."""
-  if isinstance(weight_decay, _masks.Predicate):
+  if isinstance(weight_decay, _masks.Predicate) or _masks.is_predicate_factory(weight_decay):
     raise TypeError(
         f"{who}: weight_decay={weight_decay!r} is a mask predicate; pass it as "
         "mask=... and give weight_decay a number or a schedule."
@@ -75,7 +75,7 @@ def check_weight_decay(weight_decay: Any, who: str) -> None:
 
 def check_learning_rate(learning_rate: Any, who: str) -> None:
   """Raises early for learning rates that are masks, predicates, negative or not finite."""
-  if isinstance(learning_rate, _masks.Predicate):
+  if isinstance(learning_rate, _masks.Predicate) or _masks.is_predicate_factory(learning_rate):
     raise TypeError(
         f"{who}: learning_rate={learning_rate!r} is a mask predicate; pass it as mask=... "
         "and give learning_rate a number or a schedule."

@@ -103,6 +103,10 @@ BAD = [
     Row("array-fn-as-mask",
         lambda: od.adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x > 0, p)),
         TypeError, "must return a pytree of Python bools"),
+    Row("factory-as-mask", lambda: od.adamw(1e-3, mask=od.exclude_names), TypeError,
+        "call it, e.g. mask=od.exclude_names('bias')"),
+    Row("factory-as-wd", lambda: od.adamw(1e-3, weight_decay=od.min_ndim), TypeError,
+        "pass it as mask="),
     Row("number-as-mask", lambda: od.adamw(1e-3, mask=0.01), TypeError,
         "the decay strength goes to weight_decay="),
     # Mask structure and names.
