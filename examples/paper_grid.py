@@ -98,7 +98,7 @@ def load_data(name: str = "mnist1d", n_train: int | None = None) -> Data:
 # ----------------------------------------------------------------------------- model
 
 
-def init_mlp(seed: int, sizes: Sequence[int]) -> dict:
+def init_mlp(seed: int, sizes: Sequence[int], layernorm: bool = True) -> dict:
   """MLP params: ``dense_i`` (kernel, bias) and, between hidden layers, ``norm_i``.
 
   Drawn with numpy (``default_rng(seed)``): every cell of a grid row shares its seed's
@@ -111,22 +111,24 @@ def init_mlp(seed: int, sizes: Sequence[int]) -> dict:
         "kernel": (rng.standard_normal((n_in, n_out)) / math.sqrt(n_in)).astype(np.float32),
         "bias": np.zeros((n_out,), np.float32),
     }
-    if i < len(sizes) - 2:
+    if layernorm and i < len(sizes) - 2:
       params[f"norm_{i}"] = {"scale": np.ones((n_out,), np.float32),
                              "bias": np.zeros((n_out,), np.float32)}
   return params
 
 
 def mlp_apply(params: dict, x: jax.Array) -> jax.Array:
-  """dense → LayerNorm → relu, repeated; a final dense layer gives the logits."""
+  """dense → LayerNorm (if ``norm_i`` is there) → relu, repeated; a final dense layer."""
   n_layers = sum(k.startswith("dense_") for k in params)
   for i in range(n_layers):
     x = x @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
-    if i < n_layers - 1:
+    if f"norm_{i}" in params:
       mu = x.mean(-1, keepdims=True)
       var = ((x - mu) ** 2).mean(-1, keepdims=True)
       x = (x - mu) * jax.lax.rsqrt(var + 1e-5)
-      x = jax.nn.relu(x * params[f"norm_{i}"]["scale"] + params[f"norm_{i}"]["bias"])
+      x = x * params[f"norm_{i}"]["scale"] + params[f"norm_{i}"]["bias"]
+    if i < n_layers - 1:
+      x = jax.nn.relu(x)
   return x
 
 
@@ -222,9 +224,10 @@ def default_specs(quick: bool = False) -> list[OptimizerSpec]:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   hidden: tuple[int, ...] = (64, 64)
+  layernorm: bool = True
   epochs: int = 40
   batch_size: int = 128
-  n_seeds: int = 3
+  n_seeds: int = 5
   chunks: int = 8  # the epochs run in this many calls of one compiled program (progress bar)
 
 
@@ -297,7 +300,7 @@ def train_grid(spec: OptimizerSpec, data: Data, cfg: TrainConfig,
     raise ValueError(f"epochs={cfg.epochs} must be a multiple of chunks={cfg.chunks}.")
   init, train, evaluate, sizes = _one_run_fns(spec.build, data, cfg)
   alphas, wds, seeds = grid_configs(spec, cfg.n_seeds)
-  per_seed = [init_mlp(int(s), sizes) for s in range(cfg.n_seeds)]
+  per_seed = [init_mlp(int(s), sizes, cfg.layernorm) for s in range(cfg.n_seeds)]
   params = jax.tree.map(lambda *p: jnp.asarray(np.stack(p)[seeds]), *per_seed)
   alphas, wds, seeds = map(jnp.asarray, (alphas, wds, seeds))
   per_chunk = cfg.epochs // cfg.chunks
@@ -337,7 +340,7 @@ def train_separately(spec: OptimizerSpec, data: Data, cfg: TrainConfig,
   outs = []
   for alpha, wd, seed in configs:
     a, w, s = jnp.float32(alpha), jnp.float32(wd), jnp.int32(seed)
-    state = j_init(jax.tree.map(jnp.asarray, init_mlp(seed, sizes)), a, w)
+    state = j_init(jax.tree.map(jnp.asarray, init_mlp(seed, sizes, cfg.layernorm)), a, w)
     for c in range(cfg.chunks):
       state = j_train(state, a, w, s, jnp.int32(c * per_chunk))
     err, loss = j_eval(state)
@@ -489,7 +492,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = "") -> None:
+def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = "",
+                  notes: Sequence[str] = ()) -> None:
   """Fig. 2 layout: SGD row (L2 | decoupled), Adam row (L2 | lr-coupled | schedule-coupled)."""
   import matplotlib
 
@@ -503,6 +507,9 @@ def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = ""
       ax = axes[r_i][c_i]
       if key is None or key not in results:
         ax.axis("off")
+        if key is None and notes:
+          ax.text(0.0, 1.0, "\n".join(notes), va="top", ha="left", fontsize=8,
+                  family="monospace", transform=ax.transAxes, wrap=True)
         continue
       res = results[key]
       mean = 100 * np.asarray(res["mean_error"])
@@ -513,7 +520,7 @@ def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = ""
       for i in range(mean.shape[0]):
         for j in range(mean.shape[1]):
           ax.text(j, i, f"{mean[i, j]:.1f}", ha="center", va="center", fontsize=6.5,
-                  color="white" if mean[i, j] < (best + vmax) / 2 else "black")
+                  color="black" if mean[i, j] < (best + vmax) / 2 else "white")
       bi, bj = np.unravel_index(int(np.argmin(mean)), mean.shape)
       ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2))
       ax.axvline(0.5, color="white", lw=3)
@@ -528,8 +535,6 @@ def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = ""
         log_a = np.log2(np.asarray(res["lrs"]))[rows_i.astype(int)]
         intercept = np.mean([r["log2_wd_star"] for r in used]) - res["slope"] * log_a.mean()
         ii = np.linspace(-0.5, mean.shape[0] - 0.5, 20)
-        la = np.interp(ii, np.arange(len(res["lrs"])), np.log2(res["lrs"]),
-                       left=None, right=None)
         la = np.log2(res["lrs"][0]) + ii * (np.log2(res["lrs"][1]) - np.log2(res["lrs"][0]))
         ax.plot(1 + (intercept + res["slope"] * la - logw[0]) / step, ii, "--", color="red",
                 lw=1.2)
@@ -551,6 +556,16 @@ def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = ""
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
+
+
+def _wrap(lines: Sequence[str], width: int) -> list[str]:
+  import textwrap
+
+  out = []
+  for line in lines:
+    for part in line.split("\n"):
+      out.extend(textwrap.wrap(part, width, subsequent_indent="     ") or [""])
+  return out
 
 
 def _json_safe(x: Any) -> Any:
@@ -596,10 +611,13 @@ def run(specs: Sequence[OptimizerSpec], data: Data, cfg: TrainConfig, out_dir: s
   }
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(_json_safe(payload), f, indent=1, allow_nan=False)
-  title = (f"{data.name}: test error (%) after {cfg.epochs} epochs, MLP {cfg.hidden} + "
-           f"LayerNorm, cosine schedule, mean of {cfg.n_seeds} seeds; red box: best cell; "
+  norm = " + LayerNorm" if cfg.layernorm else " (no LayerNorm)"
+  title = (f"{data.name}: test error (%) after {cfg.epochs} epochs, MLP {cfg.hidden}{norm}, "
+           f"cosine schedule, mean of {cfg.n_seeds} seeds; red box: best cell; "
            "dots: λ* per row; dashed: fit")
-  plot_heatmaps(results, os.path.join(out_dir, "heatmaps.png"), title)
+  notes = ["The paper's claims (REFERENCE.md §4):", ""] + [
+      f"{'PASS' if ok else 'FAIL'} {c}\n     {d}" for c, ok, d in checks]
+  plot_heatmaps(results, os.path.join(out_dir, "heatmaps.png"), title, _wrap(notes, 62))
   return payload
 
 
@@ -609,26 +627,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--data", default="mnist1d", choices=["mnist1d", "digits"])
   p.add_argument("--epochs", type=int, default=None)
   p.add_argument("--seeds", type=int, default=None)
+  p.add_argument("--no-layernorm", action="store_true",
+                 help="plain MLP (for the investigation in BUILD_NOTES)")
   p.add_argument("--only", default=None, help="comma-separated optimizer keys to run")
   p.add_argument("--out", default=os.path.join("out", "paper_grid"))
   args = p.parse_args(argv)
   cfg = TrainConfig(epochs=8, chunks=4, n_seeds=2) if args.quick else TrainConfig()
   if args.epochs is not None:
-    cfg = dataclasses.replace(cfg, epochs=args.epochs)
+    cfg = dataclasses.replace(cfg, epochs=args.epochs, chunks=math.gcd(args.epochs, cfg.chunks))
   if args.seeds is not None:
     cfg = dataclasses.replace(cfg, n_seeds=args.seeds)
+  if args.no_layernorm:
+    cfg = dataclasses.replace(cfg, layernorm=False)
   specs = default_specs(args.quick)
   if args.only:
     keys = args.only.split(",")
+    unknown = set(keys) - {s.key for s in specs}
+    if unknown:
+      p.error(f"--only: unknown {sorted(unknown)}; choose from {[s.key for s in specs]}")
     specs = [s for s in specs if s.key in keys]
   data = load_data(args.data)
   print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test; "
-        f"MLP {cfg.hidden} + LayerNorm; {cfg.epochs} epochs of batch {cfg.batch_size}, "
+        f"MLP {cfg.hidden}{' + LayerNorm' if cfg.layernorm else ', no LayerNorm'}; "
+        f"{cfg.epochs} epochs of batch {cfg.batch_size}, "
         f"cosine schedule; {cfg.n_seeds} seeds; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}")
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   payload = run(specs, data, cfg, args.out)
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   res = payload["optimizers"]
   print()
   print(format_table(res))
@@ -636,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for c in payload["criteria"]:
     print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['claim']}: {c['detail']}")
   print()
-  print(f"wall time {wall:.0f} s; outputs in {args.out}/ (heatmaps.png, results.json)")
+  print(f"wall time {wall:.0f} s (process CPU time {cpu:.0f} s); outputs in {args.out}/ (heatmaps.png, results.json)")
   return 0
 
 
