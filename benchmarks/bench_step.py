@@ -372,7 +372,8 @@ def main(argv=None) -> dict:
   if not args.no_tree:
     problems.append(("tree", 2_000_000 if args.quick else 10_000_000))
   results: dict[str, Any] = {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "command": "python benchmarks/bench_step.py " + " ".join(
+          sys.argv[1:] if argv is None else argv),
       "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
       "machine": {"platform": platform.platform(), "processor": platform.processor(),
                   "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),

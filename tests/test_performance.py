@@ -84,7 +84,8 @@ def test_plain_step_has_as_many_full_size_passes_as_optax():
 def test_fused_step_is_one_in_place_chunk_loop():
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  hlo = _compile(od.fused_step(tx, chunk_size=CHUNK), params, grads, tx.init(params)).as_text()
+  step = od.fused_step(tx, chunk_size=CHUNK, min_leaf_size=CHUNK)
+  hlo = _compile(step, params, grads, tx.init(params)).as_text()
   comps = _computations(hlo)
   assert not _full_size_ops(hlo, "copy"), "a full-size copy: the loop is not in place"
   assert hlo.count(" while(") == 1
@@ -145,7 +146,8 @@ def test_mask_is_free_masked_step_has_no_more_array_instructions():
 def test_donated_step_peak_memory_is_theta_g_m_v_plus_constant(kind):
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  step = _plain(tx) if kind == "plain" else od.fused_step(tx, chunk_size=CHUNK)
+  step = (_plain(tx) if kind == "plain"
+          else od.fused_step(tx, chunk_size=CHUNK, min_leaf_size=CHUNK))
   ma = _compile(step, params, grads, tx.init(params)).memory_analysis()
   minimum = 16 * N  # θ, g, m, v in float32
   peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
@@ -164,7 +166,8 @@ def test_no_recompilation_across_steps_or_injected_hyperparameters(kind):
 
   def traced(p, g, s):
     traces.append(1)  # runs once per trace, i.e. per compilation
-    step = _plain(tx) if kind == "plain" else od.fused_step(tx, chunk_size=4096)
+    step = (_plain(tx) if kind == "plain"
+            else od.fused_step(tx, chunk_size=4096, min_leaf_size=4096))
     return step(p, g, s)
 
   fn = jax.jit(traced, donate_argnums=(0, 2))
@@ -208,7 +211,7 @@ def test_fused_step_equals_update_then_apply_updates(name):
   tx = TRANSFORMS[name]()
   params = _tree()
   plain = jax.jit(_plain(tx))
-  fused = jax.jit(od.fused_step(tx, chunk_size=1024))
+  fused = jax.jit(od.fused_step(tx, chunk_size=1024, min_leaf_size=1024))
   p1 = p2 = params
   s1 = s2 = tx.init(params)
   for t in range(4):
@@ -226,9 +229,18 @@ def test_fused_step_refuses_a_transform_that_is_not_elementwise():
   tx = optax.chain(optax.clip_by_global_norm(1.0), od.adamw(1e-3))
   params = _tree()
   with pytest.raises(ValueError, match="not elementwise"):
-    jax.jit(od.fused_step(tx, chunk_size=1024))(params, params, tx.init(params))
+    jax.jit(od.fused_step(tx, chunk_size=1024, min_leaf_size=1024))(params, params, tx.init(params))
 
 
 def test_fused_step_rejects_a_tiny_chunk_size():
   with pytest.raises(ValueError, match="chunk_size"):
     od.fused_step(od.adamw(1e-3), chunk_size=10)
+  with pytest.raises(ValueError, match="min_leaf_size"):
+    od.fused_step(od.adamw(1e-3), chunk_size=4096, min_leaf_size=100)
+
+
+def test_fused_step_leaves_small_leaves_to_the_plain_path():
+  params, grads = _problem(3 * 4096 + 7)
+  tx = od.adamw(1e-3, weight_decay=1e-2)
+  hlo = _compile(od.fused_step(tx, chunk_size=4096), params, grads, tx.init(params)).as_text()
+  assert " while(" not in hlo  # below the default min_leaf_size: XLA's own fusions
