@@ -24,6 +24,7 @@ class Timing:
 
   name: str
   times: list[float] = dataclasses.field(default_factory=list)
+  visits: list[float] = dataclasses.field(default_factory=list)  # median of each round's visit
 
   @property
   def median(self) -> float:
@@ -60,8 +61,20 @@ def interleaved(
     for name in names:
       fn = contenders[name]
       fn()  # untimed: whoever ran before us must not be charged to us.
+      visit = []
       for _ in range(calls_per_visit):
         t0 = time.perf_counter()
         fn()
-        out[name].times.append(time.perf_counter() - t0)
+        visit.append(time.perf_counter() - t0)
+      out[name].times.extend(visit)
+      out[name].visits.append(statistics.median(visit))
   return out
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+  """Median over rounds of (a's visit / b's visit in the same round).
+
+  Pairing by round cancels the slow drift of a shared machine's load, which a ratio of two
+  overall medians does not.
+  """
+  return statistics.median(x / y for x, y in zip(a.visits, b.visits))
