@@ -11,11 +11,13 @@ array once, and the buffers are updated in place (donate them).
 Exactness by construction: the chunk is handed to ``tx.update`` itself (not a re-written
 formula), with every other leaf of the tree present as a zero-size stand-in, so name and ndim
 masks see the same paths and make the same decisions; the result equals
-``tx.update`` + ``optax.apply_updates`` up to float round-off (in practice bit for bit).
+``tx.update`` + ``optax.apply_updates`` to float round-off (a few ulp at most: XLA may contract
+a multiply-add differently inside the chunk's fusion).
 
 This only holds for *elementwise* transformations (each output element depends on the same
 element of the inputs and on scalar state such as the step count). Every alias of this package
-and optax's Adam/AdamW/SGD family qualify; ``optax.clip_by_global_norm`` or any other
+and optax's Adam/AdamW/SGD family qualify (those whose moments read θ, i.e. coupled L2, take
+the plain step: see ``_leaf_in_chunks``); ``optax.clip_by_global_norm`` or any other
 transform that reduces over parameters does not, and :func:`fused_step` refuses it at trace
 time by inspecting the jaxpr of ``tx.update``. On platforms other than CPU the step is the
 plain ``tx.update`` + ``optax.apply_updates`` (accelerators fuse it themselves).
@@ -36,11 +38,20 @@ __all__ = ["fused_step"]
 
 # Primitives that act element by element (or on scalars). Anything else in the jaxpr of
 # ``tx.update`` (reductions, dots, gathers, sorts, collectives...) makes chunking unsafe.
-_ELEMENTWISE = frozenset(
-    ["abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "broadcast_in_dim", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "eq", "erf", "erf_inv", "exp", "exp2", "expm1", "floor", "ge", "gt", "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real", "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "squeeze", "stop_gradient", "sub", "tan", "tanh", "xor", "reshape", "shift_left", "shift_right_logical", "shift_right_arithmetic"])
+_ELEMENTWISE = frozenset([
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh",
+    "broadcast_in_dim", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
+    "cos", "cosh", "div", "eq", "erf", "erf_inv", "exp", "exp2", "expm1", "floor", "ge", "gt",
+    "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic", "lt", "max",
+    "min", "mul", "ne", "neg", "nextafter", "not", "or", "pow", "real", "reduce_precision",
+    "rem", "reshape", "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic",
+    "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square", "squeeze", "stop_gradient",
+    "sub", "tan", "tanh", "xor",
+])
 
 
-def _check_elementwise(jaxpr: Any, scalar_ok: bool = False) -> None:
+def _check_elementwise(jaxpr: Any) -> None:
+  """Raises unless every equation (recursively) is elementwise or acts on scalars only."""
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
