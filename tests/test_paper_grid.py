@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from examples import paper_grid as pg  # noqa: E402
+from examples import paper_grid as pg
 
 CFG = pg.TrainConfig(hidden=(8, 8), epochs=2, batch_size=32, n_seeds=2, chunks=2)
 
