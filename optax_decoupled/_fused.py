@@ -85,6 +85,13 @@ def _state_reads_params(tx, grads, state, params) -> bool:
   return any(v in needed for v in jaxpr.invars)
 
 
+def _state_is_chunkable(state, params) -> bool:
+  """Every non-scalar state array sits in a subtree laid out exactly like ``params``."""
+  p_leaves, treedef = jax.tree.flatten(params)
+  items, kinds, _ = _split_state(state, treedef, [tuple(np.shape(p)) for p in p_leaves])
+  return all(kind or np.ndim(item) == 0 for item, kind in zip(items, kinds))
+
+
 def _zero_depending_on(tree: Any) -> jax.Array:
   """An int32 zero that XLA cannot prove to be zero: a data dependency on ``tree``."""
   zero = jnp.int32(0)
@@ -191,6 +198,10 @@ def fused_step(
     if _state_reads_params(tx, grads, state, params):
       # Coupled L2 (λθ enters the moments): the in-place chunk order below needs the new
       # state to be computable after θ is written, so this transform takes the plain path.
+      return plain(params, grads, state)
+    if not _state_is_chunkable(state, params):
+      # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
+      # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return plain(params, grads, state)
     return lax.platform_dependent(params, grads, state, cpu=chunked, default=plain)
 

@@ -203,6 +203,8 @@ TRANSFORMS = {
     "inject_hyperparams(od.adamw)": lambda: optax.inject_hyperparams(od.adamw)(
         learning_rate=1e-2, weight_decay=1e-1),
     "od.adamw bf16 moments": lambda: od.adamw(1e-2, weight_decay=1e-1, mu_dtype=jnp.bfloat16),
+    # moments kept for a subset of leaves only: not laid out like params, plain path.
+    "optax.masked(optax.adam)": lambda: optax.masked(optax.adam(1e-2), od.min_ndim(2)),
 }
 
 
