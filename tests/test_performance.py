@@ -198,6 +198,10 @@ TRANSFORMS = {
     "od.adamw masked, schedule": lambda: od.adamw(
         optax.cosine_decay_schedule(1e-2, 10), weight_decay=1e-1, mask=od.min_ndim(2)),
     "od.bert_adamw": lambda: od.bert_adamw(1e-2, weight_decay=1e-1),
+    "od.adamw schedule-coupled": lambda: od.adamw(
+        optax.cosine_decay_schedule(1e-2, 10), weight_decay=1e-3, coupling="schedule",
+        peak_learning_rate=1e-2),
+    "od.sgdw": lambda: od.sgdw(1e-2, weight_decay=1e-3),
     "od.adam_l2 (moments read θ: plain path)": lambda: od.adam_l2(1e-2, weight_decay=1e-1),
     "optax.adamw": lambda: optax.adamw(1e-2, weight_decay=1e-1),
     "inject_hyperparams(od.adamw)": lambda: optax.inject_hyperparams(od.adamw)(
