@@ -43,18 +43,24 @@ def interleaved(
     calls_per_visit: int = 3,
     warmup: int = 2,
     seed: int = 0,
+    slow_s: float = 0.25,
 ) -> dict[str, Timing]:
   """Times each ``contenders[name]()`` (a blocking call) interleaved in random order.
 
   Every contender is first called ``warmup`` times (untimed; this also compiles). Then, for
   each of ``rounds`` rounds, the contenders are visited in a freshly shuffled order; a visit is
-  one untimed call followed by ``calls_per_visit`` individually timed calls.
+  one untimed call followed by ``calls_per_visit`` individually timed calls (one only for a
+  contender whose warm-up call took more than ``slow_s`` seconds, to bound the run time).
   """
   rng = random.Random(seed)
   names = list(contenders)
+  calls = {}
   for name in names:
+    t0 = time.perf_counter()
     for _ in range(warmup):
       contenders[name]()
+    slow = (time.perf_counter() - t0) / max(warmup, 1) > slow_s
+    calls[name] = 1 if slow else calls_per_visit
   out = {name: Timing(name) for name in names}
   for _ in range(rounds):
     rng.shuffle(names)
@@ -62,7 +68,7 @@ def interleaved(
       fn = contenders[name]
       fn()  # untimed: whoever ran before us must not be charged to us.
       visit = []
-      for _ in range(calls_per_visit):
+      for _ in range(calls[name]):
         t0 = time.perf_counter()
         fn()
         visit.append(time.perf_counter() - t0)
