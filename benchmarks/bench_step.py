@@ -258,6 +258,8 @@ def build(problem: str, n: int, torch_ok: bool) -> tuple[dict, int, int]:
                                                     grads_like(flat))
   if torch_ok:
     c["torch AdamW fused"] = TorchStepper(params, grads, fused=True)
+    if problem == "flat":  # torch's own noise floor (its two OpenMP threads share the cores)
+      c["torch AdamW fused (A/A copy)"] = TorchStepper(params, grads, fused=True)
     c["torch AdamW foreach"] = TorchStepper(params, grads, foreach=True)
   c["stream a*x+y"] = StreamStepper(n)
   return c, n, len(jax.tree.leaves(params))
@@ -344,6 +346,7 @@ def summary(results: dict) -> dict:
     rows = r["rows"]
     for a, b, target in [
         ("optax.adamw (A/A copy)", "optax.adamw", 1.02),
+        ("torch AdamW fused (A/A copy)", "torch AdamW fused", 1.02),
         ("od.adamw", "optax.adamw", 1.02), ("od.adamw", "hand-written jnp", 1.02),
         ("od.adam_l2", "optax adam+L2 chain", 1.02),
         ("od.bert_adamw (masked)", "bert chain unmasked", 1.02),
