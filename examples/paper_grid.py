@@ -70,17 +70,21 @@ class Data:
   n_classes: int
 
 
-def load_data(name: str = "mnist1d", n_train: int | None = None) -> Data:
+def load_data(name: str = "mnist1d", n_train: int | None = None,
+              mnist1d_samples: int = 5000) -> Data:
   """mnist1d (generated offline, 4000/1000) or scikit-learn's digits (1797 images, 8×8).
 
   Never downloads: mnist1d's ``make_dataset`` builds the set from its templates with a
   fixed seed; ``load_digits`` ships with scikit-learn. ``n_train`` keeps the first
-  ``n_train`` training points (for small tests).
+  ``n_train`` training points (for small tests); ``mnist1d_samples`` is mnist1d's
+  ``num_samples`` (80 % train, 20 % test).
   """
   if name == "mnist1d":
     from mnist1d.data import get_dataset_args, make_dataset
 
-    d = make_dataset(get_dataset_args())  # seed 42 inside the default args: deterministic.
+    args = get_dataset_args()
+    args.num_samples = mnist1d_samples
+    d = make_dataset(args)  # seed 42 inside the default args: deterministic.
     x_tr, y_tr, x_te, y_te = d["x"], d["y"], d["x_test"], d["y_test"]
   elif name == "digits":
     from sklearn.datasets import load_digits
@@ -633,6 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--data", default="mnist1d", choices=["mnist1d", "digits"])
   p.add_argument("--epochs", type=int, default=None)
   p.add_argument("--seeds", type=int, default=None)
+  p.add_argument("--mnist1d-samples", type=int, default=5000,
+                 help="mnist1d's num_samples, 80%% train (for the investigation in BUILD_NOTES)")
   p.add_argument("--no-layernorm", action="store_true",
                  help="plain MLP (for the investigation in BUILD_NOTES)")
   p.add_argument("--only", default=None, help="comma-separated optimizer keys to run")
@@ -652,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
       p.error(f"--only: unknown {sorted(unknown)}; choose from {[s.key for s in specs]}")
     specs = [s for s in specs if s.key in keys]
-  data = load_data(args.data)
+  data = load_data(args.data, mnist1d_samples=args.mnist1d_samples)
   print(f"data: {data.name}, {len(data.x_train)} train / {len(data.x_test)} test; "
         f"MLP {cfg.hidden}{' + LayerNorm' if cfg.layernorm else ', no LayerNorm'}; "
         f"{cfg.epochs} epochs of batch {cfg.batch_size}, "
