@@ -25,6 +25,7 @@ def adamw(
     mask: Any = None,
     *,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
     nesterov: bool = False,
     coupling: str = "lr",
     peak_learning_rate: Any = None,
@@ -63,7 +64,9 @@ def adamw(
     weight_decay: λ, a float or a schedule.
     mask: which leaves decay (None: all); e.g. ``od.exclude_names("bias")``,
       or :func:`decay_multipliers` rules.
-    mu_dtype: dtype of the first moment. nesterov: NAdamW.
+    mu_dtype, nu_dtype: dtypes of the first and second moments (None: the
+      parameters'); pass ``jnp.float32`` for both with bfloat16/float16 weights.
+    nesterov: NAdamW.
     coupling: ``"lr"`` (default), ``"schedule"``, ``"none"`` or ``"corrected"``.
     peak_learning_rate: η_peak (α) for ``"schedule"``/``"corrected"``; ignored
       otherwise. Traced values work (e.g. inside ``jax.vmap`` over α).
@@ -80,7 +83,8 @@ def adamw(
     torch.optim.AdamW; optax.adamw.
   """
   _conventions.check_coupling(coupling, "adamw")
-  adam = _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
+  adam = _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                   nesterov=nesterov)
   if coupling == "lr" and not isinstance(mask, _multipliers.DecayMultipliers):
     tx = optax.chain(
         adam,

@@ -54,6 +54,18 @@ def test_nu_dtype_float32_on_float32_params_is_bitwise_optax():
   _assert_tree_equal(s1, s2)
 
 
+def test_adamw_passes_float32_moment_dtypes_through():
+  """od.adamw(mu_dtype=, nu_dtype=) reaches its Adam state: float32 moments for bf16 weights."""
+  params = _tree(jnp.bfloat16)
+  tx = od.adamw(1e-2, weight_decay=0.5, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+  state = tx.init(params)
+  adam_state = state[0]
+  assert isinstance(adam_state, optax.ScaleByAdamState)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((adam_state.mu, adam_state.nu)))
+  default = od.adamw(1e-2, weight_decay=0.5).init(params)[0]
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(default.nu))
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_float32_moments_for_low_precision_params(dtype):
   """mu_dtype=nu_dtype=float32: state is float32 and the step equals optax's Adam run on
