@@ -446,7 +446,14 @@ def resolve_mask(params: Any, mask: Any) -> Any:
   bools with the structure of ``params``, or a function of the parameters
   returning one (optax's convention). Raises ``ValueError`` for unmatched name
   rules and structure mismatches; warns for masks that decay nothing or every
-  leaf including 1-D ones.
+  leaf including 1-D ones. The transforms call it at ``init`` and at ``update``
+  trace time; call it yourself to see the mask a transform will use.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_decoupled as od
+    >>> params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    >>> od.resolve_mask(params, od.min_ndim(2))
+    {'bias': False, 'kernel': True}
   """
   decisions = _decisions(params, mask)
   if mask is not None:
