@@ -10,16 +10,16 @@ from optax_decoupled._aliases import sgdw as sgdw
 from optax_decoupled._conventions import COUPLINGS as COUPLINGS
 from optax_decoupled._conventions import CoupledWeightDecay as CoupledWeightDecay
 from optax_decoupled._conventions import convert_weight_decay as convert_weight_decay
-from optax_decoupled._conventions import coupled_weight_decay as coupled_weight_decay
 from optax_decoupled._conventions import (
-    cosine_warm_restarts_schedule as cosine_warm_restarts_schedule,
+  cosine_warm_restarts_schedule as cosine_warm_restarts_schedule,
 )
+from optax_decoupled._conventions import coupled_weight_decay as coupled_weight_decay
 from optax_decoupled._conventions import normalized_weight_decay as normalized_weight_decay
 from optax_decoupled._conventions import (
-    timescale_from_weight_decay as timescale_from_weight_decay,
+  timescale_from_weight_decay as timescale_from_weight_decay,
 )
 from optax_decoupled._conventions import (
-    weight_decay_from_timescale as weight_decay_from_timescale,
+  weight_decay_from_timescale as weight_decay_from_timescale,
 )
 from optax_decoupled._fused import fused_step as fused_step
 from optax_decoupled._masks import BERT_EXCLUDE as BERT_EXCLUDE

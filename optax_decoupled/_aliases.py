@@ -12,7 +12,7 @@ import optax
 
 from optax_decoupled import _conventions, _masks, _multipliers, _transforms, _wrappers
 
-__all__ = ["adamw", "adam_l2", "sgd_l2", "sgdw", "bert_adamw"]
+__all__ = ["adam_l2", "adamw", "bert_adamw", "sgd_l2", "sgdw"]
 
 
 def adamw(

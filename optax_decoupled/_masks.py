@@ -20,7 +20,7 @@ import difflib
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -28,13 +28,13 @@ import numpy as np
 from optax_decoupled import _paths
 
 __all__ = [
-    "Decision",
-    "Predicate",
-    "exclude_names",
-    "include_names",
-    "min_ndim",
-    "resolve_mask",
-    "BERT_EXCLUDE",
+  "BERT_EXCLUDE",
+  "Decision",
+  "Predicate",
+  "exclude_names",
+  "include_names",
+  "min_ndim",
+  "resolve_mask",
 ]
 
 
@@ -89,7 +89,7 @@ def _check_predicate(other: Any, op: str) -> Predicate:
   return other
 
 
-Rule = Union[str, Sequence[str]]
+Rule = str | Sequence[str]
 
 
 def _normalize_rules(patterns: Sequence[Rule], factory: str) -> tuple[tuple[str, ...], ...]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["is_variable", "leaf_value", "path_to_str", "leaves_with_paths", "map_with_path"]
+__all__ = ["is_variable", "leaf_value", "leaves_with_paths", "map_with_path", "path_to_str"]
 
 
 def is_variable(x: Any) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 
 from optax_decoupled import _masks, _multipliers, _paths
 
-__all__ = ["MaskRow", "MaskReport", "describe_mask"]
+__all__ = ["MaskReport", "MaskRow", "describe_mask"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,73 +40,48 @@ class WeightDecayState(NamedTuple):
   count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
 
 
-def check_weight_decay(weight_decay: Any, who: str) -> None:
-  """Raises early for weight decays that are masks, negative or not finite."""
-  if isinstance(weight_decay, _masks.Predicate) or _masks.is_predicate_factory(weight_decay):
+def _check_hyperparameter(value: Any, name: str, who: str, negative_hint: str) -> None:
+  """A non-negative finite number or a schedule; masks and predicates are refused."""
+  if isinstance(value, _masks.Predicate) or _masks.is_predicate_factory(value):
     raise TypeError(
-        f"{who}: weight_decay={weight_decay!r} is a mask predicate; pass it as "
-        "mask=... and give weight_decay a number or a schedule."
+        f"{who}: {name}={value!r} is a mask predicate; pass it as mask=... and give "
+        f"{name} a number or a schedule."
     )
-  if callable(weight_decay):
-    if _masks.is_callable_pytree(weight_decay):
+  if callable(value):
+    if _masks.is_callable_pytree(value):
       raise TypeError(
-          f"{who}: weight_decay={type(weight_decay).__name__} is callable and also a "
-          "pytree with leaves (a mask tree or module?). Pass a number or a schedule "
-          "(a function of the step count)."
+          f"{who}: {name}={type(value).__name__} is callable and also a pytree with leaves "
+          "(a mask tree or module?). Pass a number or a schedule (a function of the step "
+          "count)."
       )
     return
-  if isinstance(weight_decay, jax.core.Tracer):
-    return  # injected by optax.inject_hyperparams under a trace: checked by the caller.
+  if isinstance(value, jax.core.Tracer):
+    return  # injected by optax.inject_hyperparams / vmap under a trace: unknowable here.
   try:
-    value = np.asarray(weight_decay)
+    array = np.asarray(value)
   except Exception:  # noqa: BLE001 - anything not array-like is a type error below.
-    value = None
-  if value is None or value.ndim != 0 or not np.issubdtype(value.dtype, np.number):
+    array = None
+  if array is None or array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
     raise TypeError(
-        f"{who}: weight_decay must be a non-negative number or a schedule "
-        f"(a function of the step count), got {weight_decay!r}."
+        f"{who}: {name} must be a non-negative number or a schedule "
+        f"(a function of the step count), got {value!r}."
     )
-  if not math.isfinite(float(value)) or float(value) < 0:
+  if not math.isfinite(float(array)) or float(array) < 0:
     raise ValueError(
-        f"{who}: weight_decay must be finite and >= 0, got {float(value)!r}. "
-        "A negative value would grow the weights."
+        f"{who}: {name} must be finite and >= 0, got {float(array)!r}. {negative_hint}"
     )
+
+
+def check_weight_decay(weight_decay: Any, who: str) -> None:
+  """Raises early for weight decays that are masks, negative or not finite."""
+  _check_hyperparameter(weight_decay, "weight_decay", who,
+                        "A negative value would grow the weights.")
 
 
 def check_learning_rate(learning_rate: Any, who: str) -> None:
   """Raises early for learning rates that are masks, predicates, negative or not finite."""
-  if isinstance(learning_rate, _masks.Predicate) or _masks.is_predicate_factory(learning_rate):
-    raise TypeError(
-        f"{who}: learning_rate={learning_rate!r} is a mask predicate; pass it as mask=... "
-        "and give learning_rate a number or a schedule."
-    )
-  if callable(learning_rate):
-    if _masks.is_callable_pytree(learning_rate):
-      raise TypeError(
-          f"{who}: learning_rate={type(learning_rate).__name__} is callable and also a "
-          "pytree with leaves (a module?). Pass a number or a schedule (a function of the "
-          "step count)."
-      )
-    return
-  if isinstance(learning_rate, jax.core.Tracer):
-    return
-  try:
-    value = np.asarray(learning_rate)
-  except Exception:  # noqa: BLE001
-    value = None
-  if (
-      value is None or value.ndim != 0 or value.dtype == np.bool_
-      or not np.issubdtype(value.dtype, np.number)
-  ):
-    raise TypeError(
-        f"{who}: learning_rate must be a non-negative number or a schedule (a function "
-        f"of the step count), got {learning_rate!r}."
-    )
-  if not math.isfinite(float(value)) or float(value) < 0:
-    raise ValueError(
-        f"{who}: learning_rate must be finite and >= 0, got {float(value)!r}. "
-        "To maximize an objective, negate the loss."
-    )
+  _check_hyperparameter(learning_rate, "learning_rate", who,
+                        "To maximize an objective, negate the loss.")
 
 
 def guard_decay(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_decoupled import _conventions, _masks, _multipliers, _paths
+from optax_decoupled import _masks, _multipliers, _paths, _transforms
 
 __all__ = ["DecayTowardState", "DecoupledDecayState", "with_decay_toward", "with_decoupled_decay"]
 
@@ -54,7 +54,7 @@ def _check_weight_decay(weight_decay: Any, who: str) -> None:
         f"{who}: weight_decay={weight_decay!r} is a mask; pass it as mask=... and give "
         "weight_decay a number or a schedule."
     )
-  _conventions.check_number(weight_decay, "weight_decay", who)
+  _transforms.check_weight_decay(weight_decay, who)
 
 
 def _decay_step(weight_decay, mask, *, who, cautious=False, toward=None):

@@ -288,7 +288,7 @@ def test_combinators_follow_boolean_algebra():
 
 def test_combining_with_a_non_predicate_is_a_type_error():
   with pytest.raises(TypeError, match="only with other predicates"):
-    od.exclude_names("bias") & (lambda path: True)  # noqa: B018
+    od.exclude_names("bias") & (lambda path: True)
 
 
 # --- describe_mask ---------------------------------------------------------------------------
