@@ -139,7 +139,7 @@ def _no_params_error(who: str) -> ValueError:
   )
 
 
-def _check_decayed_dtypes(params: Any, mask_tree: Any, who: str) -> None:
+def check_decayed_dtypes(params: Any, mask_tree: Any, who: str) -> None:
   """Decay is defined for floating (and complex) leaves only: refuse int/bool leaves it selects."""
   is_leaf = _paths.is_variable
   for (path, leaf), decay in zip(
@@ -157,20 +157,29 @@ def _check_decayed_dtypes(params: Any, mask_tree: Any, who: str) -> None:
       )
 
 
+def decay_dtype(u: chex.Array, p: chex.Array) -> Any:
+  """The dtype a decay term is computed in: the wider of the update's and the parameter's.
+
+  A float32 update of a bfloat16 θ then gets λ·θ in float32 (θ cast exactly), not a
+  bfloat16 product that XLA may or may not round; the result is cast back to ``u.dtype``.
+  """
+  return jnp.promote_types(u.dtype, p.dtype)
+
+
 def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.GradientTransformation:
   """``u + λ_t·θ`` on the leaves ``mask`` selects; others untouched."""
   check_weight_decay(weight_decay, who)
 
   def init_fn(params):
     mask_tree = _masks.resolve_mask(params, mask)  # fail at init for a bad mask, not mid-run.
-    _check_decayed_dtypes(params, mask_tree, who)
+    check_decayed_dtypes(params, mask_tree, who)
     return WeightDecayState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise _no_params_error(who)
     mask_tree = _masks.resolve_mask(params, mask)
-    _check_decayed_dtypes(params, mask_tree, who)
+    check_decayed_dtypes(params, mask_tree, who)
     wd = value_at(weight_decay, state.count)
     # A constant λ = 0 emits no term at all (as torch's `if weight_decay != 0`), so the
     # chain is exactly the undecayed optimizer, even for -0.0 updates or non-finite θ.
@@ -179,9 +188,7 @@ def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.Gradient
     def add(u, p, decay):
       if not decay or u is None or zero:
         return u
-      # In the wider of the two dtypes: a float32 update gets λ·θ of a bfloat16 θ in float32
-      # (θ cast exactly), not a bfloat16 product that XLA may or may not round.
-      dtype = jnp.promote_types(u.dtype, p.dtype)
+      dtype = decay_dtype(u, p)
       return (u.astype(dtype) + wd * p.astype(dtype)).astype(u.dtype)
 
     try:

@@ -62,6 +62,7 @@ def _decay_step(weight_decay, mask, *, who, cautious=False, toward=None):
 
   def init_fn(params):
     mults = _multipliers.resolve_multipliers(params, mask)  # fail early on a bad mask.
+    _transforms.check_decayed_dtypes(params, jax.tree.map(bool, mults), who)
     count = jnp.zeros([], jnp.int32)
     if toward is None:
       return DecoupledDecayState(count=count)
@@ -77,17 +78,20 @@ def _decay_step(weight_decay, mask, *, who, cautious=False, toward=None):
     if params is None:
       raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
     mults = _multipliers.resolve_multipliers(params, mask)
+    _transforms.check_decayed_dtypes(params, jax.tree.map(bool, mults), who)
     c = weight_decay(state.count) if callable(weight_decay) else weight_decay
     refs = state.reference if toward is not None else jax.tree.map(lambda _: None, mults)
 
     def step(u, p, mult, ref):
       if u is None or not mult:
         return u
-      target = p if ref is None else p - ref
+      dtype = _transforms.decay_dtype(u, p)  # same arithmetic as add_decoupled_decay.
+      p = p.astype(dtype)
+      target = p if ref is None else p - ref.astype(dtype)
       term = c * target if mult == 1.0 else (c * mult) * target
       if cautious:  # Chen et al.: decay where sign(update direction) = sign(θ), i.e. u·θ <= 0.
         term = jnp.where(u * p <= 0, term, jnp.zeros_like(term))
-      return (u - term).astype(u.dtype)
+      return (u.astype(dtype) - term).astype(u.dtype)
 
     try:
       updates = jax.tree.map(step, updates, params, mults, refs, is_leaf=lambda x: x is None)

@@ -331,3 +331,27 @@ def test_under_nnx_optimizer():
   opt.update(model, nnx.grad(zero_loss)(model))
   np.testing.assert_allclose(model.kernel[...], 3.0 - 0.5 * 0.5 * (3.0 - 1.0))
   np.testing.assert_allclose(model.bias[...], 1.0)
+
+
+def test_int_leaf_selected_for_decay_is_refused_like_add_decoupled_decay():
+  """Same dtype rule as od.add_decoupled_decay: decay is for floating-point leaves only."""
+  params = {"w": jnp.ones(3), "step": jnp.array(3, jnp.int32)}
+  for tx in (od.with_decoupled_decay(optax.sgd(0.1), 0.01),
+             optax.chain(od.add_decoupled_decay(0.01), optax.scale_by_learning_rate(0.1))):
+    with pytest.raises(TypeError, match="'step' has dtype int32"):
+      tx.init(params)
+  excluded = od.with_decoupled_decay(optax.sgd(0.1), 0.01, mask=od.exclude_names("step"))
+  excluded.init(params)  # excluded int leaf: fine
+
+
+def test_bfloat16_weight_with_float32_update_is_decayed_in_float32():
+  """u − c·θ is computed in the wider dtype (θ cast exactly), as add_decoupled_decay does:
+  with c = 1e-3 and θ = 1.0 in bfloat16, a float32 update gets exactly −1e-3 (float32), not
+  the bfloat16 product −1.0004e-3 that a weakly typed c times a bfloat16 θ would give."""
+  params = {"w": jnp.ones(4, jnp.bfloat16)}
+  inner = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                       lambda u, s, p=None: (u, s))
+  tx = od.with_decoupled_decay(inner, 1e-3)  # a Python float: weakly typed
+  updates, _ = tx.update({"w": jnp.zeros(4, jnp.float32)}, tx.init(params), params)
+  assert updates["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(updates["w"], np.full(4, -np.float32(1e-3), np.float32))
