@@ -10,7 +10,7 @@ from typing import Any
 
 import optax
 
-from optax_decoupled import _conventions, _masks, _multipliers, _transforms, _wrappers
+from optax_decoupled import _conventions, _kernel, _masks, _multipliers, _transforms, _wrappers
 
 __all__ = ["adam_l2", "adamw", "bert_adamw", "sgd_l2", "sgdw"]
 
@@ -91,7 +91,12 @@ def adamw(
         _transforms.add_decoupled_decay(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "adamw")
+    tx = _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "adamw")
+    if nesterov:
+      return tx
+    # od.fused_step may compute this chain with the CPU kernel (same operations, one pass).
+    return _kernel.register(tx, _kernel.AdamWSpec(learning_rate, b1, b2, eps, eps_root,
+                                                  weight_decay, mask))
   return _decoupled(optax.chain(adam, optax.scale_by_learning_rate(learning_rate)),
                     learning_rate, weight_decay, coupling, peak_learning_rate, mask, "adamw")
 

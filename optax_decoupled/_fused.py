@@ -21,6 +21,9 @@ the plain step: see ``_leaf_in_chunks``); ``optax.clip_by_global_norm`` or any o
 transform that reduces over parameters does not, and :func:`fused_step` refuses it at trace
 time by inspecting the jaxpr of ``tx.update``. On platforms other than CPU the step is the
 plain ``tx.update`` + ``optax.apply_updates`` (accelerators fuse it themselves).
+
+For ``od.adamw`` in float32 the CPU step is instead one call of a C++ kernel through
+``jax.ffi`` (see ``_kernel.py``): XLA's chunk loop runs on one core, the kernel on all of them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+
+from optax_decoupled import _kernel
 
 __all__ = ["fused_step"]
 
@@ -131,6 +136,7 @@ def _split_state(state: Any, treedef: Any, shapes: list[tuple[int, ...]]):
 def fused_step(
     tx: optax.GradientTransformation,
     *,
+    kernel: str = "auto",
     chunk_size: int = 32768,
     min_leaf_size: int = 2**21,
 ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
@@ -145,6 +151,14 @@ def fused_step(
   plain step can be swapped at any time (and checkpoints do not change). Decay convention: the
   one of ``tx`` (this only changes how the step is scheduled on the hardware).
 
+  For ``od.adamw`` (``coupling="lr"``, no Nesterov) with float32 parameters and moments,
+  the CPU step is a C++ kernel (``csrc/adam_step.cc``, built by the package's install when
+  a C++ compiler is present, called through ``jax.ffi``): all leaves in one call, in place,
+  on all of XLA's CPU threads. It rounds each operation of the chain as written (XLA fuses
+  some multiply-adds), so it equals the pure-JAX step to a few ulp. Every other
+  transformation, or a machine where the kernel was not built, takes the pure-JAX chunk loop
+  below; ``step.explain(params, grads, state)`` says which path is taken and why.
+
   Use it inside your jitted train step and donate params and state
   (``jax.jit(step, donate_argnums=(0, 2))``): the buffers are then updated in place and the
   step needs no full-size temporary.
@@ -154,16 +168,20 @@ def fused_step(
       ``od.adam_l2``, ``od.bert_adamw``, ``od.sgd_l2``), ``optax.adamw``/``adam``/``sgd``,
       also wrapped in ``optax.inject_hyperparams``. Transforms that reduce over parameters
       (global-norm clipping) are refused with a ``ValueError`` at trace time.
-    chunk_size: elements per chunk (default 32768: 128 KiB per float32 array, so the seven
+    kernel: ``"auto"`` (default: the C++ kernel where it applies, else pure JAX),
+      ``"require"`` (a ``ValueError`` at trace time saying why if the kernel cannot compute
+      this step) or ``"off"`` (always pure JAX).
+    chunk_size: (pure-JAX path) elements per chunk (default 32768: 128 KiB per float32 array, so the seven
       chunk arrays fit in a 2 MiB L2 cache with room to spare; 16K-32K elements measured
       best on this project's machine, 64K and more ~10% slower).
-    min_leaf_size: leaves with fewer elements take the plain path (default 2**21: below
+    min_leaf_size: (pure-JAX path) leaves with fewer elements take the plain path (default 2**21: below
       that, θ, g, m and v of a leaf fit in a 32 MiB L3 cache together, XLA's three passes
       mostly hit the cache, and its two-thread loops are faster than the one-thread chunk
       loop). Must be >= ``chunk_size``.
 
   Returns:
-    ``step(params, grads, state) -> (new_params, new_state)``.
+    ``step(params, grads, state) -> (new_params, new_state)``, with an ``explain(params,
+    grads, state) -> str`` attribute.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_decoupled as od
@@ -173,11 +191,17 @@ def fused_step(
     >>> step = jax.jit(od.fused_step(tx), donate_argnums=(0, 2))
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> params, state = step(params, grads, state)
+    >>> od.fused_step(tx).explain(params, grads, state).split(":")[0] in ("kernel", "chunks")
+    True
 
   References:
     The idea of a single fused multi-tensor kernel is torch's ``AdamW(fused=True)``
-    (``aten/src/ATen/native/cpu/FusedAdamKernel.cpp``); here it is expressed in plain XLA.
+    (``aten/src/ATen/native/cpu/FusedAdamKernel.cpp``); the kernel follows optax's formulas
+    instead (torch folds the bias corrections into the step size), and the fallback
+    expresses the same one-pass schedule in plain XLA.
   """
+  if kernel not in ("auto", "require", "off"):
+    raise ValueError(f"fused_step: kernel must be 'auto', 'require' or 'off', got {kernel!r}.")
   if not isinstance(chunk_size, int) or chunk_size < 1024:
     raise ValueError(f"fused_step: chunk_size must be an int >= 1024, got {chunk_size!r}.")
   if not isinstance(min_leaf_size, int) or min_leaf_size < chunk_size:
@@ -192,19 +216,46 @@ def fused_step(
   def chunked(params, grads, state):
     return _chunked_step(tx, chunk_size, min_leaf_size, params, grads, state)
 
-  def step(params, grads, state):
+  spec = _kernel.spec_of(tx)
+
+  def with_kernel(params, grads, state):
+    return _kernel.adamw_step(tx, spec, params, grads, state)
+
+  def plan(params, grads, state) -> tuple[str, str]:
+    """(path, why): path is "kernel", "chunks" or "plain" (decided at trace time)."""
     jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
     _check_elementwise(jaxpr.jaxpr)
+    why_not = ("kernel='off'" if kernel == "off"
+               else _kernel.unsupported(spec, params, grads, state))
+    if why_not is None:
+      return "kernel", "the C++ kernel: od.adamw in float32, one pass on all CPU threads"
+    if kernel == "require":
+      raise ValueError(
+          f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
+          "Use kernel='auto' to fall back to the pure-JAX path (same results).")
     if _state_reads_params(tx, grads, state, params):
       # Coupled L2 (λθ enters the moments): the in-place chunk order below needs the new
       # state to be computable after θ is written, so this transform takes the plain path.
-      return plain(params, grads, state)
+      return "plain", f"the new state reads θ (coupled L2); no kernel: {why_not}"
     if not _state_is_chunkable(state, params):
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
-      return plain(params, grads, state)
-    return lax.platform_dependent(params, grads, state, cpu=chunked, default=plain)
+      return "plain", f"the state is not laid out like the params; no kernel: {why_not}"
+    return "chunks", f"the pure-JAX chunk loop; no kernel: {why_not}"
 
+  def step(params, grads, state):
+    path, _ = plan(params, grads, state)
+    if path == "plain":
+      return plain(params, grads, state)
+    cpu = with_kernel if path == "kernel" else chunked
+    return lax.platform_dependent(params, grads, state, cpu=cpu, default=plain)
+
+  def explain(params, grads, state) -> str:
+    """Which path the CPU step takes for these arguments, and why."""
+    path, why = plan(params, grads, state)
+    return f"{path}: {why}"
+
+  step.explain = explain
   return step
 
 

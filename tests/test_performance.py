@@ -84,7 +84,7 @@ def test_plain_step_has_as_many_full_size_passes_as_optax():
 def test_fused_step_is_one_in_place_chunk_loop():
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  step = od.fused_step(tx, chunk_size=CHUNK, min_leaf_size=CHUNK)
+  step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=CHUNK)
   hlo = _compile(step, params, grads, tx.init(params)).as_text()
   comps = _computations(hlo)
   assert not _full_size_ops(hlo, "copy"), "a full-size copy: the loop is not in place"
@@ -142,12 +142,13 @@ def test_mask_is_free_masked_step_has_no_more_array_instructions():
   assert not any(op == "select" for (_, op) in masked - unmasked)  # no per-element select
 
 
-@pytest.mark.parametrize("kind", ["plain", "fused"])
+@pytest.mark.parametrize("kind", ["plain", "chunks", "kernel"])
 def test_donated_step_peak_memory_is_theta_g_m_v_plus_constant(kind):
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  step = (_plain(tx) if kind == "plain"
-          else od.fused_step(tx, chunk_size=CHUNK, min_leaf_size=CHUNK))
+  step = (_plain(tx) if kind == "plain" else od.fused_step(
+      tx, kernel="off" if kind == "chunks" else "require", chunk_size=CHUNK,
+      min_leaf_size=CHUNK))
   ma = _compile(step, params, grads, tx.init(params)).memory_analysis()
   minimum = 16 * N  # θ, g, m, v in float32
   peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
@@ -212,12 +213,13 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["auto", "off"])
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_fused_step_equals_update_then_apply_updates(name):
+def test_fused_step_equals_update_then_apply_updates(name, kernel):
   tx = TRANSFORMS[name]()
   params = _tree()
   plain = jax.jit(_plain(tx))
-  fused = jax.jit(od.fused_step(tx, chunk_size=1024, min_leaf_size=1024))
+  fused = jax.jit(od.fused_step(tx, kernel=kernel, chunk_size=1024, min_leaf_size=1024))
   p1 = p2 = params
   s1 = s2 = tx.init(params)
   for t in range(4):
@@ -248,5 +250,6 @@ def test_fused_step_rejects_a_tiny_chunk_size():
 def test_fused_step_leaves_small_leaves_to_the_plain_path():
   params, grads = _problem(3 * 4096 + 7)
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  hlo = _compile(od.fused_step(tx, chunk_size=4096), params, grads, tx.init(params)).as_text()
+  step = od.fused_step(tx, kernel="off", chunk_size=4096)
+  hlo = _compile(step, params, grads, tx.init(params)).as_text()
   assert " while(" not in hlo  # below the default min_leaf_size: XLA's own fusions

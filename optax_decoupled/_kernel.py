@@ -1,0 +1,164 @@
+"""The optional CPU kernel behind :func:`optax_decoupled.fused_step` for ``od.adamw``.
+
+``csrc/adam_step.cc`` is compiled at install time by ``hatch_build.py`` when a C++ compiler
+is present, and registered with XLA here (``jax.ffi``) on first use. It computes the step of
+``od.adamw(..., coupling="lr")`` with the operations and float32 rounding of the optax chain
+(see the comment at the top of the C++ file), for all leaves in one call, in place, on all
+of XLA's CPU threads: each array crosses main memory once.
+
+Only the elementwise arithmetic is in C++. Everything else stays in JAX and in the chain's
+own code: the scalars (bias corrections, η_t, λ_t) are computed from the state exactly as
+the chain computes them, the decay mask is resolved by the same ``resolve_mask``, and the new
+scalar state (step counts) comes from ``tx.update`` itself, called on zero-size stand-ins.
+
+When the kernel is not built, cannot be loaded, or does not cover a case (a dtype other than
+float32, another optimizer), ``fused_step`` uses its pure-JAX path; :func:`unavailable`
+says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import json
+import os
+import re
+import weakref
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import optax
+
+from optax_decoupled import _masks, _precision, _transforms
+
+_DIR = Path(__file__).parent / "csrc"
+LIBRARY = _DIR / "libod_adam_step.so"
+_BUILD_INFO = _DIR / "build_info.json"
+_TARGET = "optax_decoupled_adam_step"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdamWSpec:
+  """The hyperparameters of an ``od.adamw(coupling="lr")`` chain, as the kernel needs them.
+
+  The chain's state is ``(ScaleByAdamState, WeightDecayState, lr_state)``, where
+  ``lr_state`` is ``ScaleByScheduleState`` for a schedule, ``EmptyState`` otherwise.
+  """
+
+  learning_rate: Any
+  b1: float
+  b2: float
+  eps: float
+  eps_root: float
+  weight_decay: Any
+  mask: Any
+
+
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register(tx: optax.GradientTransformation, spec: AdamWSpec) -> optax.GradientTransformation:
+  """Marks ``tx`` (by its update function) as computable by the kernel; returns ``tx``."""
+  _SPECS[tx.update] = spec
+  return tx
+
+
+def spec_of(tx: optax.GradientTransformation) -> AdamWSpec | None:
+  try:
+    return _SPECS.get(tx.update)
+  except TypeError:  # an update function that cannot be weakly referenced: not ours.
+    return None
+
+
+def _version(v: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+@functools.cache
+def unavailable() -> str | None:
+  """None when the kernel is registered with XLA, otherwise why it is not."""
+  if os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"):
+    return "OPTAX_DECOUPLED_NO_KERNEL is set"
+  if not LIBRARY.exists():
+    return (f"the kernel was not built at install ({LIBRARY.name} is missing: no C++ compiler "
+            "or no jaxlib headers then; reinstall with `pip install -v` to see why)")
+  try:
+    built_with = json.loads(_BUILD_INFO.read_text())["jaxlib"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"the kernel's build record {_BUILD_INFO} is unreadable ({e}); reinstall"
+  if _version(jaxlib.__version__) < _version(built_with):
+    return (f"the kernel was built against jaxlib {built_with}'s FFI, newer than the "
+            f"installed jaxlib {jaxlib.__version__}; reinstall optax_decoupled")
+  try:
+    lib = ctypes.CDLL(str(LIBRARY))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.OdAdamStep), platform="cpu")
+  except (OSError, AttributeError, ValueError, RuntimeError) as e:
+    return f"the kernel could not be loaded: {e}"
+  return None
+
+
+def unsupported(spec: AdamWSpec | None, params: Any, grads: Any, state: Any) -> str | None:
+  """None when the kernel computes this step exactly as the chain would, else why not."""
+  if spec is None:
+    return ("the kernel implements od.adamw(coupling='lr') only (no nesterov, no "
+            "decay_multipliers); this transformation is something else")
+  if not (isinstance(state, tuple) and len(state) == 3
+          and isinstance(state[0], optax.ScaleByAdamState)):
+    return "the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, lr state)"
+  arrays = {"params": params, "grads": grads, "mu": state[0].mu, "nu": state[0].nu}
+  for name, tree in arrays.items():
+    dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
+    if dtypes - {jnp.dtype(jnp.float32)}:
+      return (f"the kernel is float32-only and {name} has dtype(s) "
+              f"{sorted(str(d) for d in dtypes)}")
+  return unavailable()
+
+
+def _standins(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.zeros((0,) + jnp.shape(x)[1:], jnp.result_type(x))
+                      if jnp.ndim(x) else x, tree)
+
+
+def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, grads: Any,
+               state: Any) -> tuple[Any, Any]:
+  """``tx.update`` + ``optax.apply_updates`` through the kernel (check :func:`unsupported`)."""
+  adam, wd_state, lr_state = state
+  p_leaves, treedef = jax.tree.flatten(params)
+  g_leaves = treedef.flatten_up_to(grads)
+  m_leaves, v_leaves = treedef.flatten_up_to(adam.mu), treedef.flatten_up_to(adam.nu)
+
+  # The new scalar state (counts) from the chain itself, on zero-size stand-ins; this also
+  # runs the chain's own checks (mask, dtypes) on the real paths.
+  standin_state = (adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu)), wd_state,
+                   lr_state)
+  _, new_state = tx.update(_standins(grads), standin_state, _standins(params))
+
+  # Scalars as the chain computes them (optax.scale_by_adam, add_decoupled_decay,
+  # optax.scale_by_learning_rate), each rounded to float32 where the chain rounds it.
+  count = optax.safe_increment(adam.count)
+  bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
+  lr = spec.learning_rate
+  neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
+  wd = _transforms.value_at(spec.weight_decay, wd_state.count)
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  scalars = jnp.stack([f32(x) for x in (neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2,
+                                        bc1, bc2, spec.eps, spec.eps_root, wd)])
+  no_term = _precision._as_constant(spec.weight_decay) == 0.0  # as _add_scaled_params.
+  mask = treedef.flatten_up_to(_masks.resolve_mask(params, spec.mask))
+  flags = f32([float(bool(d) and not no_term) for d in mask])
+
+  args, outs, aliases = [scalars, flags], [], {}
+  for k, leaf in enumerate(zip(p_leaves, g_leaves, m_leaves, v_leaves)):
+    args += leaf
+    outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.float32)] * 3
+    aliases.update({2 + 4 * k: 3 * k, 2 + 4 * k + 2: 3 * k + 1, 2 + 4 * k + 3: 3 * k + 2})
+  res = jax.ffi.ffi_call(_TARGET, outs, input_output_aliases=aliases,
+                         vmap_method="sequential")(*args)
+  new_adam = new_state[0]._replace(mu=treedef.unflatten(res[1::3]),
+                                   nu=treedef.unflatten(res[2::3]))
+  return treedef.unflatten(res[0::3]), (new_adam,) + tuple(new_state[1:])
+

@@ -1,0 +1,169 @@
+// One-pass AdamW step for XLA:CPU, called through jax.ffi by optax_decoupled._kernel.
+//
+// For every leaf k (float32 θ, g, m, v, updated in place through input/output aliasing):
+//
+//   m'  = (1-b1)·g + b1·m                 optax.tree.update_moment
+//   v'  = (1-b2)·(g·g) + b2·v             optax.tree.update_moment_per_elem_norm (order 2)
+//   u   = (m'/bc1) / (sqrt(v'/bc2 + eps_root) + eps)     optax.scale_by_adam, bc = 1 - b**t
+//   u   = u + λ_t·θ          if decay[k]  optax_decoupled.add_decoupled_decay (lr-coupled)
+//   u   = (-η_t)·u                        optax.scale_by_learning_rate
+//   θ'  = θ + u                           optax.apply_updates
+//
+// The operations, their order and their float32 rounding are those of the optax chain
+// (no fused multiply-add: built with -ffp-contract=off), so the result equals the pure-JAX
+// step to round-off. Every scalar (1-b1, bc1, -η_t, ...) is computed by JAX, in the dtype
+// the chain computes it in, and passed in `scalars`.
+//
+// Threads: the elements of all leaves, taken as one sequence, are cut into equal parts that
+// XLA's intra-op thread pool and the calling thread take in turn; each array crosses main
+// memory once (28 bytes per parameter).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Scalars {
+  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, wd;
+};
+constexpr int64_t kNumScalars = 10;
+
+struct Leaf {
+  float* theta;
+  const float* g;
+  float* m;
+  float* v;
+  int64_t n;
+  bool decay;
+};
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define OD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define OD_CLONES
+#endif
+
+OD_CLONES void UpdateRange(float* __restrict theta, const float* __restrict g,
+                           float* __restrict m, float* __restrict v, const Scalars s,
+                           bool decay, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const float gi = g[i];
+    const float mi = s.omb1 * gi + s.b1 * m[i];
+    const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
+    const float m_hat = mi / s.bc1;
+    const float v_hat = vi / s.bc2;
+    float u = m_hat / (std::sqrt(v_hat + s.eps_root) + s.eps);
+    const float ti = theta[i];
+    if (decay) u = u + s.wd * ti;
+    u = s.neg_lr * u;
+    m[i] = mi;
+    v[i] = vi;
+    theta[i] = ti + u;
+  }
+}
+
+// Shared by the calling thread and the pool tasks; kept alive by shared_ptr until the last
+// task has run (a task may start after the caller has already finished all parts).
+struct Work {
+  std::vector<Leaf> leaves;
+  Scalars s;
+  int64_t total = 0;
+  int64_t parts = 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void RunPart(int64_t p) {
+    const int64_t lo = total * p / parts, hi = total * (p + 1) / parts;
+    int64_t offset = 0;
+    for (const Leaf& leaf : leaves) {
+      const int64_t a = std::max<int64_t>(lo - offset, 0);
+      const int64_t b = std::min<int64_t>(hi - offset, leaf.n);
+      if (a < b) UpdateRange(leaf.theta, leaf.g, leaf.m, leaf.v, s, leaf.decay, a, b);
+      offset += leaf.n;
+      if (offset >= hi) break;
+    }
+  }
+
+  void Drain() {
+    for (int64_t p = next.fetch_add(1); p < parts; p = next.fetch_add(1)) {
+      RunPart(p);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Below this many elements in total, one thread (waking the pool costs more than it saves).
+constexpr int64_t kMinParallel = 1 << 16;
+
+ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
+                        ffi::Buffer<ffi::F32> decay, ffi::RemainingArgs args,
+                        ffi::RemainingRets rets) {
+  const int64_t num_leaves = decay.element_count();
+  if (scalars.element_count() != kNumScalars) {
+    return ffi::Error::InvalidArgument("od_adam_step: expected 10 scalars");
+  }
+  if (args.size() != 4 * static_cast<size_t>(num_leaves) ||
+      rets.size() != 3 * static_cast<size_t>(num_leaves)) {
+    return ffi::Error::InvalidArgument(
+        "od_adam_step: expected 4 inputs (theta, g, m, v) and 3 outputs per leaf");
+  }
+  auto work = std::make_shared<Work>();
+  const float* x = scalars.typed_data();
+  work->s = Scalars{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9]};
+  work->leaves.reserve(num_leaves);
+  for (int64_t k = 0; k < num_leaves; ++k) {
+    auto theta = args.get<ffi::Buffer<ffi::F32>>(4 * k);
+    auto g = args.get<ffi::Buffer<ffi::F32>>(4 * k + 1);
+    auto m = args.get<ffi::Buffer<ffi::F32>>(4 * k + 2);
+    auto v = args.get<ffi::Buffer<ffi::F32>>(4 * k + 3);
+    auto theta_out = rets.get<ffi::Buffer<ffi::F32>>(3 * k);
+    auto m_out = rets.get<ffi::Buffer<ffi::F32>>(3 * k + 1);
+    auto v_out = rets.get<ffi::Buffer<ffi::F32>>(3 * k + 2);
+    if (theta.has_error() || g.has_error() || m.has_error() || v.has_error() ||
+        theta_out.has_error() || m_out.has_error() || v_out.has_error()) {
+      return ffi::Error::InvalidArgument("od_adam_step: every array must be float32");
+    }
+    const int64_t n = theta->element_count();
+    if (g->element_count() != n || m->element_count() != n || v->element_count() != n ||
+        (*theta_out)->element_count() != n) {
+      return ffi::Error::InvalidArgument("od_adam_step: theta, g, m, v sizes differ");
+    }
+    // The outputs alias the inputs (input_output_aliases): updates are made in place.
+    if ((*theta_out)->typed_data() != theta->typed_data() ||
+        (*m_out)->typed_data() != m->typed_data() ||
+        (*v_out)->typed_data() != v->typed_data()) {
+      return ffi::Error::InvalidArgument("od_adam_step: outputs must alias theta, m and v");
+    }
+    work->leaves.push_back(Leaf{(*theta_out)->typed_data(), g->typed_data(),
+                                (*m_out)->typed_data(), (*v_out)->typed_data(), n,
+                                decay.typed_data()[k] != 0.0f});
+    work->total += n;
+  }
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->parts = (work->total < kMinParallel || threads == 1) ? 1 : 4 * threads;
+  for (int64_t t = 1; t < std::min(threads, work->parts); ++t) {
+    pool.Schedule([work] { work->Drain(); });
+  }
+  work->Drain();  // the caller works too, so this finishes even if no pool thread is free.
+  while (work->done.load(std::memory_order_acquire) < work->parts) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OdAdamStep, AdamStepImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // decay flags, one per leaf
+                                  .RemainingArgs()               // θ, g, m, v per leaf
+                                  .RemainingRets());             // θ, m, v per leaf

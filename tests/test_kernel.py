@@ -1,0 +1,241 @@
+"""The C++ CPU kernel behind ``od.fused_step(od.adamw(...))``: built, exact, in place, optional.
+
+Oracles:
+* a numpy float32 transcription of the chain ``od.adamw`` is (``optax.scale_by_adam`` ->
+  ``od.add_decoupled_decay`` -> ``optax.scale_by_learning_rate`` -> ``optax.apply_updates``),
+  written out from optax's source (``optax/tree_utils/_tree_math.py``: ``update_moment``,
+  ``update_moment_per_elem_norm``, ``bias_correction``; ``optax/_src/transform.py``:
+  ``scale_by_adam``'s ``m / (sqrt(v + eps_root) + eps)``) and torch's AdamW documentation;
+* the plain step, ``tx.update`` + ``optax.apply_updates``, of the same transformation.
+
+The kernel rounds every operation as written, like the numpy transcription: its moments are
+bitwise those of numpy, and θ equals numpy's up to the ulp of the bias-correction power (XLA's
+``pow`` vs numpy's). XLA's plain step contracts some multiply-adds into FMAs, so kernel and
+plain step agree to a few ulp, not bitwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_decoupled as od
+from optax_decoupled import _kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+CXX = os.environ.get("CXX", "c++").split()[0]
+
+
+def _tree(seed=0):
+  """~70K parameters (enough for the kernel to use all threads), names for a BERT mask, a
+  scalar leaf and a zero-size leaf."""
+  rng = np.random.default_rng(seed)
+
+  def a(*shape, scale=1.0):
+    return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+
+  return {"encoder": {"kernel": a(64, 1000), "bias": a(1000, scale=1e-2)},
+          "LayerNorm": {"scale": a(1000), "bias": a(1000)},
+          "temperature": a(scale=10.0), "unused": jnp.zeros((0, 3), jnp.float32)}
+
+
+def _grads(params, t):
+  return jax.tree.map(lambda x: jnp.sin(x * (t + 3.0)) * 10.0 ** (t % 4 - 2), params)
+
+
+def _plain(tx):
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def _run(step, tx, params, steps):
+  p, s = params, tx.init(params)
+  fn = jax.jit(step)
+  for t in range(steps):
+    p, s = fn(p, _grads(params, t), s)
+  return p, s
+
+
+def test_kernel_is_built_by_the_install_when_a_compiler_is_present():
+  # The package's normal install (hatch_build.py) compiles csrc/adam_step.cc; the only
+  # accepted reason for its absence is a machine without a C++ compiler.
+  if shutil.which(CXX):
+    assert _kernel.unavailable() is None, _kernel.unavailable()
+    assert _kernel.LIBRARY.exists()
+  else:
+    assert "not built" in _kernel.unavailable()
+
+
+def test_kernel_matches_a_numpy_transcription_of_adamw():
+  b1, b2, eps, eps_root, wd = 0.9, 0.999, 1e-8, 1e-12, 0.05
+  lr = optax.cosine_decay_schedule(1e-2, 10)
+  mask = od.exclude_names(*od.BERT_EXCLUDE)
+  tx = od.adamw(lr, b1, b2, eps, eps_root, weight_decay=wd, mask=mask)
+  params = _tree()
+  assert od.fused_step(tx).explain(params, params, tx.init(params)).startswith("kernel")
+  p, s = _run(od.fused_step(tx, kernel="require"), tx, params, steps=3)
+
+  f32 = np.float32
+
+  def by_path(tree):
+    return {jax.tree_util.keystr(k): np.asarray(x)
+            for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+  got, mu, nu = by_path(p), by_path(s[0].mu), by_path(s[0].nu)
+  grads = [by_path(_grads(params, t)) for t in range(3)]
+  for path, theta in by_path(params).items():
+    m, v = np.zeros_like(theta), np.zeros_like(theta)
+    decays = "bias" not in path and "LayerNorm" not in path
+    for t in range(3):
+      g = grads[t][path]
+      m = f32(1 - b1) * g + f32(b1) * m                      # update_moment
+      v = f32(1 - b2) * (g * g) + f32(b2) * v                # update_moment_per_elem_norm
+      bc1, bc2 = f32(1) - f32(b1) ** f32(t + 1), f32(1) - f32(b2) ** f32(t + 1)
+      u = (m / bc1) / (np.sqrt(v / bc2 + f32(eps_root)) + f32(eps))  # scale_by_adam
+      if decays:
+        u = u + f32(wd) * theta                              # add_decoupled_decay
+      u = np.asarray(-f32(lr(t)), f32) * u                   # scale_by_learning_rate
+      theta = theta + u                                      # apply_updates
+    np.testing.assert_array_equal(mu[path], m, err_msg=path)
+    np.testing.assert_array_equal(nu[path], v, err_msg=path)
+    np.testing.assert_allclose(got[path], theta, rtol=1e-6, atol=1e-7, err_msg=path)
+  assert int(s[0].count) == 3 and int(s[1].count) == 3 and int(s[2].count) == 3
+
+
+CONFIGS = {
+    "constant lr and λ, no mask": lambda: od.adamw(1e-3, weight_decay=1e-2),
+    "schedules, BERT name mask": lambda: od.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10), weight_decay=1e-1,
+        mask=od.exclude_names(*od.BERT_EXCLUDE)),
+    "λ schedule reaching 0, eps_root": lambda: od.adamw(
+        1e-2, eps_root=1e-8, weight_decay=optax.linear_schedule(0.1, 0.0, 2)),
+    "λ = 0 (no decay term at all)": lambda: od.adamw(1e-2, weight_decay=0.0),
+    "ndim mask, float32 moments": lambda: od.adamw(
+        1e-2, weight_decay=1e-1, mask=od.min_ndim(2), mu_dtype=jnp.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kernel_equals_the_plain_step(name):
+  tx = CONFIGS[name]()
+  params = _tree(1)
+  assert od.fused_step(tx).explain(params, params, tx.init(params)).startswith("kernel")
+  p1, s1 = _run(_plain(tx), tx, params, steps=5)
+  p2, s2 = _run(od.fused_step(tx, kernel="require"), tx, params, steps=5)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  assert [int(c) for c in (s1[0].count, s1[1].count)] == [int(c) for c in (s2[0].count,
+                                                                           s2[1].count)]
+  # θ, m, v to round-off after 5 steps: XLA contracts m·b1 + (1-b1)·g into a fused
+  # multiply-add, the kernel rounds each operation as written (and as numpy does, above).
+  for a, b in zip(jax.tree.leaves((p1, s1[0])), jax.tree.leaves((p2, s2[0]))):
+    a, b = np.asarray(a), np.asarray(b)
+    # (moments mix gradients of scales 1e-2..1e1: the bound is relative to the array's scale)
+    scale = np.abs(a).max(initial=0.0)
+    np.testing.assert_allclose(b, a, rtol=0, atol=5 * np.finfo(np.float32).eps * scale)
+
+
+@pytest.mark.filterwarnings("ignore::optax_decoupled.LowPrecisionDecayWarning")
+@pytest.mark.parametrize("tx, params, reason", [
+    (optax.adamw(1e-3), _tree(), "od.adamw"),
+    (od.adamw(1e-3, nesterov=True), _tree(), "od.adamw"),
+    (od.adamw(1e-3, coupling="schedule"), _tree(), "od.adamw"),
+    (od.adamw(1e-3), jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree()), "float32-only"),
+    (od.adamw(1e-3, mu_dtype=jnp.bfloat16), _tree(), "float32-only"),
+])
+def test_the_kernel_says_what_it_does_not_cover(tx, params, reason):
+  state = tx.init(params)
+  plan = od.fused_step(tx).explain(params, params, state)
+  assert plan.startswith(("chunks", "plain")) and reason in plan
+  with pytest.raises(ValueError, match=f"kernel='require'.*{reason}"):
+    jax.jit(od.fused_step(tx, kernel="require"))(params, params, state)
+  with pytest.raises(ValueError, match="kernel must be"):
+    od.fused_step(tx, kernel=True)
+
+
+def test_without_the_kernel_fused_step_falls_back_to_pure_jax(monkeypatch):
+  why = "the kernel was not built at install (test)"
+  monkeypatch.setattr(_kernel, "unavailable", lambda: why)
+  tx = od.adamw(1e-2, weight_decay=1e-1, mask=od.min_ndim(2))
+  params = _tree(2)
+  step = od.fused_step(tx, chunk_size=1024, min_leaf_size=1024)
+  assert step.explain(params, params, tx.init(params)) == (
+      f"chunks: the pure-JAX chunk loop; no kernel: {why}")
+  hlo = jax.jit(step).lower(params, params, tx.init(params)).as_text()
+  assert "custom_call" not in hlo and "while" in hlo
+  p1, s1 = _run(_plain(tx), tx, params, steps=3)
+  p2, s2 = _run(step, tx, params, steps=3)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="not built at install"):
+    jax.jit(od.fused_step(tx, kernel="require"))(params, params, tx.init(params))
+
+
+def test_kernel_step_is_one_in_place_custom_call():
+  n = 2**20 + 3
+  params = {"kernel": jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32), "bias": jnp.ones(5)}
+  tx = od.adamw(1e-3, weight_decay=1e-2, mask=od.exclude_names("bias"))
+  step = jax.jit(od.fused_step(tx, kernel="require"), donate_argnums=(0, 2))
+  compiled = step.lower(params, params, tx.init(params)).compile()
+  hlo = compiled.as_text()
+  assert len(re.findall(r"custom-call\(", hlo)) == 1
+  assert 'custom_call_target="optax_decoupled_adam_step"' in hlo
+  # No full-size fusion or copy: the kernel reads and writes every array once, in place.
+  assert not re.search(rf"= f32\[{n}\]\{{0\}} (fusion|copy)\(", hlo)
+  ma = compiled.memory_analysis()
+  assert ma.alias_size_in_bytes >= 12 * n and ma.temp_size_in_bytes <= 4096
+
+
+def test_kernel_inside_a_loop_of_steps_and_under_vmap():
+  tx = od.adamw(1e-2, weight_decay=1e-1)
+  params = _tree(3)
+  grads = _grads(params, 1)
+  step = od.fused_step(tx, kernel="require")
+
+  def ten_steps(p, s):
+    return jax.lax.fori_loop(0, 10, lambda _, c: step(c[0], grads, c[1]), (p, s))
+
+  p1, s1 = jax.jit(ten_steps)(params, tx.init(params))
+  p2, s2 = params, tx.init(params)
+  for _ in range(10):
+    p2, s2 = jax.jit(_plain(tx))(p2, grads, s2)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  # vmap over two copies of the problem (e.g. seeds): each equals its own unbatched step.
+  batch = jax.tree.map(lambda x, y: jnp.stack([x, y]), params, _tree(4))
+  pb, _ = jax.jit(jax.vmap(step, in_axes=(0, None, 0)))(batch, grads, jax.vmap(tx.init)(batch))
+  for k, single in enumerate([params, _tree(4)]):
+    p, _ = jax.jit(step)(single, grads, tx.init(single))
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(jax.tree.map(lambda x, k=k: x[k], pb))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_build_hook_compiles_a_loadable_kernel_or_says_why_not(tmp_path, monkeypatch):
+  import hatch_build
+
+  src = tmp_path / "optax_decoupled" / "csrc"
+  src.mkdir(parents=True)
+  shutil.copy(ROOT / hatch_build.SOURCE, src / "adam_step.cc")
+  monkeypatch.setenv("CXX", "no-such-compiler-od")
+  built, message = hatch_build.build_kernel(tmp_path)
+  assert not built and "no C++ compiler" in message
+  monkeypatch.setenv("CXX", CXX)
+  monkeypatch.setenv("OPTAX_DECOUPLED_NO_KERNEL", "1")
+  assert hatch_build.build_kernel(tmp_path) == (False, "OPTAX_DECOUPLED_NO_KERNEL is set")
+  monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL")
+  built, message = hatch_build.build_kernel(tmp_path)
+  if shutil.which(CXX):
+    assert built, message
+    assert ctypes.CDLL(str(tmp_path / hatch_build.LIBRARY)).OdAdamStep
+  else:
+    assert not built and "no C++ compiler" in message
