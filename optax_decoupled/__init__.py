@@ -21,6 +21,7 @@ from optax_decoupled._conventions import (
 from optax_decoupled._conventions import (
   weight_decay_from_timescale as weight_decay_from_timescale,
 )
+from optax_decoupled._flat import FlatLayout as FlatLayout
 from optax_decoupled._fused import fused_step as fused_step
 from optax_decoupled._masks import BERT_EXCLUDE as BERT_EXCLUDE
 from optax_decoupled._masks import Decision as Decision
@@ -59,6 +60,7 @@ __all__ = [
     "DecayTowardState",
     "Decision",
     "DecoupledDecayState",
+    "FlatLayout",
     "LowPrecisionDecayWarning",
     "MaskReport",
     "MaskRow",

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_decoupled import _kernel
+from optax_decoupled import _flat, _kernel
 
 __all__ = ["fused_step"]
 
@@ -119,13 +119,7 @@ def _split_state(state: Any, treedef: Any, shapes: list[tuple[int, ...]]):
   """Flattens ``state`` into (leaves, def); a parameter-shaped subtree is one 'leaf' (a list)."""
 
   def is_param_tree(x):
-    if isinstance(x, (jax.Array, np.ndarray)) and treedef.num_leaves != 1:
-      return False
-    try:
-      leaves, d = jax.tree.flatten(x)
-    except Exception:  # noqa: BLE001 - not a tree we can compare.
-      return False
-    return d == treedef and [tuple(np.shape(a)) for a in leaves] == shapes
+    return _flat.laid_out_like(x, treedef, shapes)
 
   leaves, sdef = jax.tree.flatten(state, is_leaf=is_param_tree)
   marked = [jax.tree.leaves(x) if is_param_tree(x) else x for x in leaves]
@@ -137,6 +131,7 @@ def fused_step(
     tx: optax.GradientTransformation,
     *,
     kernel: str = "auto",
+    layout: _flat.FlatLayout | None = None,
     chunk_size: int = 32768,
     min_leaf_size: int = 2**21,
 ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
@@ -171,6 +166,10 @@ def fused_step(
     kernel: ``"auto"`` (default: the C++ kernel where it applies, else pure JAX),
       ``"require"`` (a ``ValueError`` at trace time saying why if the kernel cannot compute
       this step) or ``"off"`` (always pure JAX).
+    layout: an :class:`FlatLayout` for the flat-buffer mode: the step then takes and returns
+      ``layout.pack(params)``, ``layout.pack(grads)`` and ``layout.pack_state(state)``
+      (one buffer each, so a many-leaf tree costs what one leaf costs); masks still decide
+      per original leaf. Without the kernel it runs ``tx`` on the unpacked tree.
     chunk_size: (pure-JAX path) elements per chunk (default 32768: 128 KiB per float32 array, so the seven
       chunk arrays fit in a 2 MiB L2 cache with room to spare; 16K-32K elements measured
       best on this project's machine, 64K and more ~10% slower).
@@ -250,6 +249,9 @@ def fused_step(
     cpu = with_kernel if path == "kernel" else chunked
     return lax.platform_dependent(params, grads, state, cpu=cpu, default=plain)
 
+  if layout is not None:
+    step, plan = _on_flat_buffers(tx, spec, kernel, layout, plain)
+
   def explain(params, grads, state) -> str:
     """Which path the CPU step takes for these arguments, and why."""
     path, why = plan(params, grads, state)
@@ -257,6 +259,41 @@ def fused_step(
 
   step.explain = explain
   return step
+
+
+def _on_flat_buffers(tx, spec, kernel, layout, plain):
+  """(step, plan) of ``fused_step(tx, layout=layout)``: params, grads and the parameter-
+  shaped state are single buffers (``layout.pack`` / ``layout.pack_state``)."""
+  if not isinstance(layout, _flat.FlatLayout):
+    raise TypeError(f"fused_step: layout must be an od.FlatLayout, got {type(layout).__name__}.")
+
+  def unpacked(flat, flat_grads, state):
+    """The plain step on the unpacked tree, packed again (any transformation)."""
+    params, state = plain(layout.unpack(flat), layout.unpack(flat_grads),
+                          layout.unpack_state(state))
+    return layout.pack(params), layout.pack_state(state)
+
+  def with_kernel(flat, flat_grads, state):
+    return _kernel.adamw_flat_step(tx, spec, layout, flat, flat_grads, state)
+
+  def plan(flat, flat_grads, state):
+    why_not = "kernel='off'" if kernel == "off" else _kernel.unsupported(
+        spec, layout.unpack(flat), layout.unpack(flat_grads), layout.unpack_state(state))
+    if why_not is None:
+      return "kernel", ("the C++ kernel on one flat buffer: od.adamw in float32, one pass on "
+                        "all CPU threads, decay decided per original leaf")
+    if kernel == "require":
+      raise ValueError(
+          f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
+          "Use kernel='auto' to fall back to the pure-JAX path (same results).")
+    return "unpacked", f"tx.update on the unpacked tree, packed again; no kernel: {why_not}"
+
+  def step(flat, flat_grads, state):
+    if plan(flat, flat_grads, state)[0] == "unpacked":
+      return unpacked(flat, flat_grads, state)
+    return lax.platform_dependent(flat, flat_grads, state, cpu=with_kernel, default=unpacked)
+
+  return step, plan
 
 
 def _chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):

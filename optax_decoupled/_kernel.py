@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 import optax
 
 from optax_decoupled import _masks, _precision, _transforms
@@ -123,42 +124,78 @@ def _standins(tree: Any) -> Any:
                       if jnp.ndim(x) else x, tree)
 
 
-def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, grads: Any,
-               state: Any) -> tuple[Any, Any]:
-  """``tx.update`` + ``optax.apply_updates`` through the kernel (check :func:`unsupported`)."""
+def _new_scalar_state(tx, params, grads, state):
+  """The new state of ``tx`` with zero-size mu/nu: ``tx.update`` on zero-size stand-ins.
+
+  This keeps the step counts exactly the chain's and runs the chain's own checks (mask,
+  dtypes) on the real paths."""
+  adam, *rest = state
+  standin_state = (adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu)), *rest)
+  return tx.update(_standins(grads), standin_state, _standins(params))[1]
+
+
+def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
+  """The step's scalars as the chain computes them (optax.scale_by_adam,
+  add_decoupled_decay, optax.scale_by_learning_rate), each rounded to float32 where the
+  chain rounds it."""
   adam, wd_state, lr_state = state
-  p_leaves, treedef = jax.tree.flatten(params)
-  g_leaves = treedef.flatten_up_to(grads)
-  m_leaves, v_leaves = treedef.flatten_up_to(adam.mu), treedef.flatten_up_to(adam.nu)
-
-  # The new scalar state (counts) from the chain itself, on zero-size stand-ins; this also
-  # runs the chain's own checks (mask, dtypes) on the real paths.
-  standin_state = (adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu)), wd_state,
-                   lr_state)
-  _, new_state = tx.update(_standins(grads), standin_state, _standins(params))
-
-  # Scalars as the chain computes them (optax.scale_by_adam, add_decoupled_decay,
-  # optax.scale_by_learning_rate), each rounded to float32 where the chain rounds it.
   count = optax.safe_increment(adam.count)
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
   lr = spec.learning_rate
   neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
   wd = _transforms.value_at(spec.weight_decay, wd_state.count)
-  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-  scalars = jnp.stack([f32(x) for x in (neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2,
-                                        bc1, bc2, spec.eps, spec.eps_root, wd)])
-  no_term = _precision._as_constant(spec.weight_decay) == 0.0  # as _add_scaled_params.
-  mask = treedef.flatten_up_to(_masks.resolve_mask(params, spec.mask))
-  flags = f32([float(bool(d) and not no_term) for d in mask])
+  return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
+      neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
+      wd)])
 
-  args, outs, aliases = [scalars, flags], [], {}
-  for k, leaf in enumerate(zip(p_leaves, g_leaves, m_leaves, v_leaves)):
+
+def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
+  """Per leaf: whether the chain adds λθ (the same ``resolve_mask``; a constant λ = 0 adds
+  no term at all, as in ``add_decoupled_decay``)."""
+  if _precision._as_constant(spec.weight_decay) == 0.0:
+    return [False] * len(jax.tree.leaves(params))
+  mask = jax.tree.structure(params).flatten_up_to(_masks.resolve_mask(params, spec.mask))
+  return [bool(d) for d in mask]
+
+
+def _call(scalars, leaves, segment_sizes, decay):
+  """The kernel on ``leaves`` = [(θ, g, m, v), ...]; returns [(θ', m', v'), ...]."""
+  args, outs, aliases = [scalars], [], {}
+  for k, leaf in enumerate(leaves):
     args += leaf
     outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.float32)] * 3
-    aliases.update({2 + 4 * k: 3 * k, 2 + 4 * k + 2: 3 * k + 1, 2 + 4 * k + 3: 3 * k + 2})
+    aliases.update({1 + 4 * k: 3 * k, 1 + 4 * k + 2: 3 * k + 1, 1 + 4 * k + 3: 3 * k + 2})
   res = jax.ffi.ffi_call(_TARGET, outs, input_output_aliases=aliases,
-                         vmap_method="sequential")(*args)
-  new_adam = new_state[0]._replace(mu=treedef.unflatten(res[1::3]),
-                                   nu=treedef.unflatten(res[2::3]))
-  return treedef.unflatten(res[0::3]), (new_adam,) + tuple(new_state[1:])
+                         vmap_method="sequential")(
+      *args, segment_sizes=np.asarray(segment_sizes, np.int64),
+      decay=np.asarray(decay, np.int8))
+  return [tuple(res[3 * k:3 * k + 3]) for k in range(len(leaves))]
 
+
+def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, grads: Any,
+               state: Any) -> tuple[Any, Any]:
+  """``tx.update`` + ``optax.apply_updates`` through the kernel (check :func:`unsupported`)."""
+  p_leaves, treedef = jax.tree.flatten(params)
+  adam = state[0]
+  leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),
+                    treedef.flatten_up_to(adam.nu)))
+  new_state = _new_scalar_state(tx, params, grads, state)
+  res = _call(_scalars(spec, state), leaves, [int(np.size(p)) for p in p_leaves],
+              _decay_flags(spec, params))
+  new_adam = new_state[0]._replace(mu=treedef.unflatten([r[1] for r in res]),
+                                   nu=treedef.unflatten([r[2] for r in res]))
+  return treedef.unflatten([r[0] for r in res]), (new_adam, *new_state[1:])
+
+
+def adamw_flat_step(tx: optax.GradientTransformation, spec: AdamWSpec, layout: Any,
+                    flat: jax.Array, flat_grads: jax.Array, state: Any) -> tuple[Any, Any]:
+  """The same step on one packed buffer (``od.FlatLayout``): one leaf, one segment per
+  original leaf, whose path decides its decay."""
+  adam = state[0]
+  tree_state = (adam._replace(mu=layout.unpack(adam.mu), nu=layout.unpack(adam.nu)),
+                *state[1:])
+  params = layout.unpack(flat)  # slices, used for paths and shapes only (dead in the HLO).
+  new_state = _new_scalar_state(tx, params, layout.unpack(flat_grads), tree_state)
+  (theta, m, v), = _call(_scalars(spec, state), [(flat, flat_grads, adam.mu, adam.nu)],
+                         layout.sizes, _decay_flags(spec, params))
+  return theta, (new_state[0]._replace(mu=m, nu=v), *new_state[1:])

@@ -1,11 +1,14 @@
 // One-pass AdamW step for XLA:CPU, called through jax.ffi by optax_decoupled._kernel.
 //
-// For every leaf k (float32 θ, g, m, v, updated in place through input/output aliasing):
+// For every element of every leaf (float32 θ, g, m, v, updated in place through input/output
+// aliasing); `decay` is per *segment*: the leaves, taken as one sequence, are cut into
+// consecutive segments of `segment_sizes` elements (one segment per leaf for a tree; one per
+// original leaf inside a single packed buffer for od.FlatLayout), none crossing a leaf end:
 //
 //   m'  = (1-b1)·g + b1·m                 optax.tree.update_moment
 //   v'  = (1-b2)·(g·g) + b2·v             optax.tree.update_moment_per_elem_norm (order 2)
 //   u   = (m'/bc1) / (sqrt(v'/bc2 + eps_root) + eps)     optax.scale_by_adam, bc = 1 - b**t
-//   u   = u + λ_t·θ          if decay[k]  optax_decoupled.add_decoupled_decay (lr-coupled)
+//   u   = u + λ_t·θ   if decay[segment]  optax_decoupled.add_decoupled_decay (lr-coupled)
 //   u   = (-η_t)·u                        optax.scale_by_learning_rate
 //   θ'  = θ + u                           optax.apply_updates
 //
@@ -37,7 +40,8 @@ struct Scalars {
 };
 constexpr int64_t kNumScalars = 10;
 
-struct Leaf {
+// A run of elements of one leaf inside one segment.
+struct Run {
   float* theta;
   const float* g;
   float* m;
@@ -74,7 +78,7 @@ OD_CLONES void UpdateRange(float* __restrict theta, const float* __restrict g,
 // Shared by the calling thread and the pool tasks; kept alive by shared_ptr until the last
 // task has run (a task may start after the caller has already finished all parts).
 struct Work {
-  std::vector<Leaf> leaves;
+  std::vector<Run> runs;
   Scalars s;
   int64_t total = 0;
   int64_t parts = 1;
@@ -84,11 +88,11 @@ struct Work {
   void RunPart(int64_t p) {
     const int64_t lo = total * p / parts, hi = total * (p + 1) / parts;
     int64_t offset = 0;
-    for (const Leaf& leaf : leaves) {
+    for (const Run& run : runs) {
       const int64_t a = std::max<int64_t>(lo - offset, 0);
-      const int64_t b = std::min<int64_t>(hi - offset, leaf.n);
-      if (a < b) UpdateRange(leaf.theta, leaf.g, leaf.m, leaf.v, s, leaf.decay, a, b);
-      offset += leaf.n;
+      const int64_t b = std::min<int64_t>(hi - offset, run.n);
+      if (a < b) UpdateRange(run.theta, run.g, run.m, run.v, s, run.decay, a, b);
+      offset += run.n;
       if (offset >= hi) break;
     }
   }
@@ -105,22 +109,25 @@ struct Work {
 constexpr int64_t kMinParallel = 1 << 16;
 
 ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
-                        ffi::Buffer<ffi::F32> decay, ffi::RemainingArgs args,
-                        ffi::RemainingRets rets) {
-  const int64_t num_leaves = decay.element_count();
+                        ffi::RemainingArgs args, ffi::RemainingRets rets,
+                        ffi::Span<const int64_t> segment_sizes, ffi::Span<const int8_t> decay) {
+  const size_t num_leaves = args.size() / 4;
+  const int64_t num_segments = static_cast<int64_t>(decay.size());
   if (scalars.element_count() != kNumScalars) {
     return ffi::Error::InvalidArgument("od_adam_step: expected 10 scalars");
   }
-  if (args.size() != 4 * static_cast<size_t>(num_leaves) ||
-      rets.size() != 3 * static_cast<size_t>(num_leaves)) {
+  if (args.size() != 4 * num_leaves || rets.size() != 3 * num_leaves ||
+      static_cast<int64_t>(segment_sizes.size()) != num_segments) {
     return ffi::Error::InvalidArgument(
-        "od_adam_step: expected 4 inputs (theta, g, m, v) and 3 outputs per leaf");
+        "od_adam_step: expected 4 inputs (theta, g, m, v) and 3 outputs per leaf, and one "
+        "decay flag per segment");
   }
   auto work = std::make_shared<Work>();
   const float* x = scalars.typed_data();
   work->s = Scalars{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9]};
-  work->leaves.reserve(num_leaves);
-  for (int64_t k = 0; k < num_leaves; ++k) {
+  const int64_t* sizes = segment_sizes.begin();
+  int64_t segment = 0, segment_left = num_segments ? sizes[0] : 0;
+  for (size_t k = 0; k < num_leaves; ++k) {
     auto theta = args.get<ffi::Buffer<ffi::F32>>(4 * k);
     auto g = args.get<ffi::Buffer<ffi::F32>>(4 * k + 1);
     auto m = args.get<ffi::Buffer<ffi::F32>>(4 * k + 2);
@@ -143,10 +150,25 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
         (*v_out)->typed_data() != v->typed_data()) {
       return ffi::Error::InvalidArgument("od_adam_step: outputs must alias theta, m and v");
     }
-    work->leaves.push_back(Leaf{(*theta_out)->typed_data(), g->typed_data(),
-                                (*m_out)->typed_data(), (*v_out)->typed_data(), n,
-                                decay.typed_data()[k] != 0.0f});
-    work->total += n;
+    for (int64_t start = 0; start < n;) {  // cut the leaf at segment ends.
+      while (segment_left == 0 && segment + 1 < num_segments) segment_left = sizes[++segment];
+      if (segment_left <= 0) {
+        return ffi::Error::InvalidArgument("od_adam_step: segment sizes do not cover the leaves");
+      }
+      const int64_t len = std::min(n - start, segment_left);
+      work->runs.push_back(Run{(*theta_out)->typed_data() + start, g->typed_data() + start,
+                               (*m_out)->typed_data() + start, (*v_out)->typed_data() + start,
+                               len, decay[segment] != 0});
+      start += len;
+      segment_left -= len;
+      work->total += len;
+    }
+  }
+  if (segment_left != 0 || segment + 1 < num_segments) {
+    for (int64_t s = segment + 1; s < num_segments; ++s) segment_left += sizes[s];
+    if (segment_left != 0) {
+      return ffi::Error::InvalidArgument("od_adam_step: segment sizes exceed the leaves");
+    }
   }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   work->parts = (work->total < kMinParallel || threads == 1) ? 1 : 4 * threads;
@@ -164,6 +186,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OdAdamStep, AdamStepImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scalars
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // decay flags, one per leaf
                                   .RemainingArgs()               // θ, g, m, v per leaf
-                                  .RemainingRets());             // θ, m, v per leaf
+                                  .RemainingRets()               // θ, m, v per leaf
+                                  .Attr<ffi::Span<const int64_t>>("segment_sizes")
+                                  .Attr<ffi::Span<const int8_t>>("decay"));  // per segment
