@@ -40,7 +40,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from optax_decoupled import _masks, _paths
+from optax_decoupled import _fused, _masks, _paths
 
 __all__ = [
     "NORM_TYPES",
@@ -322,7 +322,8 @@ def nanogpt_mask(
 
 
 def nnx_train_step(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False, donate: bool = True
+    loss_fn: Callable[..., Any], *, has_aux: bool = False, donate: bool = True,
+    fused: bool = False,
 ) -> Callable[..., Any]:
   """A jitted nnx train step: ``step(model, optimizer, *batch) -> loss``.
 
@@ -343,6 +344,9 @@ def nnx_train_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the step then
       returns ``(loss, aux)``.
     donate: donate the model and optimizer buffers (default True).
+    fused: apply the update with :func:`optax_decoupled.fused_step` (one pass over
+      memory on CPU; the C++ kernel for ``od.adamw`` in float32) instead of
+      ``optimizer.update``; same results to round-off, same optimizer state.
 
   Example:
     >>> import jax.numpy as jnp
@@ -357,15 +361,32 @@ def nnx_train_step(
   def step(model, optimizer, *batch):
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=has_aux, argnums=nnx.DiffState(0, optimizer.wrt))
     out, grads = grad_fn(model, *batch)
-    optimizer.update(model, grads)
+    if fused:
+      _fused_nnx_update(model, optimizer, grads)
+    else:
+      optimizer.update(model, grads)
     return out
 
   donated = ("model", "optimizer") if donate else None
   return nnx.jit(step, donate_argnames=donated)
 
 
+def _fused_nnx_update(model, optimizer, grads) -> None:
+  """``optimizer.update(model, grads)`` (flax's ``nnx.Optimizer.update``: params and
+  optimizer state as pure arrays, the step, then written back) with ``od.fused_step``."""
+  pure = getattr(nnx, "as_pure", None) or nnx.pure
+  params = pure(nnx.state(model, optimizer.wrt))
+  grad_arrays = pure(nnx.state(grads, optimizer.wrt))
+  params, opt_state = _fused.fused_step(optimizer.tx)(params, grad_arrays,
+                                                  pure(optimizer.opt_state))
+  nnx.update(model, params)
+  nnx.update(optimizer.opt_state, nnx.state(opt_state))
+  optimizer.step[...] += 1
+
+
 def linen_train_step(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False, donate: bool = True
+    loss_fn: Callable[..., Any], *, has_aux: bool = False, donate: bool = True,
+    fused: bool = False,
 ) -> Callable[..., Any]:
   """A jitted linen train step: ``step(state, *batch) -> (state, loss)``.
 
@@ -380,6 +401,9 @@ def linen_train_step(
       typically calling ``model.apply({"params": params}, ...)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     donate: donate the input state's buffers (default True).
+    fused: apply the update with :func:`optax_decoupled.fused_step` (one pass over
+      memory on CPU; the C++ kernel for ``od.adamw`` in float32) instead of
+      ``state.apply_gradients``; same results to round-off, same state.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -396,7 +420,11 @@ def linen_train_step(
 
   def step(state, *batch):
     out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, *batch)
-    return state.apply_gradients(grads=grads), out
+    if not fused:
+      return state.apply_gradients(grads=grads), out
+    # TrainState.apply_gradients, with the update and its application in one fused step.
+    params, opt_state = _fused.fused_step(state.tx)(state.params, grads, state.opt_state)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 

@@ -132,6 +132,54 @@ def test_nnx_and_linen_train_to_the_same_parameters_with_the_same_mask_compiling
     nnx_step(model, optimizer, *_batch(0, batch=3))
 
 
+def test_fused_train_steps_equal_the_plain_ones_and_compile_once():
+  # Oracle: the same train step with optimizer.update / state.apply_gradients (optax's
+  # tx.update + apply_updates). The fused step must leave the same parameters, the same
+  # optimizer state (same structure: checkpoints do not change) and the same step count.
+  def linen_loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        LinenNet().apply({"params": p}, x), y).mean()
+
+  runs = {}
+  for fused in (False, True):
+    model = NnxNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+    params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=_tx())
+    chex.clear_trace_counter()  # each run's step compiles once
+    nnx_step = odf.nnx_train_step(chex.assert_max_traces(_nnx_loss, n=1), fused=fused)
+    linen_step = odf.linen_train_step(chex.assert_max_traces(linen_loss, n=1), fused=fused)
+    for step in range(5):
+      nnx_step(model, optimizer, *_batch(step))
+      state, _ = linen_step(state, *_batch(step))
+    runs[fused] = (model, optimizer, state)
+  (m0, o0, s0), (m1, o1, s1) = runs[False], runs[True]
+  assert int(o1.step[...]) == int(o0.step[...]) == 5 and int(s1.step) == int(s0.step) == 5
+  pure = getattr(nnx, "as_pure", None) or nnx.pure
+  # The attention key bias has an exactly-zero gradient (q·(k + b) shifts every logit of a
+  # query by the same q·b: softmax ignores it), so what it gets is round-off noise, which
+  # Adam's m/√v turns into steps of size ~η: the two paths round differently (the kernel
+  # does not fuse multiply-adds) and their key biases drift apart within that bound.
+  noise = "attention/key/bias"
+  for a, b in [(_params(m0), _params(m1)), (_flat(s0.params), _flat(s1.params))]:
+    assert a.keys() == b.keys()
+    for path in a:
+      if path == noise:
+        assert np.abs(b[path] - a[path]).max() <= 2 * 5 * 1e-2  # 2 runs · 5 steps · η ≤ 1e-2
+        continue
+      np.testing.assert_allclose(b[path], a[path], rtol=1e-6, atol=5e-8, err_msg=path)
+  for a, b in [(pure(o0.opt_state), pure(o1.opt_state)), (s0.opt_state, s1.opt_state)]:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(_paths.leaves_with_paths(a), jax.tree.leaves(b)):
+      if noise not in path:  # moments: the gradients of parameters a few ulp apart
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * np.abs(x).max(initial=0.0),
+                                   err_msg=path)
+  # and it did change the parameters (the comparison above is not between two no-ops)
+  assert not np.allclose(_params(m1)["hidden/kernel"],
+                         _params(NnxNet(nnx.Rngs(0)))["hidden/kernel"])
+
+
 def _zero_loss(model, tokens, labels):
   del labels
   return 0.0 * model(tokens).sum()  # exact zero gradients through the real model

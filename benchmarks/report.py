@@ -1,0 +1,78 @@
+"""Markdown for BUILD_NOTES from benchmark JSON: ``python -m benchmarks.report TAG [TAG ...]``.
+
+For each tag, reads ``benchmarks/results/bench_step_TAG.json`` (and ``bench_grid_TAG.json`` if
+present) and prints: the runs (command, date, load), one table of the targets with the
+round-paired ratio of every run side by side, and the per-problem tables of the last run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(kind: str, tag: str) -> dict | None:
+  path = RESULTS / f"bench_{kind}_{tag}.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _runs(tags: list[str]) -> None:
+  print("| tag | command | date (UTC) | load start → end | CPU kernel | grid speed-up |")
+  print("|---|---|---|---|---|---|")
+  for tag in tags:
+    s, g = _load("step", tag), _load("grid", tag)
+    m = s["machine"]
+    grid = f"{g['speedup_vs_python_loop']:.1f}×" if g else "-"
+    print(f"| {tag} | `{s['command']}` | {s['date_utc']} | {m['loadavg_start'][0]:.1f} → "
+          f"{m['loadavg_end'][0]:.1f} | {m.get('cpu_kernel', '-')} | {grid} |")
+
+
+def _targets(tags: list[str]) -> None:
+  runs = [_load("step", tag)["summary"]["checks"] for tag in tags]
+  keys = []
+  for checks in runs:
+    for c in checks:
+      key = (c["table"], c["a"], c["b"], str(c["target"]))
+      if key not in keys:
+        keys.append(key)
+  print("| problem | a | b | target | " + " | ".join(tags) + " |")
+  print("|---|---|---|---|" + "---|" * len(tags))
+  for key in keys:
+    cells = []
+    for checks in runs:
+      c = next((c for c in checks if (c["table"], c["a"], c["b"], str(c["target"])) == key),
+               None)
+      cells.append("-" if c is None else f"{c['ratio']:.3f}{'' if c['met'] else ' ✗'}")
+    target = key[3] if not key[3].replace(".", "").isdigit() else f"≤ {key[3]}"
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {target} | " + " | ".join(cells) + " |")
+
+
+def _tables(tag: str) -> None:
+  s = _load("step", tag)
+  for key, t in s["tables"].items():
+    print(f"\n**{key}** ({t['n']:,} params; stream {t['stream_GBps']:.1f} GB/s → limit "
+          f"{t['limit_s'] * 1e3:.2f} ms), run `{tag}`\n")
+    print("| contender | median ms | eff GB/s | × torch fused | × limit | peak − (θ+g+m+v) |"
+          " compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in sorted(t["rows"].items(), key=lambda kv: kv[1]["median_s"]):
+      tf = f"{r['x_torch_fused']:.2f}" if r.get("x_torch_fused") else "-"
+      extra = (f"{r['peak_extra_bytes'] / 2**20:.2f} MiB" if "peak_extra_bytes" in r else "-")
+      comp = f"{r['compile_s']:.2f}" if "compile_s" in r else "-"
+      print(f"| {name} | {r['median_s'] * 1e3:.3f} | {r['eff_GBps']:.1f} | {tf} | "
+            f"{r['x_limit']:.2f} | {extra} | {comp} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+  tags = (argv if argv is not None else sys.argv[1:]) or ["run1"]
+  _runs(tags)
+  print("\nTargets: round-paired ratios (median over rounds of a/b within a round); ✗ = missed.\n")
+  _targets(tags)
+  _tables(tags[-1])
+
+
+if __name__ == "__main__":
+  main()
