@@ -1,5 +1,7 @@
 """Markdown for BUILD_NOTES from benchmark JSON: ``python -m benchmarks.report TAG [TAG ...]``.
 
+``python -m benchmarks.report --summary TAG [TAG ...]`` prints the README's short table.
+
 For each tag, reads ``benchmarks/results/bench_step_TAG.json`` (and ``bench_grid_TAG.json`` if
 present) and prints: the runs (command, date, load), one table of the targets with the
 round-paired ratio of every run side by side, and the per-problem tables of the last run.
@@ -66,8 +68,51 @@ def _tables(tag: str) -> None:
             f"{r['x_limit']:.2f} | {extra} | {comp} |")
 
 
+def _paired(rows: dict, a: str, b: str) -> float | None:
+  if a not in rows or b not in rows:
+    return None
+  pairs = sorted(x / y for x, y in zip(rows[a]["visits_s"], rows[b]["visits_s"]))
+  mid = len(pairs) // 2
+  return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
+
+
+def summary(tags: list[str]) -> None:
+  """The README's short table: one row per problem, "run 1 / run 2 / ..." in each cell."""
+  runs = [_load("step", tag) for tag in tags]
+  fused, torch, optax = "od.fused_step(od.adamw)", "torch AdamW fused", "optax.adamw"
+  cols = [
+      ("od.fused_step ms", lambda r: r[fused]["median_s"] * 1e3, "{:.2f}"),
+      ("torch fused ms", lambda r: r[torch]["median_s"] * 1e3, "{:.2f}"),
+      ("optax.adamw ms", lambda r: r[optax]["median_s"] * 1e3, "{:.2f}"),
+      ("fused ÷ torch fused", lambda r: _paired(r, fused, torch), "{:.2f}"),
+      ("fused ÷ stream limit", lambda r: r[fused]["x_limit"], "{:.2f}"),
+      ("od.adamw ÷ optax", lambda r: _paired(r, "od.adamw", optax), "{:.2f}"),
+      ("A/A noise", lambda r: _paired(r, "optax.adamw (A/A copy)", optax), "{:.2f}"),
+  ]
+  print("| problem | " + " | ".join(c[0] for c in cols) + " |")
+  print("|---|" + "---|" * len(cols))
+  for key in runs[0]["tables"]:
+    cells = []
+    for _, fn, fmt in cols:
+      vals = [fn(run["tables"][key]["rows"]) for run in runs]
+      cells.append(" / ".join("-" if v is None else fmt.format(v) for v in vals))
+    print(f"| {key} | " + " | ".join(cells) + " |")
+  tree = [run["tables"].get("tree 198 leaves", {}).get("rows", {}) for run in runs]
+  for a, b in [("od.fused_step, flat buffer (masked)", "od.fused_step, 1 flat leaf"),
+               ("od.fused_step, flat buffer (masked)", torch),
+               ("od.fused_step(od.adamw)", "od.fused_step, 1 flat leaf"),
+               ("od.adamw", "od.adamw, 1 flat leaf")]:
+    vals = [_paired(rows, a, b) for rows in tree]
+    print(f"\nTree of 198 leaves: {a} ÷ {b}: "
+          + " / ".join("-" if v is None else f"{v:.2f}" for v in vals))
+
+
 def main(argv: list[str] | None = None) -> None:
-  tags = (argv if argv is not None else sys.argv[1:]) or ["run1"]
+  args = argv if argv is not None else sys.argv[1:]
+  if args and args[0] == "--summary":
+    summary(args[1:])
+    return
+  tags = args or ["run1"]
   _runs(tags)
   print("\nTargets: round-paired ratios (median over rounds of a/b within a round); ✗ = missed.\n")
   _targets(tags)
