@@ -2,7 +2,7 @@
 
 Run (from the repository root)::
 
-    python benchmarks/bench_step.py            # full run (~5 min on 2 cores)
+    python benchmarks/bench_step.py            # full run (~2 min on 2 cores)
     python benchmarks/bench_step.py --quick    # ~1 min: 1e6 and 1e7 and a smaller tree
 
 Prints one table per problem size and a summary of the issue-6 targets, and writes every
@@ -12,7 +12,9 @@ table runs in the same process, interleaved in a fresh random order each round (
 
 The step measured is the whole optimizer step on donated buffers,
 ``(θ, g, state) -> (θ', state')``: for the JAX contenders ``jax.jit(step, donate_argnums=(0, 2))``
-with ``step = tx.update + optax.apply_updates``; for torch ``opt.step()`` with ``.grad`` set.
+with ``step = tx.update + optax.apply_updates`` (or ``od.fused_step(tx)``: the C++ kernel when it
+is built, ``kernel="off"`` its pure-JAX fallback; ``layout=`` the flat-buffer mode); for torch
+``opt.step()`` with ``.grad`` set.
 Effective bandwidth counts the 28 bytes per float32 parameter an AdamW step must move
 (read θ, g, m, v; write θ, m, v). The streaming reference is a jitted, donated ``x ← a·x + y``
 (12 bytes per element) in the same run: ``limit = 28 B·n / its bandwidth``.

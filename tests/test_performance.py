@@ -3,9 +3,11 @@
 * The plain jitted, donated ``od.adamw`` step compiles to exactly as many full-size passes as
   ``optax.adamw`` (three on XLA:CPU: m, v and θ; XLA:CPU has no multi-output loop fusion), so
   composing our transforms costs nothing over optax's own chain.
-* ``od.fused_step`` moves every full-size pass into one in-place chunk loop per leaf: no
-  full-size fusion outside the loop, no full-size copy anywhere, three in-place
-  dynamic-update-slice fusions (θ, m, v) per loop iteration.
+* ``od.fused_step``'s pure-JAX path (``kernel="off"``, and the fallback wherever the C++
+  kernel is not built or does not apply) moves every full-size pass into one in-place chunk
+  loop per leaf: no full-size fusion outside the loop, no full-size copy anywhere, three
+  in-place dynamic-update-slice fusions (θ, m, v) per loop iteration. (The kernel path is
+  tested in ``test_kernel.py``.)
 * Neither step recompiles across steps or across changes of injected hyperparameters.
 * With donation, the compiled step's peak memory is θ + g + m + v plus a constant (no
   full-size temporary): from ``compiled.memory_analysis()``.
