@@ -33,6 +33,13 @@ from optax_decoupled import _kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX", "c++").split()[0]
+OPTED_OUT = bool(os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"))
+# Without a C++ compiler (or with the opt-out set) there is no kernel, by design; the tests
+# that need it are skipped there, never on a machine with a compiler (where a missing kernel
+# fails the first test below).
+needs_kernel = pytest.mark.skipif(
+    _kernel.unavailable() is not None and (OPTED_OUT or shutil.which(CXX) is None),
+    reason="no kernel here (no C++ compiler, or OPTAX_DECOUPLED_NO_KERNEL): fallback only")
 
 
 def _tree(seed=0):
@@ -70,13 +77,16 @@ def _run(step, tx, params, steps):
 def test_kernel_is_built_by_the_install_when_a_compiler_is_present():
   # The package's normal install (hatch_build.py) compiles csrc/adam_step.cc; the only
   # accepted reason for its absence is a machine without a C++ compiler.
-  if shutil.which(CXX):
+  if OPTED_OUT:
+    assert "OPTAX_DECOUPLED_NO_KERNEL" in _kernel.unavailable()
+  elif shutil.which(CXX):
     assert _kernel.unavailable() is None, _kernel.unavailable()
     assert _kernel.LIBRARY.exists()
   else:
     assert "not built" in _kernel.unavailable()
 
 
+@needs_kernel
 def test_kernel_matches_a_numpy_transcription_of_adamw():
   b1, b2, eps, eps_root, wd = 0.9, 0.999, 1e-8, 1e-12, 0.05
   lr = optax.cosine_decay_schedule(1e-2, 10)
@@ -126,6 +136,7 @@ CONFIGS = {
 }
 
 
+@needs_kernel
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_kernel_equals_the_plain_step(name):
   tx = CONFIGS[name]()
@@ -181,6 +192,7 @@ def test_without_the_kernel_fused_step_falls_back_to_pure_jax(monkeypatch):
     jax.jit(od.fused_step(tx, kernel="require"))(params, params, tx.init(params))
 
 
+@needs_kernel
 def test_kernel_step_is_one_in_place_custom_call():
   n = 2**20 + 3
   params = {"kernel": jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32), "bias": jnp.ones(5)}
@@ -196,6 +208,7 @@ def test_kernel_step_is_one_in_place_custom_call():
   assert ma.alias_size_in_bytes >= 12 * n and ma.temp_size_in_bytes <= 4096
 
 
+@needs_kernel
 def test_kernel_inside_a_loop_of_steps_and_under_vmap():
   tx = od.adamw(1e-2, weight_decay=1e-1)
   params = _tree(3)
@@ -226,6 +239,7 @@ def test_build_hook_compiles_a_loadable_kernel_or_says_why_not(tmp_path, monkeyp
   src = tmp_path / "optax_decoupled" / "csrc"
   src.mkdir(parents=True)
   shutil.copy(ROOT / hatch_build.SOURCE, src / "adam_step.cc")
+  monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL", raising=False)
   monkeypatch.setenv("CXX", "no-such-compiler-od")
   built, message = hatch_build.build_kernel(tmp_path)
   assert not built and "no C++ compiler" in message
@@ -239,3 +253,36 @@ def test_build_hook_compiles_a_loadable_kernel_or_says_why_not(tmp_path, monkeyp
     assert ctypes.CDLL(str(tmp_path / hatch_build.LIBRARY)).OdAdamStep
   else:
     assert not built and "no C++ compiler" in message
+
+
+@needs_kernel
+def test_kernel_is_correct_when_the_grads_are_the_params_buffer():
+  # One buffer as θ (updated in place) and as g (read): XLA must copy before the call.
+  tx = od.adamw(1e-2, weight_decay=1e-1)
+  params = _tree(5)
+  fused = jax.jit(lambda p, s: od.fused_step(tx, kernel="require")(p, p, s),
+                  donate_argnums=(0, 1))
+  p1, s1 = fused(jax.tree.map(jnp.copy, params), tx.init(params))
+  p2, s2 = jax.jit(lambda p, s: _plain(tx)(p, p, s))(params, tx.init(params))
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("flat", [False, True])
+def test_accelerators_lower_to_the_plain_xla_step(flat):
+  # The kernel is registered for CPU only; lowered for a GPU (no GPU needed to lower),
+  # fused_step must contain no call to it, and for CPU exactly one.
+  tx = od.adamw(1e-2, weight_decay=1e-1, mask=od.exclude_names("bias"))
+  params = _tree()
+  if flat:
+    layout = od.FlatLayout.of(params)
+    args = (layout.pack(params), layout.pack(params), layout.pack_state(tx.init(params)))
+    step = jax.jit(od.fused_step(tx, kernel="require", layout=layout))
+  else:
+    args = (params, params, tx.init(params))
+    step = jax.jit(od.fused_step(tx, kernel="require"))
+  checks = [jax.export.DisabledSafetyCheck.custom_call("optax_decoupled_adam_step")]
+  for platform, calls in [("cuda", 0), ("cpu", 1)]:
+    module = jax.export.export(step, platforms=[platform], disabled_checks=checks)(*args)
+    assert module.mlir_module().count("custom_call @optax_decoupled_adam_step") == calls

@@ -149,7 +149,7 @@ def test_donated_step_peak_memory_is_theta_g_m_v_plus_constant(kind):
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
   step = (_plain(tx) if kind == "plain" else od.fused_step(
-      tx, kernel="off" if kind == "chunks" else "require", chunk_size=CHUNK,
+      tx, kernel="off" if kind == "chunks" else "auto", chunk_size=CHUNK,
       min_leaf_size=CHUNK))
   ma = _compile(step, params, grads, tx.init(params)).memory_analysis()
   minimum = 16 * N  # θ, g, m, v in float32
