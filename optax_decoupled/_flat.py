@@ -19,6 +19,14 @@ import numpy as np
 __all__ = ["FlatLayout"]
 
 
+def standin(leaf: Any) -> Any:
+  """A zero-size array with ``leaf``'s ndim and dtype (a scalar stays itself): it keeps the
+  leaf's path and ndim for masks while carrying no data (see ``fused_step``)."""
+  if jnp.ndim(leaf) == 0:
+    return leaf
+  return jnp.zeros((0,) + tuple(jnp.shape(leaf)[1:]), jnp.result_type(leaf))
+
+
 def laid_out_like(x: Any, treedef: Any, shapes: Any) -> bool:
   """Whether ``x`` is a tree with ``treedef`` and leaf shapes ``shapes`` (a params-like
   subtree of an optimizer state, e.g. Adam's ``mu``)."""
@@ -39,6 +47,9 @@ class FlatLayout:
   tree back as reshaped slices (inside ``jax.jit`` these are views XLA fuses into their
   users). Optimizer state is packed the same way: every subtree laid out like the params
   (Adam's ``mu`` and ``nu``, a reference θ) becomes one buffer, scalars stay as they are.
+
+  Decay convention: none of its own (a storage layout); the optimizer stepping the buffer
+  keeps its convention, and its mask decides per original leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_decoupled as od

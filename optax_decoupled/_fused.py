@@ -108,13 +108,6 @@ def _zero_depending_on(tree: Any) -> jax.Array:
   return zero
 
 
-def _standin(leaf: jax.Array) -> jax.Array:
-  """A zero-size array with the leaf's ndim and dtype (a scalar stays itself)."""
-  if leaf.ndim == 0:
-    return leaf
-  return jnp.zeros((0,) + leaf.shape[1:], leaf.dtype)
-
-
 def _split_state(state: Any, treedef: Any, shapes: list[tuple[int, ...]]):
   """Flattens ``state`` into (leaves, def); a parameter-shaped subtree is one 'leaf' (a list)."""
 
@@ -311,11 +304,11 @@ def _chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
     """``tx`` + ``apply_updates`` on the tree whose leaf k holds ``given[k] = (θ, g, state
     leaves)``; every other leaf is a zero-size stand-in (same path and ndim, so masks decide
     as on the real tree). Returns {k: (new θ, new state leaves)} and the new state items."""
-    tp = [given[k][0] if k in given else _standin(p) for k, p in enumerate(p_leaves)]
-    tg = [given[k][1] if k in given else _standin(g) for k, g in enumerate(g_leaves)]
+    tp = [given[k][0] if k in given else _flat.standin(p) for k, p in enumerate(p_leaves)]
+    tg = [given[k][1] if k in given else _flat.standin(g) for k, g in enumerate(g_leaves)]
     ts = list(s_items)
     for pos, j in enumerate(param_js):
-      ts[j] = treedef.unflatten([given[k][2][pos] if k in given else _standin(x)
+      ts[j] = treedef.unflatten([given[k][2][pos] if k in given else _flat.standin(x)
                                  for k, x in enumerate(s_items[j])])
     tp, tg = treedef.unflatten(tp), treedef.unflatten(tg)
     updates, new_state = tx.update(tg, s_def.unflatten(ts), tp)

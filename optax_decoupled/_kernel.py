@@ -34,7 +34,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from optax_decoupled import _masks, _precision, _transforms
+from optax_decoupled import _flat, _masks, _precision, _transforms
 
 _DIR = Path(__file__).parent / "csrc"
 LIBRARY = _DIR / "libod_adam_step.so"
@@ -120,8 +120,7 @@ def unsupported(spec: AdamWSpec | None, params: Any, grads: Any, state: Any) -> 
 
 
 def _standins(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jnp.zeros((0,) + jnp.shape(x)[1:], jnp.result_type(x))
-                      if jnp.ndim(x) else x, tree)
+  return jax.tree.map(_flat.standin, tree)
 
 
 def _new_scalar_state(tx, params, grads, state):
