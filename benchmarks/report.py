@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     return
   tags = args or ["run1"]
   _runs(tags)
-  print("\nTargets: round-paired ratios (median over rounds of a/b within a round); ✗ = missed.\n")
+  print("\nTargets: round-paired ratios (median over rounds of a/b within a round); "
+        "✗ = missed.\n")
   _targets(tags)
   _tables(tags[-1])
 

@@ -163,13 +163,13 @@ def fused_step(
       ``layout.pack(params)``, ``layout.pack(grads)`` and ``layout.pack_state(state)``
       (one buffer each, so a many-leaf tree costs what one leaf costs); masks still decide
       per original leaf. Without the kernel it runs ``tx`` on the unpacked tree.
-    chunk_size: (pure-JAX path) elements per chunk (default 32768: 128 KiB per float32 array, so the seven
-      chunk arrays fit in a 2 MiB L2 cache with room to spare; 16K-32K elements measured
-      best on this project's machine, 64K and more ~10% slower).
-    min_leaf_size: (pure-JAX path) leaves with fewer elements take the plain path (default 2**21: below
-      that, θ, g, m and v of a leaf fit in a 32 MiB L3 cache together, XLA's three passes
-      mostly hit the cache, and its two-thread loops are faster than the one-thread chunk
-      loop). Must be >= ``chunk_size``.
+    chunk_size: (pure-JAX path) elements per chunk (default 32768: 128 KiB per float32
+      array, so the seven chunk arrays fit in a 2 MiB L2 cache with room to spare; 16K-32K
+      elements measured best on this project's machine, 64K and more ~10% slower).
+    min_leaf_size: (pure-JAX path) leaves with fewer elements take the plain path (default
+      2**21: below that, θ, g, m and v of a leaf fit in a 32 MiB L3 cache together, XLA's
+      three passes mostly hit the cache, and its two-thread loops are faster than the
+      one-thread chunk loop). Must be >= ``chunk_size``.
 
   Returns:
     ``step(params, grads, state) -> (new_params, new_state)``, with an ``explain(params,

@@ -183,7 +183,8 @@ def test_a_train_step_can_differentiate_with_respect_to_the_flat_buffer():
   x = jnp.linspace(-1.0, 1.0, 700)
 
   def loss(tree):
-    h = jnp.tanh(tree["encoder"]["layer_0"]["kernel"] @ x + tree["encoder"]["layer_0"]["bias"][:32])
+    layer = tree["encoder"]["layer_0"]
+    h = jnp.tanh(layer["kernel"] @ x + layer["bias"][:32])
     return jnp.sum(h ** 2) + jnp.sum(tree["embedding"] ** 2) * tree["temperature"]
 
   flat_grads = jax.grad(lambda f: loss(layout.unpack(f)))(layout.pack(params))
