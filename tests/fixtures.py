@@ -1,4 +1,5 @@
-"""Shared fixtures for the tests: parameter trees shaped like real models.
+"""Shared fixtures for the tests: parameter trees shaped like real models, and the plain
+step (``tx.update`` + ``optax.apply_updates``) the fused-step tests compare against.
 
 Reference optimizers (torch runners, numpy transcriptions of BERT and the
 paper) live in ``tests/references.py``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def bert_linen_params(seed: int = 0, hidden: int = 8, layers: int = 2) -> dict:
@@ -78,3 +80,13 @@ def small_named_params(seed: int = 0) -> dict:
       "embed": {"embedding": a(5, 4)},
       "head": {"bias": a(2), "kernel": a(3, 2)},
   }
+
+
+def plain_step(tx):
+  """The oracle step of every fused-step test: ``tx.update`` then ``optax.apply_updates``."""
+
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step

@@ -20,6 +20,7 @@ import pytest
 
 import optax_decoupled as od
 from optax_decoupled import _kernel
+from tests.fixtures import plain_step
 
 
 def _tree(seed=0):
@@ -31,13 +32,6 @@ def _tree(seed=0):
   return {"encoder": {"layer_0": {"kernel": a(32, 700), "bias": a(700)},
                       "LayerNorm": {"scale": a(700), "bias": a(700)}},
           "embedding": a(50, 40), "temperature": a(), "unused": jnp.zeros((0, 4), jnp.float32)}
-
-
-def _plain(tx):
-  def step(params, grads, state):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
 
 
 def _close(a, b, steps=4):
@@ -120,7 +114,7 @@ def test_step_on_flat_buffers_equals_the_plain_step_on_the_tree(name, kernel):
   expect = "kernel" if (kernel == "auto" and name.startswith("od.adamw")
                         and _kernel.unavailable() is None) else "unpacked"
   assert step.explain(flat, flat, state).split(":")[0] == expect
-  fn, plain = jax.jit(step), jax.jit(_plain(tx))
+  fn, plain = jax.jit(step), jax.jit(plain_step(tx))
   p, s = params, tx.init(params)
   for t in range(4):
     grads = jax.tree.map(lambda x, t=t: jnp.sin(x * (t + 3.0)) * 10.0 ** (t - 2), params)
@@ -201,5 +195,5 @@ def test_a_train_step_can_differentiate_with_respect_to_the_flat_buffer():
   p, s = params, tx.init(params)
   for _ in range(3):
     flat, state = train_step(flat, state)
-    p, s = jax.jit(_plain(tx))(p, jax.grad(loss)(p), s)
+    p, s = jax.jit(plain_step(tx))(p, jax.grad(loss)(p), s)
   _close(p, layout.unpack(flat), steps=3)

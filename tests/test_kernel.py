@@ -30,6 +30,7 @@ import pytest
 
 import optax_decoupled as od
 from optax_decoupled import _kernel
+from tests.fixtures import plain_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX", "c++").split()[0]
@@ -57,13 +58,6 @@ def _tree(seed=0):
 
 def _grads(params, t):
   return jax.tree.map(lambda x: jnp.sin(x * (t + 3.0)) * 10.0 ** (t % 4 - 2), params)
-
-
-def _plain(tx):
-  def step(params, grads, state):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
 
 
 def _run(step, tx, params, steps):
@@ -142,7 +136,7 @@ def test_kernel_equals_the_plain_step(name):
   tx = CONFIGS[name]()
   params = _tree(1)
   assert od.fused_step(tx).explain(params, params, tx.init(params)).startswith("kernel")
-  p1, s1 = _run(_plain(tx), tx, params, steps=5)
+  p1, s1 = _run(plain_step(tx), tx, params, steps=5)
   p2, s2 = _run(od.fused_step(tx, kernel="require"), tx, params, steps=5)
   assert jax.tree.structure(s1) == jax.tree.structure(s2)
   assert [int(c) for c in (s1[0].count, s1[1].count)] == [int(c) for c in (s2[0].count,
@@ -184,7 +178,7 @@ def test_without_the_kernel_fused_step_falls_back_to_pure_jax(monkeypatch):
       f"chunks: the pure-JAX chunk loop; no kernel: {why}")
   hlo = jax.jit(step).lower(params, params, tx.init(params)).as_text()
   assert "custom_call" not in hlo and "while" in hlo
-  p1, s1 = _run(_plain(tx), tx, params, steps=3)
+  p1, s1 = _run(plain_step(tx), tx, params, steps=3)
   p2, s2 = _run(step, tx, params, steps=3)
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
@@ -221,7 +215,7 @@ def test_kernel_inside_a_loop_of_steps_and_under_vmap():
   p1, s1 = jax.jit(ten_steps)(params, tx.init(params))
   p2, s2 = params, tx.init(params)
   for _ in range(10):
-    p2, s2 = jax.jit(_plain(tx))(p2, grads, s2)
+    p2, s2 = jax.jit(plain_step(tx))(p2, grads, s2)
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   # vmap over two copies of the problem (e.g. seeds): each equals its own unbatched step.
@@ -263,7 +257,7 @@ def test_kernel_is_correct_when_the_grads_are_the_params_buffer():
   fused = jax.jit(lambda p, s: od.fused_step(tx, kernel="require")(p, p, s),
                   donate_argnums=(0, 1))
   p1, s1 = fused(jax.tree.map(jnp.copy, params), tx.init(params))
-  p2, s2 = jax.jit(lambda p, s: _plain(tx)(p, p, s))(params, tx.init(params))
+  p2, s2 = jax.jit(lambda p, s: plain_step(tx)(p, p, s))(params, tx.init(params))
   for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 

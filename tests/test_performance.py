@@ -27,16 +27,10 @@ import optax
 import pytest
 
 import optax_decoupled as od
+from tests.fixtures import plain_step
 
 N = 2**20 + 12_345  # one large leaf with a ragged tail (not a multiple of the chunk size).
 CHUNK = 65_536
-
-
-def _plain(tx):
-  def step(params, grads, state):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
 
 
 def _compile(step, params, grads, state):
@@ -75,7 +69,7 @@ def test_plain_step_has_as_many_full_size_passes_as_optax():
   counts = {}
   for name, tx in [("od", od.adamw(1e-3, weight_decay=1e-2)),
                    ("optax", optax.adamw(1e-3, weight_decay=1e-2))]:
-    hlo = _compile(_plain(tx), params, grads, tx.init(params)).as_text()
+    hlo = _compile(plain_step(tx), params, grads, tx.init(params)).as_text()
     entry = _computations(hlo)["ENTRY"]
     counts[name] = len(_full_size_ops(entry, "fusion"))
     assert not _full_size_ops(hlo, "copy"), f"{name}: a full-size copy defeats donation"
@@ -108,7 +102,7 @@ def _array_ops(tx, params) -> collections.Counter:
   """Multiset of (result shape, opcode) of every non-scalar instruction of the compiled step,
   fused computations included (names and metadata dropped)."""
   grads = jax.tree.map(jnp.ones_like, params)
-  hlo = _compile(_plain(tx), params, grads, tx.init(params)).as_text()
+  hlo = _compile(plain_step(tx), params, grads, tx.init(params)).as_text()
   ops = collections.Counter()
   for line in hlo.splitlines():
     m = re.match(r"\s+(?:ROOT )?%\S+ = (\S+) ([\w-]+)\(", line)
@@ -148,7 +142,7 @@ def test_mask_is_free_masked_step_has_no_more_array_instructions():
 def test_donated_step_peak_memory_is_theta_g_m_v_plus_constant(kind):
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  step = (_plain(tx) if kind == "plain" else od.fused_step(
+  step = (plain_step(tx) if kind == "plain" else od.fused_step(
       tx, kernel="off" if kind == "chunks" else "auto", chunk_size=CHUNK,
       min_leaf_size=CHUNK))
   ma = _compile(step, params, grads, tx.init(params)).memory_analysis()
@@ -169,7 +163,7 @@ def test_no_recompilation_across_steps_or_injected_hyperparameters(kind):
 
   def traced(p, g, s):
     traces.append(1)  # runs once per trace, i.e. per compilation
-    step = (_plain(tx) if kind == "plain"
+    step = (plain_step(tx) if kind == "plain"
             else od.fused_step(tx, chunk_size=4096, min_leaf_size=4096))
     return step(p, g, s)
 
@@ -220,7 +214,7 @@ TRANSFORMS = {
 def test_fused_step_equals_update_then_apply_updates(name, kernel):
   tx = TRANSFORMS[name]()
   params = _tree()
-  plain = jax.jit(_plain(tx))
+  plain = jax.jit(plain_step(tx))
   fused = jax.jit(od.fused_step(tx, kernel=kernel, chunk_size=1024, min_leaf_size=1024))
   p1 = p2 = params
   s1 = s2 = tx.init(params)
