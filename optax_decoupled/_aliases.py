@@ -96,7 +96,7 @@ def adamw(
       return tx
     # od.fused_step may compute this chain with the CPU kernel (same operations, one pass).
     return _kernel.register(tx, _kernel.AdamWSpec(learning_rate, b1, b2, eps, eps_root,
-                                                  weight_decay, mask))
+                                                  weight_decay, mask, mu_dtype, nu_dtype))
   return _decoupled(optax.chain(adam, optax.scale_by_learning_rate(learning_rate)),
                     learning_rate, weight_decay, coupling, peak_learning_rate, mask, "adamw")
 

@@ -57,6 +57,8 @@ class AdamWSpec:
   eps_root: float
   weight_decay: Any
   mask: Any
+  mu_dtype: Any = None
+  nu_dtype: Any = None
 
 
 _SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -110,12 +112,19 @@ def unsupported(spec: AdamWSpec | None, params: Any, grads: Any, state: Any) -> 
   if not (isinstance(state, tuple) and len(state) == 3
           and isinstance(state[0], optax.ScaleByAdamState)):
     return "the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, lr state)"
+  f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+  # bfloat16 gradients enter the moments widened to float32 only in od.scale_by_adam's
+  # mu_dtype/nu_dtype variant; optax.scale_by_adam rounds (1-b1)·g in bfloat16 first.
+  widened = spec.mu_dtype is not None and spec.nu_dtype is not None
+  allowed = {"params": {f32, bf16}, "grads": {f32, bf16} if widened else {f32},
+             "mu": {f32}, "nu": {f32}}
   arrays = {"params": params, "grads": grads, "mu": state[0].mu, "nu": state[0].nu}
   for name, tree in arrays.items():
     dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
-    if dtypes - {jnp.dtype(jnp.float32)}:
-      return (f"the kernel is float32-only and {name} has dtype(s) "
-              f"{sorted(str(d) for d in dtypes)}")
+    if dtypes - allowed[name]:
+      return (f"the kernel takes {name} in {sorted(str(d) for d in allowed[name])}, got "
+              f"{sorted(str(d) for d in dtypes)} (bfloat16 weights: keep the moments in "
+              "float32 with mu_dtype=nu_dtype=jnp.float32)")
   return unavailable()
 
 
@@ -162,7 +171,8 @@ def _call(scalars, leaves, segment_sizes, decay):
   args, outs, aliases = [scalars], [], {}
   for k, leaf in enumerate(leaves):
     args += leaf
-    outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.float32)] * 3
+    outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.result_type(leaf[0]))]
+    outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.float32)] * 2
     aliases.update({1 + 4 * k: 3 * k, 1 + 4 * k + 2: 3 * k + 1, 1 + 4 * k + 3: 3 * k + 2})
   res = jax.ffi.ffi_call(_TARGET, outs, input_output_aliases=aliases,
                          vmap_method="sequential")(

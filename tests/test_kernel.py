@@ -155,8 +155,10 @@ def test_kernel_equals_the_plain_step(name):
     (optax.adamw(1e-3), _tree(), "od.adamw"),
     (od.adamw(1e-3, nesterov=True), _tree(), "od.adamw"),
     (od.adamw(1e-3, coupling="schedule"), _tree(), "od.adamw"),
-    (od.adamw(1e-3), jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree()), "float32-only"),
-    (od.adamw(1e-3, mu_dtype=jnp.bfloat16), _tree(), "float32-only"),
+    (od.adamw(1e-3), jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree()), "takes grads"),
+    (od.adamw(1e-3, mu_dtype=jnp.bfloat16), _tree(), "takes mu"),
+    (od.adamw(1e-3, mu_dtype=jnp.float32, nu_dtype=jnp.float16),
+     jax.tree.map(lambda x: x.astype(jnp.float16), _tree()), "takes params"),
 ])
 def test_the_kernel_says_what_it_does_not_cover(tx, params, reason):
   state = tx.init(params)
@@ -166,6 +168,67 @@ def test_the_kernel_says_what_it_does_not_cover(tx, params, reason):
     jax.jit(od.fused_step(tx, kernel="require"))(params, params, state)
   with pytest.raises(ValueError, match="kernel must be"):
     od.fused_step(tx, kernel=True)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::optax_decoupled.LowPrecisionDecayWarning")
+@pytest.mark.parametrize("grad_dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_with_bfloat16_weights_and_float32_moments(grad_dtype):
+  # Mixed precision as the README recommends it: bfloat16 θ (and g), float32 moments. Oracle:
+  # a numpy transcription (ml_dtypes' bfloat16, round to nearest even) of the chain with
+  # od.scale_by_adam's float32 moments: g widened, float32 arithmetic, θ' = bf16(θ + u)
+  # (optax.apply_updates adds the float32 update to the widened θ, then casts).
+  b1, b2, eps, lr, wd = 0.9, 0.999, 1e-8, 1e-2, 0.1
+  tx = od.adamw(lr, b1, b2, eps, weight_decay=wd, mask=od.exclude_names("bias"),
+                mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(6))
+  grads = [jax.tree.map(lambda x: x.astype(grad_dtype), _grads(_tree(6), t)) for t in range(4)]
+  state = tx.init(params)
+  assert od.fused_step(tx).explain(params, grads[0], state).startswith("kernel")
+  fused, plain = jax.jit(od.fused_step(tx, kernel="require")), jax.jit(plain_step(tx))
+  p1, s1, p2, s2 = params, state, params, state
+  for g in grads:
+    p1, s1 = fused(p1, g, s1)
+    p2, s2 = plain(p2, g, s2)
+  f32, bf16 = np.float32, jnp.bfloat16
+
+  def by_path(tree):
+    return {jax.tree_util.keystr(k): np.asarray(x)
+            for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+  got_all, xla_all, g_all = by_path(p1), by_path(p2), [by_path(g) for g in grads]
+  for path, theta in by_path(params).items():
+    if theta.size == 0:
+      continue
+    m = v = f32(0.0)
+    for t, g in enumerate(g_all):
+      gl = g[path].astype(f32)
+      m = f32(1 - b1) * gl + f32(b1) * m
+      v = f32(1 - b2) * (gl * gl) + f32(b2) * v
+      bc1, bc2 = f32(1) - f32(b1) ** f32(t + 1), f32(1) - f32(b2) ** f32(t + 1)
+      u = (m / bc1) / (np.sqrt(v / bc2) + f32(eps))
+      if "bias" not in path:
+        u = u + f32(wd) * theta.astype(f32)
+      theta = (theta.astype(f32) + f32(-lr) * u).astype(bf16)
+    assert got_all[path].dtype == bf16
+    got, xla, want = (x.astype(f32) for x in (got_all[path], xla_all[path], theta))
+    one_ulp = 2.0**-7 * np.abs(want)  # bfloat16 has 8 significant bits
+    assert np.all(np.abs(got - want) <= one_ulp), path
+    assert np.mean(got == want) >= 0.99, path  # an ulp flips only next to a tie
+    assert np.all(np.abs(got - xla) <= one_ulp), path
+  for a, b in zip(jax.tree.leaves(s2[0]), jax.tree.leaves(s1[0])):  # moments: to round-off
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=0, atol=5 * np.finfo(f32).eps * np.abs(a).max(initial=0))
+
+
+def test_bfloat16_gradients_need_od_scale_by_adams_float32_moments():
+  # optax.scale_by_adam (mu_dtype alone) computes (1-b1)·g in bfloat16 before widening:
+  # not what the kernel does, so that combination stays on the pure-JAX path.
+  params = _tree()
+  grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  tx = od.adamw(1e-3, mu_dtype=jnp.float32)
+  plan = od.fused_step(tx).explain(params, grads, tx.init(params))
+  assert plan.startswith("chunks") and "takes grads in ['float32']" in plan
 
 
 def test_without_the_kernel_fused_step_falls_back_to_pure_jax(monkeypatch):

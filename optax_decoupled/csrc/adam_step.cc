@@ -12,6 +12,11 @@
 //   u   = (-η_t)·u                        optax.scale_by_learning_rate
 //   θ'  = θ + u                           optax.apply_updates
 //
+// θ and g may be float32 or bfloat16 (m and v are float32): a bfloat16 value is widened to
+// float32 exactly, the arithmetic is float32, and θ' is rounded back to bfloat16 to nearest
+// even, which is what the chain does with float32 moments (`mu_dtype=nu_dtype=jnp.float32`:
+// g upcast before the moments, λθ in float32, `apply_updates` adding in float32).
+//
 // The operations, their order and their float32 rounding are those of the optax chain
 // (no fused multiply-add: built with -ffp-contract=off), so the result equals the pure-JAX
 // step to round-off. Every scalar (1-b1, bc1, -η_t, ...) is computed by JAX, in the dtype
@@ -25,6 +30,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -40,15 +46,37 @@ struct Scalars {
 };
 constexpr int64_t kNumScalars = 10;
 
+enum class Kind : uint8_t { kF32, kBF16 };
+
 // A run of elements of one leaf inside one segment.
 struct Run {
-  float* theta;
-  const float* g;
+  void* theta;
+  const void* g;
   float* m;
   float* v;
   int64_t n;
   bool decay;
+  Kind theta_kind, g_kind;
 };
+
+inline float Widen(float x) { return x; }
+inline float Widen(uint16_t x) {  // bfloat16 -> float32 is exact.
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void Narrow(float x, float* out) { *out = x; }
+inline void Narrow(float x, uint16_t* out) {  // float32 -> bfloat16, round to nearest even.
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN.
+    *out = static_cast<uint16_t>((bits >> 16) | 0x0040u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *out = static_cast<uint16_t>(bits >> 16);
+}
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define OD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -56,23 +84,44 @@ struct Run {
 #define OD_CLONES
 #endif
 
-OD_CLONES void UpdateRange(float* __restrict theta, const float* __restrict g,
-                           float* __restrict m, float* __restrict v, const Scalars s,
-                           bool decay, int64_t lo, int64_t hi) {
+template <typename T, typename G>
+inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __restrict g,
+                                                float* __restrict m, float* __restrict v,
+                                                const Scalars& s, bool decay, int64_t lo,
+                                                int64_t hi) {
   for (int64_t i = lo; i < hi; ++i) {
-    const float gi = g[i];
+    const float gi = Widen(g[i]);
     const float mi = s.omb1 * gi + s.b1 * m[i];
     const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
     const float m_hat = mi / s.bc1;
     const float v_hat = vi / s.bc2;
     float u = m_hat / (std::sqrt(v_hat + s.eps_root) + s.eps);
-    const float ti = theta[i];
+    const float ti = Widen(theta[i]);
     if (decay) u = u + s.wd * ti;
     u = s.neg_lr * u;
     m[i] = mi;
     v[i] = vi;
-    theta[i] = ti + u;
+    Narrow(ti + u, &theta[i]);
   }
+}
+
+// One clone set per (θ, g) dtype pair; each inlines Body for its own instruction set.
+#define OD_UPDATE(NAME, T, G)                                                             \
+  OD_CLONES void NAME(void* theta, const void* g, float* m, float* v, const Scalars s,   \
+                      bool decay, int64_t lo, int64_t hi) {                               \
+    Body<T, G>(static_cast<T*>(theta), static_cast<const G*>(g), m, v, s, decay, lo, hi); \
+  }
+OD_UPDATE(UpdateF32F32, float, float)
+OD_UPDATE(UpdateF32BF16, float, uint16_t)
+OD_UPDATE(UpdateBF16F32, uint16_t, float)
+OD_UPDATE(UpdateBF16BF16, uint16_t, uint16_t)
+#undef OD_UPDATE
+
+void UpdateRun(const Run& r, const Scalars& s, int64_t lo, int64_t hi) {
+  const bool t16 = r.theta_kind == Kind::kBF16, g16 = r.g_kind == Kind::kBF16;
+  auto* update = t16 ? (g16 ? UpdateBF16BF16 : UpdateBF16F32)
+                     : (g16 ? UpdateF32BF16 : UpdateF32F32);
+  update(r.theta, r.g, r.m, r.v, s, r.decay, lo, hi);
 }
 
 // Shared by the calling thread and the pool tasks; kept alive by shared_ptr until the last
@@ -91,7 +140,7 @@ struct Work {
     for (const Run& run : runs) {
       const int64_t a = std::max<int64_t>(lo - offset, 0);
       const int64_t b = std::min<int64_t>(hi - offset, run.n);
-      if (a < b) UpdateRange(run.theta, run.g, run.m, run.v, s, run.decay, a, b);
+      if (a < b) UpdateRun(run, s, a, b);
       offset += run.n;
       if (offset >= hi) break;
     }
@@ -128,16 +177,27 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   const int64_t* sizes = segment_sizes.begin();
   int64_t segment = 0, segment_left = num_segments ? sizes[0] : 0;
   for (size_t k = 0; k < num_leaves; ++k) {
-    auto theta = args.get<ffi::Buffer<ffi::F32>>(4 * k);
-    auto g = args.get<ffi::Buffer<ffi::F32>>(4 * k + 1);
+    auto theta = args.get<ffi::AnyBuffer>(4 * k);
+    auto g = args.get<ffi::AnyBuffer>(4 * k + 1);
     auto m = args.get<ffi::Buffer<ffi::F32>>(4 * k + 2);
     auto v = args.get<ffi::Buffer<ffi::F32>>(4 * k + 3);
-    auto theta_out = rets.get<ffi::Buffer<ffi::F32>>(3 * k);
+    auto theta_out = rets.get<ffi::AnyBuffer>(3 * k);
     auto m_out = rets.get<ffi::Buffer<ffi::F32>>(3 * k + 1);
     auto v_out = rets.get<ffi::Buffer<ffi::F32>>(3 * k + 2);
     if (theta.has_error() || g.has_error() || m.has_error() || v.has_error() ||
         theta_out.has_error() || m_out.has_error() || v_out.has_error()) {
-      return ffi::Error::InvalidArgument("od_adam_step: every array must be float32");
+      return ffi::Error::InvalidArgument("od_adam_step: m and v must be float32");
+    }
+    auto kind = [](ffi::DataType t, Kind* out) {
+      if (t == ffi::DataType::F32) *out = Kind::kF32;
+      else if (t == ffi::DataType::BF16) *out = Kind::kBF16;
+      else return false;
+      return true;
+    };
+    Kind theta_kind, g_kind;
+    if (!kind(theta->element_type(), &theta_kind) || !kind(g->element_type(), &g_kind) ||
+        (*theta_out)->element_type() != theta->element_type()) {
+      return ffi::Error::InvalidArgument("od_adam_step: theta and g must be float32 or bfloat16");
     }
     const int64_t n = theta->element_count();
     if (g->element_count() != n || m->element_count() != n || v->element_count() != n ||
@@ -145,7 +205,7 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       return ffi::Error::InvalidArgument("od_adam_step: theta, g, m, v sizes differ");
     }
     // The outputs alias the inputs (input_output_aliases): updates are made in place.
-    if ((*theta_out)->typed_data() != theta->typed_data() ||
+    if ((*theta_out)->untyped_data() != theta->untyped_data() ||
         (*m_out)->typed_data() != m->typed_data() ||
         (*v_out)->typed_data() != v->typed_data()) {
       return ffi::Error::InvalidArgument("od_adam_step: outputs must alias theta, m and v");
@@ -156,9 +216,13 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
         return ffi::Error::InvalidArgument("od_adam_step: segment sizes do not cover the leaves");
       }
       const int64_t len = std::min(n - start, segment_left);
-      work->runs.push_back(Run{(*theta_out)->typed_data() + start, g->typed_data() + start,
-                               (*m_out)->typed_data() + start, (*v_out)->typed_data() + start,
-                               len, decay[segment] != 0});
+      const size_t theta_bytes = theta_kind == Kind::kBF16 ? 2 : 4;
+      const size_t g_bytes = g_kind == Kind::kBF16 ? 2 : 4;
+      work->runs.push_back(Run{
+          static_cast<char*>((*theta_out)->untyped_data()) + start * theta_bytes,
+          static_cast<const char*>(g->untyped_data()) + start * g_bytes,
+          (*m_out)->typed_data() + start, (*v_out)->typed_data() + start, len,
+          decay[segment] != 0, theta_kind, g_kind});
       start += len;
       segment_left -= len;
       work->total += len;
