@@ -219,8 +219,28 @@ def optax_adam_l2():
                      optax.scale_by_learning_rate(LR))
 
 
+def build_bf16(n: int, torch_ok: bool) -> tuple[dict, int, int]:
+  """Mixed precision: bfloat16 θ and g, float32 moments (od.adamw(mu_dtype=nu_dtype=f32)).
+
+  The reference rows are float32 torch fused AdamW and the stream on the same n (the
+  bfloat16 step moves 22 bytes per parameter, not 28: its "x limit" is conservative)."""
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), flat_params(n))
+  grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads_like(flat_params(n)))
+  tx = od.adamw(LR, B1, B2, EPS, weight_decay=WD, mu_dtype=jnp.float32, nu_dtype=jnp.float32)
+  c: dict[str, Any] = {
+      "od.adamw": jax_contender(plain_step(tx), tx, params, grads),
+      "od.fused_step(od.adamw)": jax_contender(od.fused_step(tx), tx, params, grads),
+  }
+  if torch_ok:
+    c["torch AdamW fused"] = TorchStepper(flat_params(n), grads_like(flat_params(n)), fused=True)
+  c["stream a*x+y"] = StreamStepper(n)
+  return c, n, 1
+
+
 def build(problem: str, n: int, torch_ok: bool) -> tuple[dict, int, int]:
   """All contenders for one problem: (name -> stepper, parameters, leaves)."""
+  if problem == "bf16":
+    return build_bf16(n, torch_ok)
   if problem == "flat":
     params = flat_params(n)
   else:
@@ -307,7 +327,9 @@ def compile_counts(n: int = 100_000, steps: int = 100) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def table(title: str, n: int, res: dict, infos: dict) -> dict:
+def table(title: str, n: int, res: dict, infos: dict, min_bytes: int | None = None) -> dict:
+  """Prints one problem's table; ``min_bytes``: θ+g+m+v (default float32: 16·n)."""
+  min_bytes = 16 * n if min_bytes is None else min_bytes
   res = dict(res)
   stream = res.pop("stream a*x+y")
   bw = 12 * n / stream.median
@@ -319,7 +341,7 @@ def table(title: str, n: int, res: dict, infos: dict) -> dict:
          f"{'x optax':>8s} {'x torch':>8s} {'x limit':>8s} {'peak/min':>9s} {'compile s':>9s}"
   print(head)
   print("-" * len(head))
-  ref = res["optax.adamw"].median
+  ref = res["optax.adamw" if "optax.adamw" in res else "od.adamw"].median
   rows = {}
   for name, t in sorted(res.items(), key=lambda kv: kv[1].median):
     info = infos.get(name, {})
@@ -330,8 +352,8 @@ def table(title: str, n: int, res: dict, infos: dict) -> dict:
            "x_torch_fused": t.median / torch_ref.median if torch_ref else None,
            "x_limit": t.median / limit, **info}
     if "peak_bytes" in info:
-      row["peak_over_min"] = info["peak_bytes"] / (16 * n)
-      row["peak_extra_bytes"] = info["peak_bytes"] - 16 * n
+      row["peak_over_min"] = info["peak_bytes"] / min_bytes
+      row["peak_extra_bytes"] = info["peak_bytes"] - min_bytes
     rows[name] = row
     tt = f"{row['x_torch_fused']:8.2f}" if torch_ref else f"{'-':>8s}"
     pk = f"{row['peak_over_min']:9.3f}" if "peak_over_min" in row else f"{'-':>9s}"
@@ -421,6 +443,8 @@ def main(argv=None) -> dict:
     except ImportError:
       torch_ok = False
   problems = [("flat", int(s)) for s in sizes]
+  if 1e7 in sizes:
+    problems.append(("bf16", 10_000_000))
   if not args.no_tree:
     problems.append(("tree", 2_000_000 if args.quick else 10_000_000))
   results: dict[str, Any] = {
@@ -442,13 +466,15 @@ def main(argv=None) -> dict:
     infos = {name: c.compile_info() for name, c in contenders.items()
              if isinstance(c, JaxStepper)}
     # The tree costs torch ~200 per-tensor kernels per step: fewer rounds keep the run short.
-    res = _timing.interleaved(contenders, rounds=rounds if problem == "flat" else
+    res = _timing.interleaved(contenders, rounds=rounds if problem != "tree" else
                               max(3, rounds * 5 // 8), calls_per_visit=3, warmup=2,
                               seed=len(results["tables"]))
-    key = f"flat {n:.0e}" if problem == "flat" else f"tree {leaves} leaves"
-    title = (f"one leaf of {n:.0e} float32" if problem == "flat"
-             else f"transformer-shaped tree ({key})")
-    results["tables"][key] = table(title, n, res, infos)
+    key = {"flat": f"flat {n:.0e}", "bf16": f"bf16 {n:.0e}"}.get(problem, f"tree {leaves} leaves")
+    title = {"flat": f"one leaf of {n:.0e} float32",
+             "bf16": f"one leaf of {n:.0e} bfloat16, float32 moments (torch: float32)"}.get(
+                 problem, f"transformer-shaped tree ({key})")
+    # bfloat16 θ and g, float32 m and v: 12 bytes per parameter at rest.
+    results["tables"][key] = table(title, n, res, infos, 12 * n if problem == "bf16" else None)
     del contenders
   print("\n## Compilations over 100 steps (jax.jit cache size after the loop)")
   cc = compile_counts()

@@ -94,7 +94,12 @@ def summary(tags: list[str]) -> None:
   for key in runs[0]["tables"]:
     cells = []
     for _, fn, fmt in cols:
-      vals = [fn(run["tables"][key]["rows"]) for run in runs]
+      vals = []
+      for run in runs:
+        try:
+          vals.append(fn(run["tables"][key]["rows"]))
+        except KeyError:  # a table without that contender (e.g. the bfloat16 one)
+          vals.append(None)
       cells.append(" / ".join("-" if v is None else fmt.format(v) for v in vals))
     print(f"| {key} | " + " | ".join(cells) + " |")
   tree = [run["tables"].get("tree 198 leaves", {}).get("rows", {}) for run in runs]
