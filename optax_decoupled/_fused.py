@@ -22,7 +22,7 @@ transform that reduces over parameters does not, and :func:`fused_step` refuses 
 time by inspecting the jaxpr of ``tx.update``. On platforms other than CPU the step is the
 plain ``tx.update`` + ``optax.apply_updates`` (accelerators fuse it themselves).
 
-For ``od.adamw`` in float32 the CPU step is instead one call of a C++ kernel through
+For ``od.adamw`` with float32 moments the CPU step is instead one call of a C++ kernel through
 ``jax.ffi`` (see ``_kernel.py``): XLA's chunk loop runs on one core, the kernel on all of them.
 """
 
@@ -139,7 +139,8 @@ def fused_step(
   plain step can be swapped at any time (and checkpoints do not change). Decay convention: the
   one of ``tx`` (this only changes how the step is scheduled on the hardware).
 
-  For ``od.adamw`` (``coupling="lr"``, no Nesterov) with float32 parameters and moments,
+  For ``od.adamw`` (``coupling="lr"``, no Nesterov) with float32 moments and float32 or
+  bfloat16 parameters (bfloat16 weights: ``mu_dtype=nu_dtype=jnp.float32``),
   the CPU step is a C++ kernel (``csrc/adam_step.cc``, built by the package's install when
   a C++ compiler is present, called through ``jax.ffi``): all leaves in one call, in place,
   on all of XLA's CPU threads. It rounds each operation of the chain as written (XLA fuses

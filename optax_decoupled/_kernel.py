@@ -11,9 +11,11 @@ own code: the scalars (bias corrections, η_t, λ_t) are computed from the state
 the chain computes them, the decay mask is resolved by the same ``resolve_mask``, and the new
 scalar state (step counts) comes from ``tx.update`` itself, called on zero-size stand-ins.
 
-When the kernel is not built, cannot be loaded, or does not cover a case (a dtype other than
-float32, another optimizer), ``fused_step`` uses its pure-JAX path; :func:`unavailable`
-says why.
+Dtypes: float32 moments; θ and g float32 or bfloat16 (bfloat16 gradients only with
+``mu_dtype=nu_dtype=jnp.float32``, whose ``od.scale_by_adam`` widens g before the moments,
+as the kernel does). When the kernel is not built, cannot be loaded, or does not cover a
+case (other dtypes, another optimizer), ``fused_step`` uses its pure-JAX path;
+:func:`unavailable` and ``step.explain`` say why.
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def nnx_train_step(
       returns ``(loss, aux)``.
     donate: donate the model and optimizer buffers (default True).
     fused: apply the update with :func:`optax_decoupled.fused_step` (one pass over
-      memory on CPU; the C++ kernel for ``od.adamw`` in float32) instead of
+      memory on CPU; the C++ kernel for ``od.adamw`` with float32 moments) instead of
       ``optimizer.update``; same results to round-off, same optimizer state.
 
   Example:
@@ -402,7 +402,7 @@ def linen_train_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     donate: donate the input state's buffers (default True).
     fused: apply the update with :func:`optax_decoupled.fused_step` (one pass over
-      memory on CPU; the C++ kernel for ``od.adamw`` in float32) instead of
+      memory on CPU; the C++ kernel for ``od.adamw`` with float32 moments) instead of
       ``state.apply_gradients``; same results to round-off, same state.
 
   Example:
