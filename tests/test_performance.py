@@ -251,6 +251,7 @@ def test_fused_step_leaves_small_leaves_to_the_plain_path():
   assert " while(" not in hlo  # below the default min_leaf_size: XLA's own fusions
 
 
+@pytest.mark.filterwarnings("ignore::optax_decoupled.LowPrecisionDecayWarning")
 @pytest.mark.parametrize("moments", ["float32", "bfloat16"])
 def test_fused_step_leaves_non_float32_leaves_to_the_plain_path(moments):
   # With dtype conversions in the chunk's fusions XLA copied the whole bfloat16 buffer on
