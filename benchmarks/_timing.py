@@ -89,3 +89,10 @@ def paired_ratio(a: Timing, b: Timing) -> float:
   overall medians does not.
   """
   return statistics.median(x / y for x, y in zip(a.visits, b.visits))
+
+
+def rows_ratio(rows: dict, a: str, b: str) -> float | None:
+  """:func:`paired_ratio` of two rows of a results table (their ``visits_s``), None if absent."""
+  if a not in rows or b not in rows:
+    return None
+  return paired_ratio(Timing(a, visits=rows[a]["visits_s"]), Timing(b, visits=rows[b]["visits_s"]))

@@ -364,14 +364,6 @@ def table(title: str, n: int, res: dict, infos: dict, min_bytes: int | None = No
           "rows": rows}
 
 
-def ratio(rows, a, b):
-  """Paired ratio (median over rounds of a's visit / b's visit), see _timing.paired_ratio."""
-  if a not in rows or b not in rows:
-    return None
-  return _timing.paired_ratio(_timing.Timing(a, visits=rows[a]["visits_s"]),
-                              _timing.Timing(b, visits=rows[b]["visits_s"]))
-
-
 def summary(results: dict) -> dict:
   print("\n## Targets (paired ratios: median over rounds of a/b within a round; "
         "<= target is met)")
@@ -395,7 +387,7 @@ def summary(results: dict) -> dict:
         ("od.fused_step, flat buffer (masked)", "od.fused_step, 1 flat leaf", 1.2),
         ("od.fused_step, flat buffer (masked)", "torch AdamW fused", 1.0),
     ]:
-      x = ratio(rows, a, b)
+      x = _timing.rows_ratio(rows, a, b)
       if x is not None:
         checks.append({"table": key, "a": a, "b": b, "ratio": x, "target": target,
                        "met": x <= target})
@@ -412,7 +404,7 @@ def summary(results: dict) -> dict:
                        "extra_bytes": extra, "target": "extra <= 4 MiB",
                        "met": extra <= 4 * 2**20})
   for key, r in results["tables"].items():
-    aa = ratio(r["rows"], "optax.adamw (A/A copy)", "optax.adamw")
+    aa = _timing.rows_ratio(r["rows"], "optax.adamw (A/A copy)", "optax.adamw")
     if aa is not None:
       print(f"noise floor {key}: two identical optax.adamw programs measured {aa:.3f}x apart")
   for c in checks:

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks._timing import rows_ratio
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -68,14 +70,6 @@ def _tables(tag: str) -> None:
             f"{r['x_limit']:.2f} | {extra} | {comp} |")
 
 
-def _paired(rows: dict, a: str, b: str) -> float | None:
-  if a not in rows or b not in rows:
-    return None
-  pairs = sorted(x / y for x, y in zip(rows[a]["visits_s"], rows[b]["visits_s"]))
-  mid = len(pairs) // 2
-  return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
-
-
 def summary(tags: list[str]) -> None:
   """The README's short table: one row per problem, "run 1 / run 2 / ..." in each cell."""
   runs = [_load("step", tag) for tag in tags]
@@ -84,10 +78,10 @@ def summary(tags: list[str]) -> None:
       ("od.fused_step ms", lambda r: r[fused]["median_s"] * 1e3, "{:.2f}"),
       ("torch fused ms", lambda r: r[torch]["median_s"] * 1e3, "{:.2f}"),
       ("optax.adamw ms", lambda r: r[optax]["median_s"] * 1e3, "{:.2f}"),
-      ("fused ÷ torch fused", lambda r: _paired(r, fused, torch), "{:.2f}"),
+      ("fused ÷ torch fused", lambda r: rows_ratio(r, fused, torch), "{:.2f}"),
       ("fused ÷ stream limit", lambda r: r[fused]["x_limit"], "{:.2f}"),
-      ("od.adamw ÷ optax", lambda r: _paired(r, "od.adamw", optax), "{:.2f}"),
-      ("A/A noise", lambda r: _paired(r, "optax.adamw (A/A copy)", optax), "{:.2f}"),
+      ("od.adamw ÷ optax", lambda r: rows_ratio(r, "od.adamw", optax), "{:.2f}"),
+      ("A/A noise", lambda r: rows_ratio(r, "optax.adamw (A/A copy)", optax), "{:.2f}"),
   ]
   print("| problem | " + " | ".join(c[0] for c in cols) + " |")
   print("|---|" + "---|" * len(cols))
@@ -107,7 +101,7 @@ def summary(tags: list[str]) -> None:
                ("od.fused_step, flat buffer (masked)", torch),
                ("od.fused_step(od.adamw)", "od.fused_step, 1 flat leaf"),
                ("od.adamw", "od.adamw, 1 flat leaf")]:
-    vals = [_paired(rows, a, b) for rows in tree]
+    vals = [rows_ratio(rows, a, b) for rows in tree]
     print(f"\nTree of 198 leaves: {a} ÷ {b}: "
           + " / ".join("-" if v is None else f"{v:.2f}" for v in vals))
 
