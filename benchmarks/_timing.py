@@ -1,6 +1,6 @@
 """Timing helpers shared by the benchmarks: interleaved, randomised, median-based.
 
-The machines this project runs on are small and noisy (REFERENCE.md §5): absolute times
+Small shared machines are noisy: absolute times
 move by tens of percent from one minute to the next, and the order in which contenders run
 matters (whatever runs right after torch's fused step was measured ~30% slower). So every
 comparison here is made *inside one process*, with all contenders visited in a fresh random

@@ -8,7 +8,7 @@ Run (from the repository root)::
 Prints one table per problem size and a summary of the issue-6 targets, and writes every
 number to ``benchmarks/results/bench_step.json`` (``--out`` to change). Every contender of a
 table runs in the same process, interleaved in a fresh random order each round (see
-``_timing.py`` and REFERENCE.md §5); read the ratios, not the absolute times.
+``_timing.py``); read the ratios, not the absolute times.
 
 The step measured is the whole optimizer step on donated buffers,
 ``(θ, g, state) -> (θ', state')``: for the JAX contenders ``jax.jit(step, donate_argnums=(0, 2))``

@@ -28,7 +28,7 @@ Run:  python examples/paper_grid.py            (default: 5-8 minutes on 2 CPU co
 
 Definitions (λ*, which rows enter the slope fit, the standard errors) are in the
 docstrings of ``best_lambda_per_row``, ``summarize`` and ``criteria``, and in
-BUILD_NOTES.md, "Paper reproduction (issue 5)".
+BUILD_NOTES.md, "Paper reproduction".
 """
 
 from __future__ import annotations
@@ -451,11 +451,11 @@ def summarize(spec: OptimizerSpec, out: dict[str, np.ndarray]) -> dict[str, Any]
 
 
 SLOPE_MINUS_ONE = (-1.5, -0.5)  # "slope ≈ -1", fixed before any run.
-SLOPE_FLAT = 0.35  # "|slope| < 0.35" (REFERENCE.md §4).
+SLOPE_FLAT = 0.35  # "|slope| < 0.35", fixed before any run.
 
 
 def criteria(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
-  """The paper's claims (REFERENCE.md §4) as (name, passed, detail)."""
+  """The paper's claims (Loshchilov & Hutter 2019, Sec. 4.1 and Fig. 2) as (name, passed, detail)."""
   lines = []
   for key in ("sgd_l2", "adamw_lr"):
     if key in results:
@@ -625,7 +625,7 @@ def run(specs: Sequence[OptimizerSpec], data: Data, cfg: TrainConfig, out_dir: s
   title = (f"{data.name}: test error (%) after {cfg.epochs} epochs, MLP {cfg.hidden}{norm}, "
            f"cosine schedule, mean of {cfg.n_seeds} seeds; red box: best cell; "
            "dots: λ* per row; dashed: fit")
-  notes = ["The paper's claims (REFERENCE.md §4):", ""] + [
+  notes = ["The paper's claims (Loshchilov & Hutter 2019, Sec. 4.1, Fig. 2):", ""] + [
       f"{'PASS' if ok else 'FAIL'} {c}\n     {d}" for c, ok, d in checks]
   plot_heatmaps(results, os.path.join(out_dir, "heatmaps.png"), title, _wrap(notes, 62))
   return payload

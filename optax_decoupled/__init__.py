@@ -1,55 +1,55 @@
 """optax_decoupled: weight decay you can trust, as composable Optax transforms."""
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from optax_decoupled._aliases import adam_l2 as adam_l2
 from optax_decoupled._aliases import adamw as adamw
 from optax_decoupled._aliases import bert_adamw as bert_adamw
 from optax_decoupled._aliases import sgd_l2 as sgd_l2
 from optax_decoupled._aliases import sgdw as sgdw
-from optax_decoupled._conventions import COUPLINGS as COUPLINGS
-from optax_decoupled._conventions import CoupledWeightDecay as CoupledWeightDecay
-from optax_decoupled._conventions import convert_weight_decay as convert_weight_decay
-from optax_decoupled._conventions import (
-  cosine_warm_restarts_schedule as cosine_warm_restarts_schedule,
-)
-from optax_decoupled._conventions import coupled_weight_decay as coupled_weight_decay
-from optax_decoupled._conventions import normalized_weight_decay as normalized_weight_decay
-from optax_decoupled._conventions import (
+from optax_decoupled._couplings import COUPLINGS as COUPLINGS
+from optax_decoupled._couplings import CoupledWeightDecay as CoupledWeightDecay
+from optax_decoupled._couplings import convert_weight_decay as convert_weight_decay
+from optax_decoupled._couplings import coupled_weight_decay as coupled_weight_decay
+from optax_decoupled._couplings import normalized_weight_decay as normalized_weight_decay
+from optax_decoupled._couplings import (
   timescale_from_weight_decay as timescale_from_weight_decay,
 )
-from optax_decoupled._conventions import (
+from optax_decoupled._couplings import (
   weight_decay_from_timescale as weight_decay_from_timescale,
 )
+from optax_decoupled._decay import DecayTowardState as DecayTowardState
+from optax_decoupled._decay import DecoupledDecayState as DecoupledDecayState
+from optax_decoupled._decay import WeightDecayState as WeightDecayState
 from optax_decoupled._flat import FlatLayout as FlatLayout
 from optax_decoupled._fused import fused_step as fused_step
-from optax_decoupled._masks import BERT_EXCLUDE as BERT_EXCLUDE
-from optax_decoupled._masks import Decision as Decision
-from optax_decoupled._masks import Predicate as Predicate
-from optax_decoupled._masks import exclude_names as exclude_names
-from optax_decoupled._masks import include_names as include_names
-from optax_decoupled._masks import min_ndim as min_ndim
 from optax_decoupled._masks import resolve_mask as resolve_mask
 from optax_decoupled._multipliers import DecayMultipliers as DecayMultipliers
 from optax_decoupled._multipliers import decay_multipliers as decay_multipliers
 from optax_decoupled._precision import LowPrecisionDecayWarning as LowPrecisionDecayWarning
 from optax_decoupled._precision import StochasticRoundingState as StochasticRoundingState
 from optax_decoupled._precision import stochastic_rounding as stochastic_rounding
+from optax_decoupled._predicates import BERT_EXCLUDE as BERT_EXCLUDE
+from optax_decoupled._predicates import Decision as Decision
+from optax_decoupled._predicates import Predicate as Predicate
+from optax_decoupled._predicates import exclude_names as exclude_names
+from optax_decoupled._predicates import include_names as include_names
+from optax_decoupled._predicates import min_ndim as min_ndim
 from optax_decoupled._report import MaskReport as MaskReport
 from optax_decoupled._report import MaskRow as MaskRow
 from optax_decoupled._report import describe_mask as describe_mask
-from optax_decoupled._transforms import WeightDecayState as WeightDecayState
+from optax_decoupled._schedules import (
+  cosine_warm_restarts_schedule as cosine_warm_restarts_schedule,
+)
 from optax_decoupled._transforms import add_decoupled_decay as add_decoupled_decay
 from optax_decoupled._transforms import add_l2_to_grad as add_l2_to_grad
 from optax_decoupled._transforms import scale_by_adam as scale_by_adam
-from optax_decoupled._wrappers import DecayTowardState as DecayTowardState
-from optax_decoupled._wrappers import DecoupledDecayState as DecoupledDecayState
 from optax_decoupled._wrappers import with_decay_toward as with_decay_toward
 from optax_decoupled._wrappers import with_decoupled_decay as with_decoupled_decay
 
 try:
-  __version__ = version("optax_decoupled")
-except PackageNotFoundError:  # running from a source tree that is not installed
+  __version__ = _metadata.version("optax_decoupled")
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
   __version__ = "0.0.0"
 
 __all__ = [

@@ -1,7 +1,13 @@
 """Optimizers of well-known codebases, each a short chain of small transforms.
 
-The chain *is* the documentation of the algorithm: read it top to bottom as
-the order in which the update is computed.
+The chain *is* the documentation of the algorithm: read it top to bottom as the order in
+which the update is computed. Aliases named after an optax or torch optimizer take that
+optimizer's positional arguments in the same order; this package's extra arguments are
+keyword-only.
+
+Each alias checks its own arguments once (``_alias_checks``), builds its chain from private
+builders (which do not check again), adds the construction-time guards of a decaying
+optimizer (``_alias_checks.guarded``) and records which alias built it (``_recipes``).
 """
 
 from __future__ import annotations
@@ -10,10 +16,17 @@ from typing import Any
 
 import optax
 
-from optax_decoupled import _conventions, _kernel, _masks, _multipliers, _transforms, _wrappers
+from optax_decoupled import (
+    _alias_checks,
+    _couplings,
+    _decay,
+    _hyperparams,
+    _predicates,
+    _recipes,
+    _transforms,
+)
 
 __all__ = ["adam_l2", "adamw", "bert_adamw", "sgd_l2", "sgdw"]
-
 
 def adamw(
     learning_rate: Any,
@@ -21,12 +34,12 @@ def adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Any = None,
     weight_decay: Any = 1e-4,
     mask: Any = None,
     *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
     nesterov: bool = False,
+    nu_dtype: Any = None,
     coupling: str = "lr",
     peak_learning_rate: Any = None,
 ) -> optax.GradientTransformation:
@@ -52,21 +65,28 @@ def adamw(
   For ``"schedule"``/``"corrected"`` the peak is ``peak_learning_rate`` if
   given, else a constant ``learning_rate``; a learning-rate schedule without
   ``peak_learning_rate`` is an error (see :func:`coupled_weight_decay`). These
-  variants are built as ``od.with_decoupled_decay(adam_chain, c_t, mask=mask)``.
+  variants are the finished Adam step followed by the decay of
+  :func:`with_decoupled_decay` with shrink c_t.
 
   The default ``weight_decay=1e-4`` is optax.adamw's, so this is a drop-in
   replacement for it; torch's default is 1e-2, Keras's 4e-3: pass the value
   of the code you port (in the convention ``coupling`` names).
 
+  The positional arguments are ``optax.adamw``'s, in its order
+  (``learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask``);
+  everything after them is keyword-only.
+
   Args:
     learning_rate: η, a float or an optax schedule.
     b1, b2, eps, eps_root: Adam's hyperparameters (see :func:`scale_by_adam`).
+    mu_dtype: dtype of the first moment (None: the parameters').
     weight_decay: λ, a float or a schedule.
     mask: which leaves decay (None: all); e.g. ``od.exclude_names("bias")``,
-      or :func:`decay_multipliers` rules.
-    mu_dtype, nu_dtype: dtypes of the first and second moments (None: the
-      parameters'); pass ``jnp.float32`` for both with bfloat16/float16 weights.
-    nesterov: NAdamW.
+      a bool tree, a function of the params, or :func:`decay_multipliers` rules.
+    nesterov: NAdamW; equals ``optax.nadamw`` (not timm's ``NAdamW``, whose
+      Nesterov term is bias-corrected differently).
+    nu_dtype: dtype of the second moment (None: the parameters'); pass
+      ``mu_dtype=nu_dtype=jnp.float32`` with bfloat16/float16 weights.
     coupling: ``"lr"`` (default), ``"schedule"``, ``"none"`` or ``"corrected"``.
     peak_learning_rate: η_peak (α) for ``"schedule"``/``"corrected"``; ignored
       otherwise. Traced values work (e.g. inside ``jax.vmap`` over α).
@@ -82,52 +102,40 @@ def adamw(
     Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 (Algorithm 2);
     torch.optim.AdamW; optax.adamw.
   """
-  _conventions.check_coupling(coupling, "adamw")
-  adam = _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                                   nesterov=nesterov)
-  if coupling == "lr" and not isinstance(mask, _multipliers.DecayMultipliers):
+  who = "adamw"
+  _couplings.check_args(who, weight_decay=weight_decay, coupling=coupling,
+                        learning_rate=learning_rate, peak_learning_rate=peak_learning_rate)
+  _hyperparams.check_flag(nesterov, "nesterov", who)
+  shrink = _couplings.build(weight_decay, coupling, learning_rate, peak_learning_rate, who)
+  adam = _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
+                                   nu_dtype=nu_dtype, nesterov=nesterov)
+  if coupling == "lr":  # optax.adamw's chain: λθ joins the Adam step, then both scale by η_t.
     tx = optax.chain(
         adam,
-        _transforms.add_decoupled_decay(weight_decay, mask),
+        _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
         optax.scale_by_learning_rate(learning_rate),
     )
-    tx = _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "adamw")
-    if nesterov:
-      return tx
-    # od.fused_step may compute this chain with the CPU kernel (same operations, one pass).
-    return _kernel.register(tx, _kernel.AdamWSpec(learning_rate, b1, b2, eps, eps_root,
-                                                  weight_decay, mask, mu_dtype, nu_dtype))
-  return _decoupled(optax.chain(adam, optax.scale_by_learning_rate(learning_rate)),
-                    learning_rate, weight_decay, coupling, peak_learning_rate, mask, "adamw")
-
-
-def _decoupled(inner, learning_rate, weight_decay, coupling, peak_learning_rate, mask, who):
-  """``with_decoupled_decay(inner, c_t)`` with the shrink c_t of ``coupling``."""
-  _transforms.check_learning_rate(learning_rate, who)
-  shrink = _conventions.coupled_weight_decay(
-      weight_decay, coupling=coupling, learning_rate=learning_rate,
-      peak_learning_rate=peak_learning_rate)
-  tx = _wrappers.with_decoupled_decay(inner, shrink, mask=mask)
-  constant = shrink.constant()  # the construction-time checks see the per-step shrink.
-  if constant is not None and constant >= 1:
-    raise ValueError(
-        f"{who}: coupling={coupling!r} gives a per-step shrink c = {constant:.4g} >= 1, so "
-        "every decayed weight would flip sign (or become 0) each step. In the 'schedule' and "
-        "'none' conventions λ is itself the per-step shrink at the peak (typically 1e-5 ... "
-        "1e-3); od.convert_weight_decay converts a torch-style λ."
+    hint = _alias_checks.lr_hint(learning_rate)
+  else:  # the finished Adam step, then θ shrinks by c_t of the coupling.
+    tx = optax.chain(
+        optax.chain(adam, optax.scale_by_learning_rate(learning_rate)),
+        _decay.decay(shrink, mask, who=who, sign=-1, state=_decay.DecoupledDecayState),
     )
-  guard_mask = None if isinstance(mask, _multipliers.DecayMultipliers) else mask
-  return _transforms.guard_decay(tx, 1.0, shrink if constant is None else constant,
-                                 guard_mask, who)
+    hint = _alias_checks.COUPLED_HINT
+  return _recipes.record(
+      _alias_checks.guarded(tx, shrink, mask, who, hint), who, learning_rate=learning_rate, b1=b1, b2=b2,
+      eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask,
+      nesterov=nesterov, nu_dtype=nu_dtype, coupling=coupling, shrink=shrink)
 
 
 def adam_l2(
-    learning_rate: Any,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    learning_rate: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    eps_root: float = 0.0, mu_dtype: Any = None,
+    *,
     weight_decay: Any = 0.0,
     mask: Any = None,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""Adam with coupled L2 regularization: ``torch.optim.Adam(weight_decay=λ)``.
 
@@ -139,7 +147,21 @@ def adam_l2(
   normalised by √v̂; large weights are not shrunk more). This is the optimizer
   that code ported from torch's ``Adam(weight_decay=...)`` needs and that
   optax has no alias for; it is *not* AdamW. The default ``weight_decay=0.0``
-  is torch's.
+  is torch's. Keras 3's ``Adam(weight_decay=λ)`` is *not* this optimizer: Keras
+  applies decoupled, lr-coupled decay in every optimizer (``od.adamw`` with
+  Keras's ε placement), not L2.
+
+  The positional arguments are ``optax.adam``'s, in its order
+  (``learning_rate, b1, b2, eps, eps_root, mu_dtype``); the rest is keyword-only.
+
+  Args:
+    learning_rate: η, a float or an optax schedule.
+    b1, b2, eps, eps_root: Adam's hyperparameters (see :func:`scale_by_adam`).
+    mu_dtype, nu_dtype: dtypes of the first and second moments (None: the
+      parameters').
+    weight_decay: λ of the L2 term, a float or a schedule.
+    mask: which leaves get the L2 term (any mask form, see :func:`add_l2_to_grad`).
+    nesterov: NAdam, as ``optax.adam(nesterov=True)``.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
@@ -150,18 +172,35 @@ def adam_l2(
     torch.optim.Adam (``grad = grad.add(param, alpha=weight_decay)``);
     Loshchilov & Hutter, https://arxiv.org/abs/1711.05101 (Adam with L2).
   """
+  who = "adam_l2"
+  _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
+  _hyperparams.check_flag(nesterov, "nesterov", who)
   tx = optax.chain(
-      _transforms.add_l2_to_grad(weight_decay, mask),
-      _transforms.scale_by_adam(b1, b2, eps),
+      _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
+      _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _transforms.guard_decay(tx, learning_rate, 0.0, mask, "adam_l2")  # L2: no direct shrink.
+  return _recipes.record(  # L2 has no direct shrink: nothing to guard.
+      tx, who, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+      mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask, nesterov=nesterov,
+      nu_dtype=nu_dtype)
+
+
+def _momentum(momentum: Any, nesterov: bool, accumulator_dtype: Any) -> Any:
+  """optax.sgd's rule: a trace for any number (0 included, so the state's structure never
+  depends on a value that optax.inject_hyperparams may trace), none for ``None``."""
+  if momentum is None:
+    return optax.identity()
+  return optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
 
 
 def sgd_l2(
     learning_rate: Any,
-    momentum: float = 0.0,
+    momentum: Any = None,
     nesterov: bool = False,
+    accumulator_dtype: Any = None,
+    *,
     weight_decay: Any = 0.0,
     mask: Any = None,
 ) -> optax.GradientTransformation:
@@ -174,6 +213,20 @@ def sgd_l2(
   Decay convention: **coupled L2**. For plain SGD (no momentum) this equals
   decoupled decay with a per-step shrink of η·λ (the paper's Proposition 1).
 
+  The positional arguments are ``optax.sgd``'s, in its order (``learning_rate,
+  momentum, nesterov, accumulator_dtype``); the rest is keyword-only.
+
+  Args:
+    learning_rate: η, a float or an optax schedule.
+    momentum: μ; ``None`` (default, as optax.sgd) keeps no buffer. Any number,
+      0 included, keeps one (``optax.trace``), as optax.sgd does, so the state's
+      structure never depends on a value ``optax.inject_hyperparams`` may trace.
+      With μ = 0 the step equals torch's ``SGD(momentum=0)``.
+    nesterov: Nesterov momentum (needs momentum > 0).
+    accumulator_dtype: dtype of the momentum buffer (None: the parameters').
+    weight_decay: λ of the L2 term (default 0, torch's), a float or a schedule.
+    mask: which leaves get the L2 term (any mask form).
+
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
     >>> tx = od.sgd_l2(0.1, momentum=0.9, weight_decay=5e-4)
@@ -182,20 +235,27 @@ def sgd_l2(
   References:
     torch.optim.SGD; optax.trace (same momentum recursion, first buffer = g).
   """
-  if nesterov and not momentum:
-    raise ValueError("sgd_l2: nesterov=True needs momentum > 0 (as torch.optim.SGD).")
+  who = "sgd_l2"
+  _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
+  _alias_checks.check_momentum(who, momentum, nesterov)
   tx = optax.chain(
-      _transforms.add_l2_to_grad(weight_decay, mask),
-      optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+      _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
+      _momentum(momentum, nesterov, accumulator_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "sgd_l2")
+  # Plain SGD: L2 with λ is decoupled decay with the per-step shrink η·λ (Proposition 1).
+  shrink = _couplings.build(weight_decay, "lr", learning_rate, None, who)
+  return _recipes.record(
+      _alias_checks.guarded(tx, shrink, mask, who, _alias_checks.lr_hint(learning_rate)), who,
+      learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+      accumulator_dtype=accumulator_dtype, weight_decay=weight_decay, mask=mask)
 
 
 def sgdw(
     learning_rate: Any,
     momentum: Any = 0.9,
     nesterov: bool = False,
+    accumulator_dtype: Any = None,
     *,
     weight_decay: Any,
     coupling: str = "schedule",
@@ -229,11 +289,14 @@ def sgdw(
 
   Args:
     learning_rate: η_t (α times the paper's multiplier), a float or schedule.
-    momentum: μ (the paper's β1); 0 disables the buffer.
+    momentum: μ (the paper's β1); ``None`` keeps no buffer. Any number, 0
+      included, keeps one (see :func:`sgd_l2`).
     nesterov: Nesterov momentum on the lr-scaled buffer.
+    accumulator_dtype: dtype of the momentum buffer (None: the parameters').
     weight_decay: λ in the ``coupling`` convention (number, array or schedule).
     coupling: ``"schedule"`` (default), ``"lr"``, ``"none"`` or ``"corrected"``.
-    mask: which leaves decay (None: all), or :func:`decay_multipliers` rules.
+    mask: which leaves decay (None: all; any mask form, including
+      :func:`decay_multipliers` rules).
     peak_learning_rate: η_peak (α) for ``"schedule"``/``"corrected"``; ignored
       otherwise. Traced values work.
 
@@ -248,20 +311,22 @@ def sgdw(
     tfa.optimizers.SGDW / tf.contrib.opt.SGDWOptimizer (``coupling="none"``).
   """
   who = "sgdw"
-  _conventions.check_coupling(coupling, who)
-  if not isinstance(nesterov, bool):
-    raise TypeError(f"{who}: nesterov must be True or False, got {nesterov!r}.")
-  _conventions.check_number(momentum, "momentum", who, allow_schedule=False)
-  mu = _conventions.concrete(momentum)
-  if mu is not None and mu >= 1:
-    raise ValueError(f"{who}: momentum must be in [0, 1), got {mu!r}.")
-  if nesterov and mu == 0:
-    raise ValueError(f"{who}: nesterov=True needs momentum > 0.")
-  inner = optax.chain(
-      optax.scale_by_learning_rate(learning_rate),  # -η_t g_t
-      optax.identity() if mu == 0 else optax.trace(decay=momentum, nesterov=nesterov),
+  _couplings.check_args(who, weight_decay=weight_decay, coupling=coupling,
+                        learning_rate=learning_rate, peak_learning_rate=peak_learning_rate)
+  _alias_checks.check_momentum(who, momentum, nesterov)
+  shrink = _couplings.build(weight_decay, coupling, learning_rate, peak_learning_rate, who)
+  tx = optax.chain(
+      optax.chain(
+          optax.scale_by_learning_rate(learning_rate),  # -η_t g_t
+          _momentum(momentum, nesterov, accumulator_dtype),  # the buffer holds lr-scaled steps
+      ),
+      _decay.decay(shrink, mask, who=who, sign=-1, state=_decay.DecoupledDecayState),
   )
-  return _decoupled(inner, learning_rate, weight_decay, coupling, peak_learning_rate, mask, who)
+  hint = _alias_checks.lr_hint(learning_rate) if coupling == "lr" else _alias_checks.COUPLED_HINT
+  return _recipes.record(
+      _alias_checks.guarded(tx, shrink, mask, who, hint), who, learning_rate=learning_rate,
+      momentum=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype,
+      weight_decay=weight_decay, coupling=coupling, mask=mask, shrink=shrink)
 
 
 def bert_adamw(
@@ -270,7 +335,7 @@ def bert_adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
-    exclude: tuple[Any, ...] = _masks.BERT_EXCLUDE,
+    exclude: tuple[Any, ...] = _predicates.BERT_EXCLUDE,
 ) -> optax.GradientTransformation:
   r"""BERT's ``AdamWeightDecayOptimizer``: AdamW without bias correction.
 
@@ -296,10 +361,15 @@ def bert_adamw(
     google-research/bert, optimization.py, ``AdamWeightDecayOptimizer.apply_gradients``
     and ``_do_use_weight_decay``.
   """
-  mask = _masks.exclude_names(*exclude) if exclude else None  # BERT: no list, no exclusion.
+  who = "bert_adamw"
+  _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
+  mask = _predicates.exclude_names(*exclude) if exclude else None  # BERT: no list, no exclusion.
   tx = optax.chain(
       _transforms.scale_by_adam(b1, b2, eps, bias_correction=False),
-      _transforms.add_decoupled_decay(weight_decay, mask),
+      _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _transforms.guard_decay(tx, learning_rate, weight_decay, mask, "bert_adamw")
+  shrink = _couplings.build(weight_decay, "lr", learning_rate, None, who)
+  return _recipes.record(
+      _alias_checks.guarded(tx, shrink, mask, who, _alias_checks.lr_hint(learning_rate)), who,
+      learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps, mask=mask)

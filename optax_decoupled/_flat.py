@@ -1,8 +1,8 @@
 """Flat-buffer mode: a parameter tree kept as one contiguous buffer, leaves as views into it.
 
 A jitted step over a tree of L leaves passes about 4L buffers in and 3L out; JAX and XLA pay
-a small cost per buffer (measured ~2 ms per call for BERT's ~200 leaves on this project's
-machines, ~40% of a 12M-parameter AdamW step). Packing the leaves into one buffer removes that
+a small cost per buffer (about 2 ms per call for BERT's ~200 leaves on a 2-core
+x86_64 machine, ~40% of a 12M-parameter AdamW step; ``benchmarks/bench_step.py``). Packing the leaves into one buffer removes that
 cost, and lets ``od.fused_step`` update every parameter with one kernel call over one array,
 while name and ndim masks still decide per original leaf.
 """

@@ -26,7 +26,6 @@ import functools
 import json
 import os
 import re
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from optax_decoupled import _flat, _masks, _precision, _transforms
+from optax_decoupled import _flat, _hyperparams, _masks, _recipes
 
 _DIR = Path(__file__).parent / "csrc"
 LIBRARY = _DIR / "libod_adam_step.so"
@@ -48,8 +47,9 @@ _TARGET = "optax_decoupled_adam_step"
 class AdamWSpec:
   """The hyperparameters of an ``od.adamw(coupling="lr")`` chain, as the kernel needs them.
 
-  The chain's state is ``(ScaleByAdamState, WeightDecayState, lr_state)``, where
-  ``lr_state`` is ``ScaleByScheduleState`` for a schedule, ``EmptyState`` otherwise.
+  Read from the record the alias left (``_recipes``). The chain's state is
+  ``(ScaleByAdamState, WeightDecayState, lr_state)``, where ``lr_state`` is
+  ``ScaleByScheduleState`` for a schedule, ``EmptyState`` otherwise.
   """
 
   learning_rate: Any
@@ -63,20 +63,21 @@ class AdamWSpec:
   nu_dtype: Any = None
 
 
-_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr') without nesterov; this "
+              "transformation is something else")
 
 
-def register(tx: optax.GradientTransformation, spec: AdamWSpec) -> optax.GradientTransformation:
-  """Marks ``tx`` (by its update function) as computable by the kernel; returns ``tx``."""
-  _SPECS[tx.update] = spec
-  return tx
-
-
-def spec_of(tx: optax.GradientTransformation) -> AdamWSpec | None:
-  try:
-    return _SPECS.get(tx.update)
-  except TypeError:  # an update function that cannot be weakly referenced: not ours.
-    return None
+def spec_of(tx: optax.GradientTransformation) -> tuple[AdamWSpec | None, str | None]:
+  """``(spec, None)`` when ``tx`` is an alias the kernel computes, else ``(None, why not)``."""
+  recipe = _recipes.recipe_of(tx)
+  if recipe is None or recipe.name != "adamw":
+    return None, _NOT_ADAMW
+  a = recipe.args
+  if a["coupling"] != "lr" or a["nesterov"]:
+    return None, (f"the kernel implements od.adamw(coupling='lr') without nesterov; this is "
+                  f"od.adamw(coupling={a['coupling']!r}, nesterov={a['nesterov']})")
+  return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
+                   a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"]), None
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -106,11 +107,8 @@ def unavailable() -> str | None:
   return None
 
 
-def unsupported(spec: AdamWSpec | None, params: Any, grads: Any, state: Any) -> str | None:
+def unsupported(spec: AdamWSpec, params: Any, grads: Any, state: Any) -> str | None:
   """None when the kernel computes this step exactly as the chain would, else why not."""
-  if spec is None:
-    return ("the kernel implements od.adamw(coupling='lr') only (no nesterov, no "
-            "decay_multipliers); this transformation is something else")
   if not (isinstance(state, tuple) and len(state) == 3
           and isinstance(state[0], optax.ScaleByAdamState)):
     return "the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, lr state)"
@@ -127,6 +125,9 @@ def unsupported(spec: AdamWSpec | None, params: Any, grads: Any, state: Any) -> 
       return (f"the kernel takes {name} in {sorted(str(d) for d in allowed[name])}, got "
               f"{sorted(str(d) for d in dtypes)} (bfloat16 weights: keep the moments in "
               "float32 with mu_dtype=nu_dtype=jnp.float32)")
+  mults = {d.multiplier for d in _masks.decisions(params, spec.mask, warn=False)}
+  if mults - {0.0, 1.0}:
+    return f"the kernel takes masks of 0/1 only, and decay_multipliers give {sorted(mults)}"
   return unavailable()
 
 
@@ -153,7 +154,7 @@ def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
   lr = spec.learning_rate
   neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
-  wd = _transforms.value_at(spec.weight_decay, wd_state.count)
+  wd = _hyperparams.value_at(spec.weight_decay, wd_state.count)
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
       wd)])
@@ -162,10 +163,9 @@ def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
 def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
   """Per leaf: whether the chain adds λθ (the same ``resolve_mask``; a constant λ = 0 adds
   no term at all, as in ``add_decoupled_decay``)."""
-  if _precision._as_constant(spec.weight_decay) == 0.0:
+  if _hyperparams.constant(spec.weight_decay) == 0.0:
     return [False] * len(jax.tree.leaves(params))
-  mask = jax.tree.structure(params).flatten_up_to(_masks.resolve_mask(params, spec.mask))
-  return [bool(d) for d in mask]
+  return [d.decay for d in _masks.decisions(params, spec.mask, warn=False)]
 
 
 def _call(scalars, leaves, segment_sizes, decay):

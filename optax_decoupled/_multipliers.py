@@ -14,21 +14,19 @@ read as "decay everything".
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
-from optax_decoupled import _masks, _paths
+from optax_decoupled import _hyperparams, _paths
 
-__all__ = ["DecayMultipliers", "decay_multipliers", "resolve_multipliers"]
+__all__ = ["DecayMultipliers", "decay_multipliers"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DecayMultipliers:
+class DecayMultipliers(_hyperparams.MaskSpec):
   """Regex → multiplier rules, first full match wins; see :func:`decay_multipliers`."""
 
   rules: tuple[tuple[str, float], ...]
@@ -62,13 +60,26 @@ class DecayMultipliers:
     raise TypeError(
         f"{self!r} is a set of per-parameter decay multipliers, not a boolean mask: "
         "optax.masked and optax's mask= arguments cannot use it. Pass it as mask= to "
-        "od.with_decoupled_decay, od.with_decay_toward, od.adamw or od.sgdw, or use "
+        "any od transform or alias, or use "
         "mults.resolve(params) to get the multiplier tree."
     )
 
   def resolve(self, params: Any) -> Any:
     """The tree of Python-float multipliers for ``params`` (nnx Variables are leaves)."""
-    return resolve_multipliers(params, self)
+    treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
+    return jax.tree_util.tree_unflatten(treedef, [m for _, _, m, _ in self.decisions(params)])
+
+  def decisions(self, params: Any) -> list[tuple[str, Any, float, str]]:
+    """``(path, leaf, multiplier, rule)`` per leaf; raises for unmatched rules."""
+    leaves = _paths.leaves_with_paths(params)
+    problems = self.unmatched([p for p, _ in leaves]) if leaves else []
+    if problems:
+      raise ValueError(
+          f"Weight-decay multipliers {self!r}: " + "; ".join(problems) + ". Fix the rule, or "
+          "pass allow_unmatched=True. Paths are matched whole (re.fullmatch); "
+          "od.describe_mask(params, mults) lists them."
+      )
+    return [(p, x, *self.decide(p)) for p, x in leaves]
 
   def __repr__(self) -> str:
     rules = ", ".join(f"({p!r}, {m:g})" for p, m in self.rules)
@@ -86,8 +97,9 @@ def decay_multipliers(
   ``re.fullmatch`` (big_vision's semantics; note that :func:`exclude_names`
   uses ``re.search``). ``default`` is required: big_vision's implicit default
   is 0 (no decay) for leaves that no rule matches. Accepted as ``mask=`` by
-  :func:`with_decoupled_decay`, :func:`with_decay_toward`, ``od.adamw`` and
-  ``od.sgdw``, and reported (multiplier column) by :func:`describe_mask`.
+  every decay transform and alias of this package (``add_l2_to_grad``,
+  ``add_decoupled_decay``, ``with_decoupled_decay``, ``with_decay_toward``,
+  ``od.adamw``, ...), and reported (multiplier column) by :func:`describe_mask`.
   Decay convention: that of the transform it is given to.
 
   A rule that fully matches no path, or only paths an earlier rule already
@@ -129,38 +141,5 @@ def decay_multipliers(
 
 
 def _check_mult(x: Any, what: str) -> float:
-  if isinstance(x, (bool, np.bool_, jax.core.Tracer)):
-    raise TypeError(f"{what} must be a Python number, got {x!r}.")
-  try:
-    value = float(x)
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"{what} must be a number, got {x!r}.") from e
-  if not math.isfinite(value) or value < 0:
-    raise ValueError(f"{what} must be finite and >= 0, got {value!r}.")
-  return value
-
-
-def decisions(params: Any, mults: DecayMultipliers) -> list[tuple[str, Any, float, str]]:
-  """(path, leaf, multiplier, rule) per leaf; raises for unmatched rules."""
-  leaves = _paths.leaves_with_paths(params)
-  problems = mults.unmatched([p for p, _ in leaves]) if leaves else []
-  if problems:
-    raise ValueError(
-        f"Weight-decay multipliers {mults!r}: " + "; ".join(problems) + ". Fix the rule, or "
-        "pass allow_unmatched=True. Paths are matched whole (re.fullmatch); "
-        "od.describe_mask(params, mults) lists them."
-    )
-  return [(p, x, *mults.decide(p)) for p, x in leaves]
-
-
-def resolve_multipliers(params: Any, mask: Any) -> Any:
-  """A tree of Python-float multipliers for any ``mask`` the transforms accept.
-
-  None → 1.0 everywhere; a predicate, bool tree or function of the params →
-  1.0/0.0 (via :func:`resolve_mask`); a :class:`DecayMultipliers` → its rules.
-  """
-  treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
-  if isinstance(mask, DecayMultipliers):
-    return jax.tree_util.tree_unflatten(treedef, [m for _, _, m, _ in decisions(params, mask)])
-  bools = jax.tree_util.tree_leaves(_masks.resolve_mask(params, mask))
-  return jax.tree_util.tree_unflatten(treedef, [1.0 if b else 0.0 for b in bools])
+  _hyperparams.check_number(x, "multiplier", what)
+  return float(x)

@@ -8,8 +8,7 @@ of the grid at θ, i.e. for *every* θ once ``η·λ < ε/4`` and for most θ on
 decay then vanishes silently unless the Adam step that is added with it happens
 to dither the rounding.
 
-Two remedies, measured in ``examples/precision_decay.py`` (numbers in
-BUILD_NOTES.md, "Reliability and scale (issue 7)"):
+Two remedies, measured by ``examples/precision_decay.py``:
 
 * compute the whole update in float32 (``od.scale_by_adam(mu_dtype=jnp.float32,
   nu_dtype=jnp.float32)``: moments, the decay term and the learning-rate
@@ -22,7 +21,6 @@ BUILD_NOTES.md, "Reliability and scale (issue 7)"):
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import chex
@@ -65,12 +63,12 @@ def vanishing_decay_leaves(params: Any, shrink: float, mask: Any = None) -> list
   """
   if not shrink > 0:
     return []
-  decisions = _masks._decisions(params, mask)
   out = []
-  for path, leaf, decision in decisions:
-    dtype = _leaf_dtype(leaf)
-    if decision.decay and is_low_precision(dtype) and shrink < float(jnp.finfo(dtype).eps) / 2:
-      out.append((path, str(dtype)))
+  for d in _masks.decisions(params, mask, warn=False):
+    dtype = _leaf_dtype(d.leaf)
+    c = shrink * d.multiplier
+    if d.decay and is_low_precision(dtype) and c < float(jnp.finfo(dtype).eps) / 2:
+      out.append((d.path, str(dtype)))
   return out
 
 
@@ -193,14 +191,3 @@ def stochastic_rounding(
     return jax.tree.unflatten(treedef, out), StochasticRoundingState(inner_state, key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _as_constant(x: Any) -> float | None:
-  """A Python float for a concrete number; None for schedules and traced values."""
-  if callable(x) or isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    value = float(np.asarray(x))
-  except Exception:  # noqa: BLE001 - not a number: validated elsewhere.
-    return None
-  return value if math.isfinite(value) else None

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_decoupled import _masks, _multipliers, _paths
+from optax_decoupled import _masks, _paths
 
 __all__ = ["MaskReport", "MaskRow", "describe_mask"]
 
@@ -89,24 +89,17 @@ def describe_mask(params: Any, mask: Any = None) -> MaskReport:
     >>> [(r.path, r.decay) for r in report.rows]
     [('dense/bias', False), ('dense/kernel', True)]
   """
-  if isinstance(mask, _multipliers.DecayMultipliers):
-    decisions = [
-        (path, leaf, _masks.Decision(mult != 0, rule), mult)
-        for path, leaf, mult, rule in _multipliers.decisions(params, mask)
-    ]
-  else:
-    decisions = [(p, x, d, None) for p, x, d in _masks._decisions(params, mask)]
   rows = []
-  for path, leaf, decision, mult in decisions:
-    value = _paths.leaf_value(leaf)
+  for d in _masks.decisions(params, mask, warn=False):
+    value = _paths.leaf_value(d.leaf)
     rows.append(
         MaskRow(
-            path=path,
-            shape=tuple(int(d) for d in np.shape(value)),
+            path=d.path,
+            shape=tuple(int(n) for n in np.shape(value)),
             dtype=str(getattr(value, "dtype", type(value).__name__)),
-            decay=decision.decay,
-            rule=decision.rule,
-            multiplier=mult,
+            decay=d.decay,
+            rule=d.rule,
+            multiplier=d.multiplier if d.weighted else None,
         )
     )
   return MaskReport(rows=tuple(rows), mask=repr(mask))

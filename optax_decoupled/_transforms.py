@@ -13,193 +13,25 @@ algorithm it is.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_decoupled import _masks, _paths, _precision
+from optax_decoupled import _decay, _hyperparams
 
 __all__ = [
-  "WeightDecayState",
   "add_decoupled_decay",
   "add_l2_to_grad",
   "scale_by_adam",
 ]
 
 
-class WeightDecayState(NamedTuple):
-  """State of :func:`add_l2_to_grad` and :func:`add_decoupled_decay`.
-
-  The same type whether ``weight_decay`` is a constant or a schedule.
-  """
-
-  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
-
-
-def _check_hyperparameter(value: Any, name: str, who: str, negative_hint: str) -> None:
-  """A non-negative finite number or a schedule; masks and predicates are refused."""
-  if isinstance(value, _masks.Predicate) or _masks.is_predicate_factory(value):
-    raise TypeError(
-        f"{who}: {name}={value!r} is a mask predicate; pass it as mask=... and give "
-        f"{name} a number or a schedule."
-    )
-  if callable(value):
-    if _masks.is_callable_pytree(value):
-      raise TypeError(
-          f"{who}: {name}={type(value).__name__} is callable and also a pytree with leaves "
-          "(a mask tree or module?). Pass a number or a schedule (a function of the step "
-          "count)."
-      )
-    return
-  if isinstance(value, jax.core.Tracer):
-    return  # injected by optax.inject_hyperparams / vmap under a trace: unknowable here.
-  try:
-    array = np.asarray(value)
-  except Exception:  # noqa: BLE001 - anything not array-like is a type error below.
-    array = None
-  if array is None or array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
-    raise TypeError(
-        f"{who}: {name} must be a non-negative number or a schedule "
-        f"(a function of the step count), got {value!r}."
-    )
-  if not math.isfinite(float(array)) or float(array) < 0:
-    raise ValueError(
-        f"{who}: {name} must be finite and >= 0, got {float(array)!r}. {negative_hint}"
-    )
-
-
-def check_weight_decay(weight_decay: Any, who: str) -> None:
-  """Raises early for weight decays that are masks, negative or not finite."""
-  _check_hyperparameter(weight_decay, "weight_decay", who,
-                        "A negative value would grow the weights.")
-
-
-def check_learning_rate(learning_rate: Any, who: str) -> None:
-  """Raises early for learning rates that are masks, predicates, negative or not finite."""
-  _check_hyperparameter(learning_rate, "learning_rate", who,
-                        "To maximize an objective, negate the loss.")
-
-
-def guard_decay(
-    tx: optax.GradientTransformation,
-    learning_rate: Any,
-    weight_decay: Any,
-    mask: Any,
-    who: str,
-) -> optax.GradientTransformation:
-  """Construction-time checks shared by the aliases; returns ``tx`` with a checking ``init``.
-
-  For a per-step shrink ``learning_rate · weight_decay`` (lr-coupled decay;
-  pass ``learning_rate=1.0`` for an lr-independent shrink of λ):
-
-  * ``learning_rate`` must be a non-negative finite number or a schedule, and
-    ``weight_decay`` a non-negative finite number or a schedule;
-  * when both are constants, ``η·λ >= 1`` is a ``ValueError`` (the decay would
-    flip the sign of every decayed weight, or zero it);
-  * at ``init``, when both are constants, a :class:`LowPrecisionDecayWarning`
-    names the decayed bfloat16/float16 leaves on which the shrink rounds to nothing.
-
-  The returned transformation has ``tx``'s update and state: results are unchanged.
-  """
-  check_learning_rate(learning_rate, who)
-  check_weight_decay(weight_decay, who)
-  lr, wd = _precision._as_constant(learning_rate), _precision._as_constant(weight_decay)
-  shrink = None if lr is None or wd is None else lr * wd
-  if shrink is not None and shrink >= 1:
-    raise ValueError(
-        f"{who}: the per-step weight-decay shrink learning_rate*weight_decay = {lr!r}*{wd!r} "
-        f"= {shrink:.4g} is >= 1, so every decayed weight would flip sign (or become 0) "
-        f"each step. Use weight_decay < 1/learning_rate = {1 / lr:.4g} (lr-coupled λ values "
-        "are typically 1e-4 ... 1e-1)."
-    )
-  if shrink is None or shrink == 0:
-    return tx
-
-  def init_fn(params):
-    _precision.warn_if_decay_vanishes(params, shrink, mask, who)
-    return tx.init(params)
-
-  if isinstance(tx, optax.GradientTransformationExtraArgs):
-    return optax.GradientTransformationExtraArgs(init_fn, tx.update)
-  return optax.GradientTransformation(init_fn, tx.update)
-
-
-def value_at(hyperparam: Any, count: chex.Array) -> chex.Array:
-  """A constant, or a schedule evaluated at ``count``."""
-  return hyperparam(count) if callable(hyperparam) else hyperparam
-
-
-def _no_params_error(who: str) -> ValueError:
-  return ValueError(
-      f"{who} needs the parameters: call tx.update(updates, state, params)."
-  )
-
-
-def check_decayed_dtypes(params: Any, mask_tree: Any, who: str) -> None:
-  """Decay is defined for floating (and complex) leaves only: refuse int/bool leaves it selects."""
-  is_leaf = _paths.is_variable
-  for (path, leaf), decay in zip(
-      _paths.leaves_with_paths(params), jax.tree_util.tree_leaves(mask_tree, is_leaf=is_leaf)
-  ):
-    dtype = getattr(_paths.leaf_value(leaf), "dtype", None)
-    if dtype is None:
-      dtype = np.asarray(_paths.leaf_value(leaf)).dtype
-    if decay and not jnp.issubdtype(dtype, jnp.inexact):
-      raise TypeError(
-          f"{who}: weight decay applies to floating-point parameters only, but the leaf "
-          f"{path!r} has dtype {dtype} and the mask decays it. Exclude it from the mask "
-          f"(e.g. mask=od.exclude_names({path.split('/')[-1]!r}) or od.include_names(...)), "
-          "or keep integer/bool state out of the tree given to the optimizer."
-      )
-
-
-def decay_dtype(u: chex.Array, p: chex.Array) -> Any:
-  """The dtype a decay term is computed in: the wider of the update's and the parameter's.
-
-  A float32 update of a bfloat16 θ then gets λ·θ in float32 (θ cast exactly), not a
-  bfloat16 product that XLA may or may not round; the result is cast back to ``u.dtype``.
-  """
-  return jnp.promote_types(u.dtype, p.dtype)
-
-
-def _add_scaled_params(weight_decay: Any, mask: Any, who: str) -> optax.GradientTransformation:
-  """``u + λ_t·θ`` on the leaves ``mask`` selects; others untouched."""
-  check_weight_decay(weight_decay, who)
-
-  def init_fn(params):
-    mask_tree = _masks.resolve_mask(params, mask)  # fail at init for a bad mask, not mid-run.
-    check_decayed_dtypes(params, mask_tree, who)
-    return WeightDecayState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise _no_params_error(who)
-    mask_tree = _masks.resolve_mask(params, mask)
-    check_decayed_dtypes(params, mask_tree, who)
-    wd = value_at(weight_decay, state.count)
-    # A constant λ = 0 emits no term at all (as torch's `if weight_decay != 0`), so the
-    # chain is exactly the undecayed optimizer, even for -0.0 updates or non-finite θ.
-    zero = _precision._as_constant(weight_decay) == 0.0
-
-    def add(u, p, decay):
-      if not decay or u is None or zero:
-        return u
-      dtype = decay_dtype(u, p)
-      return (u.astype(dtype) + wd * p.astype(dtype)).astype(u.dtype)
-
-    try:
-      updates = jax.tree.map(add, updates, params, mask_tree, is_leaf=lambda x: x is None)
-    except ValueError as e:
-      raise ValueError(
-          f"{who}: updates and params have different tree structures: {e}"
-      ) from e
-    return updates, WeightDecayState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def _checked(weight_decay: Any, who: str) -> Any:
+  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
+                                        hint="A negative value would grow the weights.")
+  return weight_decay
 
 
 def add_l2_to_grad(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
@@ -217,8 +49,9 @@ def add_l2_to_grad(weight_decay: Any, mask: Any = None) -> optax.GradientTransfo
   Args:
     weight_decay: λ, a non-negative number or an optax schedule of the step.
     mask: which leaves get the term: None (all), a predicate
-      (``od.exclude_names(...)``), a pytree of bools, or a function of the
-      parameters returning one. Resolved at trace time; excluded leaves pass
+      (``od.exclude_names(...)``), a pytree of bools, a function of the
+      parameters returning one, or :func:`decay_multipliers` rules (λ times
+      the leaf's multiplier). Resolved at trace time; excluded leaves pass
       through unchanged (their L2 term is simply absent).
 
   Returns:
@@ -235,7 +68,9 @@ def add_l2_to_grad(weight_decay: Any, mask: Any = None) -> optax.GradientTransfo
     torch.optim.Adam(weight_decay=λ), torch.optim.SGD(weight_decay=λ):
     ``grad = grad.add(param, alpha=weight_decay)`` before the moment updates.
   """
-  return _add_scaled_params(weight_decay, mask, "add_l2_to_grad")
+  who = "add_l2_to_grad"
+  return _decay.decay(_checked(weight_decay, who), mask, who=who, sign=+1,
+                      state=_decay.WeightDecayState)
 
 
 def add_decoupled_decay(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
@@ -259,8 +94,9 @@ def add_decoupled_decay(weight_decay: Any, mask: Any = None) -> optax.GradientTr
 
   Args:
     weight_decay: λ, a non-negative number or an optax schedule of the step.
-    mask: which leaves decay: None (all), a predicate, a pytree of bools, or a
-      function of the parameters returning one.
+    mask: which leaves decay: None (all), a predicate, a pytree of bools, a
+      function of the parameters returning one, or :func:`decay_multipliers`
+      rules.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`WeightDecayState`.
@@ -277,7 +113,9 @@ def add_decoupled_decay(weight_decay: Any, mask: Any = None) -> optax.GradientTr
     Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019,
     https://arxiv.org/abs/1711.05101 (Algorithm 2, line 12).
   """
-  return _add_scaled_params(weight_decay, mask, "add_decoupled_decay")
+  who = "add_decoupled_decay"
+  return _decay.decay(_checked(weight_decay, who), mask, who=who, sign=+1,
+                      state=_decay.WeightDecayState)
 
 
 def scale_by_adam(

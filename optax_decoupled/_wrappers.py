@@ -15,29 +15,13 @@ the update and the weight agree in sign), per-parameter multipliers; and, via
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import chex
-import jax
-import jax.numpy as jnp
 import optax
 
-from optax_decoupled import _masks, _multipliers, _paths, _transforms
+from optax_decoupled import _decay, _hyperparams
 
-__all__ = ["DecayTowardState", "DecoupledDecayState", "with_decay_toward", "with_decoupled_decay"]
-
-
-class DecoupledDecayState(NamedTuple):
-  """State of the decay step appended by :func:`with_decoupled_decay`."""
-
-  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
-
-
-class DecayTowardState(NamedTuple):
-  """State of the decay step appended by :func:`with_decay_toward`."""
-
-  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
-  reference: Any  # the params' tree structure; θ_ref on decayed leaves, None elsewhere.
+__all__ = ["with_decay_toward", "with_decoupled_decay"]
 
 
 def _check_inner(inner: Any, who: str) -> None:
@@ -48,61 +32,10 @@ def _check_inner(inner: Any, who: str) -> None:
     )
 
 
-def _check_weight_decay(weight_decay: Any, who: str) -> None:
-  if isinstance(weight_decay, (_masks.Predicate, _multipliers.DecayMultipliers)):
-    raise TypeError(
-        f"{who}: weight_decay={weight_decay!r} is a mask; pass it as mask=... and give "
-        "weight_decay a number or a schedule."
-    )
-  _transforms.check_weight_decay(weight_decay, who)
-
-
-def _decay_step(weight_decay, mask, *, who, cautious=False, toward=None):
-  """Appends ``u ← u − mult·c_t·(θ − θ_ref)`` on leaves with a nonzero multiplier."""
-
-  def init_fn(params):
-    mults = _multipliers.resolve_multipliers(params, mask)  # fail early on a bad mask.
-    _transforms.check_decayed_dtypes(params, jax.tree.map(bool, mults), who)
-    count = jnp.zeros([], jnp.int32)
-    if toward is None:
-      return DecoupledDecayState(count=count)
-    ref = params if toward == "init" else toward
-    try:
-      ref = jax.tree.map(  # nnx Variables (at init) are leaves: store their arrays.
-          lambda m, r: None if not m else jnp.array(_paths.leaf_value(r), copy=True), mults, ref)
-    except ValueError as e:
-      raise ValueError(f"{who}: reference and params have different tree structures: {e}") from e
-    return DecayTowardState(count=count, reference=ref)
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
-    mults = _multipliers.resolve_multipliers(params, mask)
-    _transforms.check_decayed_dtypes(params, jax.tree.map(bool, mults), who)
-    c = weight_decay(state.count) if callable(weight_decay) else weight_decay
-    refs = state.reference if toward is not None else jax.tree.map(lambda _: None, mults)
-
-    def step(u, p, mult, ref):
-      if u is None or not mult:
-        return u
-      dtype = _transforms.decay_dtype(u, p)  # same arithmetic as add_decoupled_decay.
-      p = p.astype(dtype)
-      target = p if ref is None else p - ref.astype(dtype)
-      term = c * target if mult == 1.0 else (c * mult) * target
-      if cautious:  # Chen et al.: decay where sign(update direction) = sign(θ), i.e. u·θ <= 0.
-        term = jnp.where(u * p <= 0, term, jnp.zeros_like(term))
-      return (u.astype(dtype) - term).astype(u.dtype)
-
-    try:
-      updates = jax.tree.map(step, updates, params, mults, refs, is_leaf=lambda x: x is None)
-    except ValueError as e:
-      raise ValueError(f"{who}: updates and params have different tree structures: {e}") from e
-    count = optax.safe_increment(state.count)
-    if toward is None:
-      return updates, DecoupledDecayState(count=count)
-    return updates, DecayTowardState(count=count, reference=state.reference)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def _check(inner: Any, weight_decay: Any, who: str) -> None:
+  _check_inner(inner, who)
+  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
+                                        hint="A negative value would grow the weights.")
 
 
 def with_decoupled_decay(
@@ -160,11 +93,10 @@ def with_decoupled_decay(
     Chen et al., Cautious Weight Decay, https://arxiv.org/abs/2510.12402.
   """
   who = "with_decoupled_decay"
-  _check_inner(inner, who)
-  _check_weight_decay(weight_decay, who)
-  if not isinstance(cautious, bool):
-    raise TypeError(f"{who}: cautious must be True or False, got {cautious!r}.")
-  return optax.chain(inner, _decay_step(weight_decay, mask, who=who, cautious=cautious))
+  _check(inner, weight_decay, who)
+  _hyperparams.check_flag(cautious, "cautious", who)
+  return optax.chain(inner, _decay.decay(weight_decay, mask, who=who, sign=-1,
+                                         state=_decay.DecoupledDecayState, cautious=cautious))
 
 
 def with_decay_toward(
@@ -188,7 +120,8 @@ def with_decay_toward(
   Args:
     inner: a complete ``optax.GradientTransformation``.
     weight_decay: c_t (number, array or schedule).
-    reference: None (θ at ``init``) or a pytree with the params' structure.
+    reference: None (θ at ``init``) or a pytree with the params' structure
+      and shapes (arrays of any kind: jax, numpy, Python floats).
     mask: which leaves are pulled back (as in :func:`with_decoupled_decay`).
 
   Returns:
@@ -210,7 +143,7 @@ def with_decay_toward(
     with Convolutional Networks (L2-SP), https://arxiv.org/abs/1802.01483.
   """
   who = "with_decay_toward"
-  _check_inner(inner, who)
-  _check_weight_decay(weight_decay, who)
-  toward = "init" if reference is None else reference
-  return optax.chain(inner, _decay_step(weight_decay, mask, who=who, toward=toward))
+  _check(inner, weight_decay, who)
+  return optax.chain(inner, _decay.decay(weight_decay, mask, who=who, sign=-1,
+                                         state=_decay.DecayTowardState, toward=True,
+                                         reference=reference))

@@ -11,7 +11,7 @@ bitwise those of the uninterrupted run, for every optimizer in ``OPTIMIZERS``
 key and optax.apply_if_finite's counters).
 
 ``test_state_layout_is_stable`` pins the state fields that checkpoints contain
-(documented in BUILD_NOTES.md, "Reliability and scale (issue 7)"): a change to
+(documented in BUILD_NOTES.md, "Promises and the tests that hold them"): a change to
 them breaks loading old checkpoints and must be deliberate.
 """
 

@@ -33,13 +33,13 @@ def test_conversions_round_trip(a, b, lr):
 
 
 def test_worked_conversions():
-  """λ_paper = α·λ_torch (paper Sec. 2; REFERENCE.md §2): torch AdamW(1e-3, wd=1e-2) → 1e-5."""
+  """λ_paper = α·λ_torch (paper Sec. 2): torch AdamW(1e-3, wd=1e-2) → 1e-5."""
   to = od.convert_weight_decay
   assert to(1e-2, from_coupling="lr", to_coupling="schedule", learning_rate=1e-3) == (
       pytest.approx(1e-2 * 1e-3))
   # at the peak, the schedule-coupled and independent λ are both the per-step shrink.
   assert to(1e-5, from_coupling="schedule", to_coupling="none", learning_rate=1e-3) == 1e-5
-  # REFERENCE.md §2: λ_norm-derived 1.26e-4 is ≈ 0.126 in lr-coupled units at α = 1e-3.
+  # Paper App. B.1: λ_norm-derived 1.26e-4 is ≈ 0.126 in lr-coupled units at α = 1e-3.
   assert to(1.26e-4, from_coupling="schedule", to_coupling="lr", learning_rate=1e-3) == (
       pytest.approx(0.126))
 
@@ -106,7 +106,7 @@ def test_normalized_weight_decay_worked_example():
   """Paper App. B.1: λ = λ_norm·√(b/(B·T)); CIFAR-10, b=128, B=50000, T=100, λ_norm=0.025."""
   lam = od.normalized_weight_decay(0.025, batch_size=128, num_examples=50_000, num_epochs=100)
   assert lam == pytest.approx(0.025 * np.sqrt(128 / (50_000 * 100)), rel=1e-12)
-  assert abs(lam - 1.26e-4) < 0.01e-4  # the paper's / REFERENCE.md's rounded number
+  assert abs(lam - 1.26e-4) < 0.01e-4  # the paper's rounded number (App. B.1)
   with pytest.raises(ValueError, match="swap"):
     od.normalized_weight_decay(0.025, 50_000, 128, 100)
   with pytest.raises(ValueError, match="num_epochs"):

@@ -185,7 +185,7 @@ def test_adamw_default_is_unchanged_bit_for_bit(lr):
 
 
 def test_traced_hyperparameters_under_vmap_and_jit():
-  """Issue 5's call: schedules built from a traced α, traced λ and peak, inside vmap."""
+  """A grid search's call: schedules built from a traced α, traced λ and peak, inside vmap."""
   p = ref.Problem(seed=8, kind="drift")
   mult = ref.cosine_multiplier(STEPS, 10)
   alphas = np.array([1e-2, 3e-2])

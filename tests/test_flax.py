@@ -1,7 +1,7 @@
 """Tests of optax_decoupled.flax: nnx and linen train steps, presets, checkpoints.
 
 Oracles: the zero-gradient decay is the paper's Proposition 4 as written in
-REFERENCE.md §2 (θ_T = Π(1 − η_t λ) θ_0 for lr-coupled decay) computed in
+Loshchilov & Hutter 2019, Sec. 2 (θ_T = Π(1 − η_t λ) θ_0 for lr-coupled decay) computed in
 float64 numpy; the presets are transcriptions of BERT's ``_do_use_weight_decay``
 (google-research/bert optimization.py), HF's ``Trainer.get_decay_parameter_names``
 (transformers trainer.py: ``get_parameter_names(model, ALL_LAYERNORM_LAYERS)``

@@ -1,4 +1,4 @@
-"""The source paper's propositions (REFERENCE.md §2) as exact checks on whole trajectories.
+"""The source paper's propositions (Loshchilov & Hutter 2019, Sec. 2 and App. A) as exact checks on whole trajectories.
 
 Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019
 (https://arxiv.org/abs/1711.05101), Propositions 1–3 and the zero-gradient consequence:

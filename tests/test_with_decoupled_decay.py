@@ -263,9 +263,21 @@ def test_multipliers_are_never_read_as_a_plain_mask():
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
   mults = od.decay_multipliers([(".*/kernel", 2.0)], default=0.0)
   grads = jax.tree.map(jnp.ones_like, params)
-  for tx in (od.add_decoupled_decay(1e-2, mults), optax.adamw(1e-3, mask=mults)):
-    with pytest.raises((TypeError, ValueError)):
-      tx.update(grads, tx.init(params), params)
+  tx = optax.adamw(1e-3, mask=mults)  # optax reads masks as bools: refused, not "decay all".
+  with pytest.raises((TypeError, ValueError)):
+    tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("make", [od.add_decoupled_decay, od.add_l2_to_grad])
+def test_every_decay_transform_takes_multipliers(make):
+  # The leaf rule u + λ·mult·θ, with mult from the first full match (big_vision's rule).
+  params = {"dense": {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.ones(2)}}
+  mults = od.decay_multipliers([(".*/kernel", 2.0)], default=0.0)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make(1e-2, mults)
+  u, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(u["dense"]["kernel"], 1.0 + 1e-2 * 2.0 * 3.0, rtol=1e-6)
+  np.testing.assert_array_equal(u["dense"]["bias"], 1.0)
 
 
 @pytest.mark.parametrize(

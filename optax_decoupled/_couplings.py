@@ -2,7 +2,7 @@
 
 Every decoupled decay shrinks the weights by a factor ``c_t`` per step,
 θ ← θ − c_t·θ. Codebases differ only in how ``c_t`` is built from the λ the
-user writes (REFERENCE.md §2):
+user writes:
 
 =============  ===========================  ===========================================
 coupling       per-step shrink ``c_t``       used by
@@ -18,24 +18,20 @@ the per-step shrink ``c_t`` (a schedule) that :func:`with_decoupled_decay`
 applies; :func:`convert_weight_decay` moves a λ from one convention to another.
 
 Everything here accepts traced values (inside ``jax.jit``/``jax.vmap``):
-validation looks only at concrete numbers.
+validation (``_hyperparams``) looks only at concrete numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from optax_decoupled import _hyperparams
 
 __all__ = [
   "COUPLINGS",
   "CoupledWeightDecay",
   "convert_weight_decay",
-  "cosine_warm_restarts_schedule",
   "coupled_weight_decay",
   "normalized_weight_decay",
   "timescale_from_weight_decay",
@@ -56,48 +52,6 @@ def check_coupling(coupling: Any, who: str) -> str:
   return coupling
 
 
-def concrete(x: Any) -> float | None:
-  """``float(x)`` for a concrete real scalar; None for tracers (checked by no one)."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    value = np.asarray(x)
-  except Exception:  # noqa: BLE001 - not array-like: the caller raises a TypeError.
-    return None
-  if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
-    return None
-  return float(value)
-
-
-def check_number(
-    x: Any, name: str, who: str, *, positive: bool = False, allow_schedule: bool = True
-) -> None:
-  """Raises early for a concrete value that is not a finite number >= 0 (> 0 if positive).
-
-  Tracers pass unchecked (values injected under jit/vmap); callables pass as
-  schedules when ``allow_schedule``.
-  """
-  if isinstance(x, jax.core.Tracer):
-    return
-  if callable(x):
-    if allow_schedule:
-      return
-    raise TypeError(f"{who}: {name} must be a number, not a schedule ({x!r}).")
-  if isinstance(x, (bool, np.bool_)):
-    raise TypeError(f"{who}: {name}={x!r} is a bool; pass a number.")
-  value = concrete(x)
-  if value is None:
-    what = "a number or a schedule (a function of the step count)" if allow_schedule else "a number"
-    raise TypeError(f"{who}: {name} must be {what}, got {x!r}.")
-  if not math.isfinite(value) or value < 0 or (positive and value == 0):
-    bound = "> 0" if positive else ">= 0"
-    raise ValueError(f"{who}: {name} must be finite and {bound}, got {value!r}.")
-
-
-def _at(hyperparam: Any, count: Any) -> Any:
-  return hyperparam(count) if callable(hyperparam) else hyperparam
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class CoupledWeightDecay:
   """The per-step shrink ``c_t`` of a coupling: a schedule (call it with the step count).
@@ -111,10 +65,10 @@ class CoupledWeightDecay:
   peak_learning_rate: Any = None
 
   def __call__(self, count: Any) -> Any:
-    wd = _at(self.weight_decay, count)
+    wd = _hyperparams.value_at(self.weight_decay, count)
     if self.coupling == "none":
       return wd
-    lr = _at(self.learning_rate, count)
+    lr = _hyperparams.value_at(self.learning_rate, count)
     if self.coupling == "lr":
       return lr * wd
     if self.coupling == "schedule":
@@ -122,14 +76,42 @@ class CoupledWeightDecay:
     return lr * lr / self.peak_learning_rate * wd  # "corrected"
 
   def constant(self) -> float | None:
-    """The shrink as a Python float when every input is a concrete number, else None."""
-    parts = (self.weight_decay, self.learning_rate, self.peak_learning_rate)
-    if any(callable(x) for x in parts):
-      return None
-    values = [None if x is None else concrete(x) for x in parts]
-    if any(v is None and x is not None for v, x in zip(values, parts)):
+    """The shrink as a Python float when it is the same at every step, else None.
+
+    A constant λ = 0 gives 0.0 whatever the learning rate: no decay term at all.
+    """
+    wd = _hyperparams.constant(self.weight_decay)
+    if wd == 0.0:
+      return 0.0
+    parts = (self.learning_rate, self.peak_learning_rate)
+    if wd is None or any(x is not None and _hyperparams.constant(x) is None for x in parts):
       return None
     return float(self(0))
+
+
+def build(weight_decay: Any, coupling: str, learning_rate: Any, peak_learning_rate: Any,
+          who: str) -> CoupledWeightDecay:
+  """The :class:`CoupledWeightDecay` of arguments already validated by the caller.
+
+  Raises only for what no single argument shows: a coupling that needs the learning rate
+  without one, and a learning-rate schedule without ``peak_learning_rate``.
+  """
+  if coupling == "none":
+    return CoupledWeightDecay(weight_decay, coupling)
+  if learning_rate is None:
+    raise ValueError(f"{who}: coupling={coupling!r} needs the learning rate (learning_rate=...).")
+  if coupling == "lr":
+    return CoupledWeightDecay(weight_decay, coupling, learning_rate)
+  if peak_learning_rate is None:
+    if callable(learning_rate):
+      raise ValueError(
+          f"{who}: coupling={coupling!r} with a learning-rate schedule needs "
+          "peak_learning_rate=..., the base learning rate α the schedule is a multiple of "
+          "(e.g. 1e-3 for optax.warmup_cosine_decay_schedule(0.0, 1e-3, ...)); the shrink "
+          "is then η_t/α·λ. A schedule's peak is not inferred."
+      )
+    peak_learning_rate = learning_rate
+  return CoupledWeightDecay(weight_decay, coupling, learning_rate, peak_learning_rate)
 
 
 def coupled_weight_decay(
@@ -178,26 +160,22 @@ def coupled_weight_decay(
     Defazio, https://arxiv.org/abs/2506.02285 (corrected decay).
   """
   who = "coupled_weight_decay"
-  coupling = check_coupling(coupling, who)
-  check_number(weight_decay, "weight_decay", who)
-  if coupling == "none":
-    return CoupledWeightDecay(weight_decay, coupling)
-  if learning_rate is None:
-    raise ValueError(f"{who}: coupling={coupling!r} needs the learning rate (learning_rate=...).")
-  check_number(learning_rate, "learning_rate", who)
-  if coupling == "lr":
-    return CoupledWeightDecay(weight_decay, coupling, learning_rate)
-  if peak_learning_rate is None:
-    if callable(learning_rate):
-      raise ValueError(
-          f"{who}: coupling={coupling!r} with a learning-rate schedule needs "
-          "peak_learning_rate=..., the base learning rate α the schedule is a multiple of "
-          "(e.g. 1e-3 for optax.warmup_cosine_decay_schedule(0.0, 1e-3, ...)); the shrink "
-          "is then η_t/α·λ. A schedule's peak is not inferred."
-      )
-    peak_learning_rate = learning_rate
-  check_number(peak_learning_rate, "peak_learning_rate", who, positive=True, allow_schedule=False)
-  return CoupledWeightDecay(weight_decay, coupling, learning_rate, peak_learning_rate)
+  check_args(who, weight_decay=weight_decay, coupling=coupling, learning_rate=learning_rate,
+             peak_learning_rate=peak_learning_rate)
+  return build(weight_decay, coupling, learning_rate, peak_learning_rate, who)
+
+
+def check_args(who: str, *, weight_decay: Any, coupling: str, learning_rate: Any,
+               peak_learning_rate: Any) -> None:
+  """The checks of :func:`coupled_weight_decay`'s arguments, for entry points that take them."""
+  check_coupling(coupling, who)
+  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
+                                        hint="A negative value would grow the weights.")
+  if learning_rate is not None:
+    _hyperparams.check_schedule_or_number(learning_rate, "learning_rate", who,
+                                          hint="To maximize an objective, negate the loss.")
+  if peak_learning_rate is not None:
+    _hyperparams.check_number(peak_learning_rate, "peak_learning_rate", who, positive=True)
 
 
 def convert_weight_decay(
@@ -243,8 +221,8 @@ def convert_weight_decay(
   who = "convert_weight_decay"
   check_coupling(from_coupling, who)
   check_coupling(to_coupling, who)
-  check_number(value, "value", who, allow_schedule=False)
-  check_number(learning_rate, "learning_rate", who, positive=True, allow_schedule=False)
+  _hyperparams.check_number(value, "value", who)
+  _hyperparams.check_number(learning_rate, "learning_rate", who, positive=True)
   lr_units = ("lr", "corrected")  # λ multiplied by η (at the peak) to give the shrink.
   shrink = value * learning_rate if from_coupling in lr_units else value
   return shrink / learning_rate if to_coupling in lr_units else shrink
@@ -272,11 +250,11 @@ def normalized_weight_decay(
     Loshchilov & Hutter, https://arxiv.org/abs/1711.05101, Appendix B.1.
   """
   who = "normalized_weight_decay"
-  check_number(lambda_norm, "lambda_norm", who, allow_schedule=False)
+  _hyperparams.check_number(lambda_norm, "lambda_norm", who)
   for name, v in (("batch_size", batch_size), ("num_examples", num_examples),
                   ("num_epochs", num_epochs)):
-    check_number(v, name, who, positive=True, allow_schedule=False)
-  b, n = concrete(batch_size), concrete(num_examples)
+    _hyperparams.check_number(v, name, who, positive=True)
+  b, n = _hyperparams.constant(batch_size), _hyperparams.constant(num_examples)
   if b is not None and n is not None and b > n:
     raise ValueError(
         f"{who}: batch_size={batch_size} exceeds num_examples={num_examples}; "
@@ -291,11 +269,10 @@ def _iterations(tau_iterations, tau_epochs, iterations_per_epoch, who):
   if tau_epochs is not None:
     if iterations_per_epoch is None:
       raise ValueError(f"{who}: tau_epochs needs iterations_per_epoch=... to convert.")
-    check_number(tau_epochs, "tau_epochs", who, positive=True, allow_schedule=False)
-    check_number(iterations_per_epoch, "iterations_per_epoch", who, positive=True,
-                 allow_schedule=False)
+    _hyperparams.check_number(tau_epochs, "tau_epochs", who, positive=True)
+    _hyperparams.check_number(iterations_per_epoch, "iterations_per_epoch", who, positive=True)
     return tau_epochs * iterations_per_epoch
-  check_number(tau_iterations, "tau_iterations", who, positive=True, allow_schedule=False)
+  _hyperparams.check_number(tau_iterations, "tau_iterations", who, positive=True)
   return tau_iterations
 
 
@@ -364,96 +341,11 @@ def timescale_from_weight_decay(
   """
   who = "timescale_from_weight_decay"
   check_coupling(coupling, who)
-  check_number(weight_decay, "weight_decay", who, positive=True, allow_schedule=False)
+  _hyperparams.check_number(weight_decay, "weight_decay", who, positive=True)
   shrink = convert_weight_decay(weight_decay, from_coupling=coupling, to_coupling="none",
                                 learning_rate=learning_rate)
   tau = 1.0 / shrink
   if iterations_per_epoch is None:
     return tau
-  check_number(iterations_per_epoch, "iterations_per_epoch", who, positive=True,
-               allow_schedule=False)
+  _hyperparams.check_number(iterations_per_epoch, "iterations_per_epoch", who, positive=True)
   return tau / iterations_per_epoch
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _WarmRestarts:
-  peak_value: Any
-  first_period: int
-  period_multiplier: int
-  min_value: Any
-  starts: tuple[int, ...]  # restart steps (first at 0), up to int32 range, T_mult > 1.
-
-  def __call__(self, count: Any) -> Any:
-    t = jnp.asarray(count, jnp.int32)
-    if self.period_multiplier == 1:
-      t_cur = jnp.mod(t, self.first_period)
-      t_i = jnp.asarray(self.first_period, jnp.int32)
-    else:
-      starts = jnp.asarray(self.starts, jnp.int32)
-      i = jnp.searchsorted(starts, t, side="right") - 1
-      t_cur = t - starts[i]
-      t_i = self.first_period * jnp.asarray(self.period_multiplier, jnp.int32) ** i
-    frac = t_cur.astype(jnp.float32) / t_i.astype(jnp.float32)
-    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-    return self.min_value + (self.peak_value - self.min_value) * cosine
-
-
-def cosine_warm_restarts_schedule(
-    peak_value: Any = 1.0,
-    first_period: int = 100,
-    period_multiplier: int = 1,
-    min_value: Any = 0.0,
-) -> Any:
-  r"""SGDR/AdamWR cosine annealing with warm restarts, advanced every step.
-
-  .. math::
-    \eta_t = \eta_{min} + (\eta_{peak} - \eta_{min})\cdot
-    \tfrac12\big(1 + \cos(\pi T_{cur}/T_i)\big)
-
-  where :math:`T_{cur}` counts steps since the last restart and the period
-  :math:`T_i` starts at ``first_period`` (T_0) and is multiplied by
-  ``period_multiplier`` (T_mult) at each restart: restarts happen at steps
-  T_0, T_0(1 + T_mult), T_0(1 + T_mult + T_mult²), ... Restart steps are
-  computed in integer arithmetic, so they land exactly.
-
-  With ``peak_value=1`` and ``min_value=0`` this is the paper's multiplier
-  :math:`\eta_t` of AdamWR, usable both as a learning-rate schedule
-  (``optax.scale_by_schedule``, or scaled by α) and as the decay multiplier
-  (``coupling="schedule"`` with ``peak_learning_rate=α``, or
-  ``od.with_decoupled_decay(inner, lambda t: λ * sched(t))``). Equals
-  ``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`` stepped each batch.
-  Decay convention: none (a schedule).
-
-  Args:
-    peak_value: value at each restart (η_max; 1.0 for a multiplier).
-    first_period: T_0, the first period in steps (int > 0).
-    period_multiplier: T_mult (int >= 1, as torch).
-    min_value: η_min, the value approached at the end of each period.
-
-  Returns:
-    A schedule: a function of the step count.
-
-  Example:
-    >>> import optax_decoupled as od
-    >>> s = od.cosine_warm_restarts_schedule(1.0, first_period=10, period_multiplier=2)
-    >>> [float(s(t)) for t in (0, 10, 30)]  # restarts at 10 and 10 + 20
-    [1.0, 1.0, 1.0]
-
-  References:
-    Loshchilov & Hutter, SGDR, https://arxiv.org/abs/1608.03983 (Eq. 5);
-    AdamWR: https://arxiv.org/abs/1711.05101 (Sec. 3).
-  """
-  who = "cosine_warm_restarts_schedule"
-  for name, v in (("first_period", first_period), ("period_multiplier", period_multiplier)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{who}: {name} must be an int >= 1 (as torch's T_0, T_mult), got {v!r}.")
-  check_number(peak_value, "peak_value", who, allow_schedule=False)
-  check_number(min_value, "min_value", who, allow_schedule=False)
-  starts = [0]
-  if period_multiplier > 1:
-    period = int(first_period)
-    while starts[-1] + period < 2**31 - 1:
-      starts.append(starts[-1] + period)
-      period *= int(period_multiplier)
-  return _WarmRestarts(peak_value, int(first_period), int(period_multiplier), min_value,
-                       tuple(starts))

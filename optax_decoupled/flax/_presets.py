@@ -1,58 +1,16 @@
-"""Flax helpers: module-type masks, presets, jitted train steps, orbax checkpoints.
-
-The only module of ``optax_decoupled`` that imports flax (install the
-``flax`` extra); the core imports without it. Import it as::
-
-    import optax_decoupled as od
-    import optax_decoupled.flax as odf
-
-nnx, the pattern this module supports end to end::
-
-    model = MyModel(rngs=nnx.Rngs(0))
-    mask = odf.hf_trainer_mask(model)            # norm layers by type + biases
-    optimizer = nnx.Optimizer(model, od.adamw(1e-3, weight_decay=0.01, mask=mask),
-                              wrt=nnx.Param)
-    train_step = odf.nnx_train_step(loss_fn)     # nnx.jit, donated buffers
-    loss = train_step(model, optimizer, x, y)
-
-linen, with ``flax.training.train_state.TrainState``::
-
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                              tx=od.adamw(1e-3, weight_decay=0.01,
-                                          mask=od.exclude_names(*od.BERT_EXCLUDE)))
-    train_step = odf.linen_train_step(loss_fn)   # jax.jit, donated state
-    state, loss = train_step(state, x, y)
-
-Mask paths are the strings ``od`` builds from key paths (``_paths.path_to_str``):
-for nnx, the attribute path in ``nnx.state(model, nnx.Param)``, e.g.
-``blocks/0/attn_norm/scale``; for linen, the key path in ``params``. A linen
-model whose submodules carry the same names as the nnx attributes has the
-same paths, hence the same mask, under any name predicate.
-"""
+"""Masks from the nnx module graph, and presets named after the codebases they follow."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import jax
 from flax import nnx
 
-from optax_decoupled import _fused, _masks, _paths
+from optax_decoupled import _paths, _predicates
 
-__all__ = [
-    "NORM_TYPES",
-    "bert_mask",
-    "exclude_module_types",
-    "hf_trainer_mask",
-    "linen_train_step",
-    "nanogpt_mask",
-    "nnx_train_step",
-    "restore_checkpoint",
-    "save_checkpoint",
-]
+__all__ = ["NORM_TYPES", "bert_mask", "exclude_module_types", "hf_trainer_mask", "nanogpt_mask"]
 
 #: Flax nnx normalization layers, grouped as one rule of alternatives: the rule
 #: counts as matched when a module of *any* of these types owns a parameter.
@@ -123,7 +81,7 @@ def _param_owners_by_rule(
 
 
 @dataclasses.dataclass(frozen=True)
-class _ModuleTypes(_masks.Predicate):
+class _ModuleTypes(_predicates.Predicate):
   rules: tuple[tuple[type, ...], ...]
   owners: tuple[tuple[tuple[str, str], ...], ...]
   model_name: str
@@ -138,11 +96,11 @@ class _ModuleTypes(_masks.Predicate):
   def owned(self) -> tuple[frozenset[str], ...]:
     return tuple(frozenset(d) for d in self._lookup)
 
-  def decide(self, path: str, leaf: Any) -> _masks.Decision:
+  def decide(self, path: str, leaf: Any) -> _predicates.Decision:
     for lookup in self._lookup:
       if path in lookup:
-        return _masks.Decision(False, f"excluded: in a {lookup[path]} module")
-    return _masks.Decision(True, "not in an excluded module type")
+        return _predicates.Decision(False, f"excluded: in a {lookup[path]} module")
+    return _predicates.Decision(True, "not in an excluded module type")
 
   def unmatched(self, paths: Sequence[str]) -> list[str]:
     if self.allow_unmatched:
@@ -175,7 +133,7 @@ def exclude_module_types(
     *types: TypeRule,
     allow_unmatched: bool = False,
     wrt: Any = nnx.Param,
-) -> _masks.Predicate:
+) -> _predicates.Predicate:
   """Decay every parameter except those that belong to modules of ``types``.
 
   The HF Trainer rule by type (``get_parameter_names(model, [nn.LayerNorm])``),
@@ -231,7 +189,7 @@ def exclude_module_types(
   return pred
 
 
-def bert_mask() -> _masks.Predicate:
+def bert_mask() -> _predicates.Predicate:
   """BERT's preset: no decay on any path containing LayerNorm/layer_norm or bias.
 
   ``od.exclude_names(*od.BERT_EXCLUDE)``: google-research/bert's
@@ -247,7 +205,7 @@ def bert_mask() -> _masks.Predicate:
     ...                  "kernel": jnp.ones((2, 2))}})
     {'dense': {'bias': False, 'kernel': True}, 'layer_norm': {'scale': False}}
   """
-  return _masks.exclude_names(*_masks.BERT_EXCLUDE)
+  return _predicates.exclude_names(*_predicates.BERT_EXCLUDE)
 
 
 def hf_trainer_mask(
@@ -256,7 +214,7 @@ def hf_trainer_mask(
     *,
     allow_unmatched: bool = False,
     wrt: Any = nnx.Param,
-) -> _masks.Predicate:
+) -> _predicates.Predicate:
   """HF Trainer's preset: no decay on norm layers (by type) and on biases (by name).
 
   ``exclude_module_types(model, norm_types) & od.exclude_names("bias")``, the
@@ -282,7 +240,7 @@ def hf_trainer_mask(
   types = norm_types if isinstance(norm_types, type) else tuple(norm_types)
   return exclude_module_types(
       model, types, allow_unmatched=allow_unmatched, wrt=wrt
-  ) & _masks.exclude_names("bias", allow_unmatched=allow_unmatched)
+  ) & _predicates.exclude_names("bias", allow_unmatched=allow_unmatched)
 
 
 def nanogpt_mask(
@@ -290,7 +248,7 @@ def nanogpt_mask(
     norm_types: TypeRule = NORM_TYPES,
     *,
     wrt: Any = nnx.Param,
-) -> _masks.Predicate:
+) -> _predicates.Predicate:
   """nanoGPT/timm preset: decay tensors of >= 2 dims only, safe for stacked layers.
 
   nanoGPT (``configure_optimizers``: ``p.dim() >= 2``) and timm
@@ -314,189 +272,10 @@ def nanogpt_mask(
     {'Dense_0': {'bias': False, 'kernel': True}, 'LayerNorm_0': {'scale': False}}
   """
   if model is None:
-    norm = _masks.exclude_names(_NORM_NAMES, allow_unmatched=True)
+    norm = _predicates.exclude_names(_NORM_NAMES, allow_unmatched=True)
   else:
     types = norm_types if isinstance(norm_types, type) else tuple(norm_types)
     norm = exclude_module_types(model, types, allow_unmatched=True, wrt=wrt)
-  return _masks.min_ndim(2) & norm & _masks.exclude_names("bias", allow_unmatched=True)
+  return _predicates.min_ndim(2) & norm & _predicates.exclude_names("bias", allow_unmatched=True)
 
 
-def nnx_train_step(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False, donate: bool = True,
-    fused: bool = False,
-) -> Callable[..., Any]:
-  """A jitted nnx train step: ``step(model, optimizer, *batch) -> loss``.
-
-  ``loss, grads = nnx.value_and_grad(loss_fn)(model, *batch)`` then
-  ``optimizer.update(model, grads)``, under ``nnx.jit`` with the model's and
-  optimizer's buffers donated (``donate_argnames=("model", "optimizer")``),
-  so parameters and Adam's moments are updated in place. It compiles once
-  for a fixed model structure and batch shapes/dtypes; keep ``loss_fn`` and
-  the batch shapes fixed (pad the last batch) to avoid retracing. Donated
-  arrays are deleted after the call: copy (``np.array``, not ``np.asarray``,
-  whose zero-copy view on CPU silently blocks donation) any parameter you want
-  to keep.
-
-  Args:
-    loss_fn: ``loss_fn(model, *batch) -> scalar`` (``-> (scalar, aux)`` with
-      ``has_aux=True``); differentiated with respect to the optimizer's
-      ``wrt`` (nnx.Param by default).
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; the step then
-      returns ``(loss, aux)``.
-    donate: donate the model and optimizer buffers (default True).
-    fused: apply the update with :func:`optax_decoupled.fused_step` (one pass over
-      memory on CPU; the C++ kernel for ``od.adamw`` with float32 moments) instead of
-      ``optimizer.update``; same results to round-off, same optimizer state.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> import optax_decoupled as od, optax_decoupled.flax as odf
-    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-    >>> opt = nnx.Optimizer(model, od.adamw(1e-2, mask=od.min_ndim(2)), wrt=nnx.Param)
-    >>> step = odf.nnx_train_step(lambda m, x, y: ((m(x) - y) ** 2).mean())
-    >>> loss = step(model, opt, jnp.ones((4, 2)), jnp.zeros((4, 1)))
-  """
-
-  def step(model, optimizer, *batch):
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=has_aux, argnums=nnx.DiffState(0, optimizer.wrt))
-    out, grads = grad_fn(model, *batch)
-    if fused:
-      _fused_nnx_update(model, optimizer, grads)
-    else:
-      optimizer.update(model, grads)
-    return out
-
-  donated = ("model", "optimizer") if donate else None
-  return nnx.jit(step, donate_argnames=donated)
-
-
-def _fused_nnx_update(model, optimizer, grads) -> None:
-  """``optimizer.update(model, grads)`` (flax's ``nnx.Optimizer.update``: params and
-  optimizer state as pure arrays, the step, then written back) with ``od.fused_step``."""
-  pure = getattr(nnx, "as_pure", None) or nnx.pure
-  params = pure(nnx.state(model, optimizer.wrt))
-  grad_arrays = pure(nnx.state(grads, optimizer.wrt))
-  params, opt_state = _fused.fused_step(optimizer.tx)(params, grad_arrays,
-                                                  pure(optimizer.opt_state))
-  nnx.update(model, params)
-  nnx.update(optimizer.opt_state, nnx.state(opt_state))
-  optimizer.step[...] += 1
-
-
-def linen_train_step(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False, donate: bool = True,
-    fused: bool = False,
-) -> Callable[..., Any]:
-  """A jitted linen train step: ``step(state, *batch) -> (state, loss)``.
-
-  For ``flax.training.train_state.TrainState`` (any state with ``params`` and
-  ``apply_gradients``): ``loss, grads = jax.value_and_grad(loss_fn)(state.params,
-  *batch)``, then ``state.apply_gradients(grads=grads)``, under ``jax.jit``
-  with the state donated (``donate_argnums=0``): do not reuse the old state,
-  and copy (``np.array``) any array of it you want to keep.
-
-  Args:
-    loss_fn: ``loss_fn(params, *batch) -> scalar`` (or ``(scalar, aux)``),
-      typically calling ``model.apply({"params": params}, ...)``.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    donate: donate the input state's buffers (default True).
-    fused: apply the update with :func:`optax_decoupled.fused_step` (one pass over
-      memory on CPU; the C++ kernel for ``od.adamw`` with float32 moments) instead of
-      ``state.apply_gradients``; same results to round-off, same state.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> from flax.training import train_state
-    >>> import optax_decoupled as od, optax_decoupled.flax as odf
-    >>> net = nn.Dense(1)
-    >>> params = net.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
-    >>> state = train_state.TrainState.create(
-    ...     apply_fn=net.apply, params=params,
-    ...     tx=od.adamw(1e-2, weight_decay=1e-2, mask=od.exclude_names("bias")))
-    >>> loss_fn = lambda p, x, y: ((net.apply({"params": p}, x) - y) ** 2).mean()
-    >>> state, loss = odf.linen_train_step(loss_fn)(state, jnp.ones((4, 2)), jnp.zeros((4, 1)))
-  """
-
-  def step(state, *batch):
-    out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, *batch)
-    if not fused:
-      return state.apply_gradients(grads=grads), out
-    # TrainState.apply_gradients, with the update and its application in one fused step.
-    params, opt_state = _fused.fused_step(state.tx)(state.params, grads, state.opt_state)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
-
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
-
-
-def _is_nnx_state(tree: Any) -> bool:
-  return isinstance(tree, nnx.State)
-
-
-def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
-  """Saves ``tree`` as checkpoint ``step`` under ``directory`` (orbax), and waits.
-
-  ``tree`` is any pytree of arrays (a linen ``TrainState``, a dict of
-  parameters and ``optax`` states), or an ``nnx.State``, e.g.
-  ``nnx.state((model, optimizer))`` for the parameters and the optimizer
-  state together (stored as its pure dict). An existing checkpoint ``step``
-  is replaced. Uses
-  ``orbax.checkpoint.CheckpointManager`` with ``StandardSave``; the values are
-  stored exactly (restoring gives bitwise the same arrays).
-
-  Example:
-    >>> import tempfile, jax.numpy as jnp, optax_decoupled.flax as odf
-    >>> d = tempfile.mkdtemp()
-    >>> odf.save_checkpoint(d, 10, {"w": jnp.ones(3)})
-    >>> odf.restore_checkpoint(d, {"w": jnp.zeros(3)})[0]
-    10
-  """
-  import orbax.checkpoint as ocp
-
-  if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-    raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}.")
-  if _is_nnx_state(tree):
-    tree = nnx.to_pure_dict(tree)
-  with ocp.CheckpointManager(os.path.abspath(os.fspath(directory))) as mgr:
-    if step in mgr.all_steps():
-      mgr.delete(step)  # a re-run overwrites its own step instead of failing
-    mgr.save(step, args=ocp.args.StandardSave(tree), force=True)
-    mgr.wait_until_finished()
-
-
-def restore_checkpoint(
-    directory: str | os.PathLike, like: Any, step: int | None = None
-) -> tuple[int, Any]:
-  """Restores checkpoint ``step`` (default: the latest) shaped like ``like``.
-
-  Args:
-    directory: the directory given to :func:`save_checkpoint`.
-    like: a tree with the structure, shapes and dtypes of the saved one (e.g.
-      the freshly initialized ``TrainState``, or ``nnx.state((model, optimizer))``);
-      it is not modified.
-    step: which checkpoint; None for the latest.
-
-  Returns:
-    ``(step, tree)``; for an ``nnx.State`` ``like``, ``tree`` is an
-    ``nnx.State`` to apply with ``nnx.update((model, optimizer), tree)``.
-    Raises ``FileNotFoundError`` if there is no checkpoint.
-  """
-  import orbax.checkpoint as ocp
-
-  path = os.path.abspath(os.fspath(directory))
-  with ocp.CheckpointManager(path) as mgr:
-    if step is None:
-      step = mgr.latest_step()
-    if step is None or step not in mgr.all_steps():
-      raise FileNotFoundError(
-          f"restore_checkpoint: no checkpoint{'' if step is None else f' {step}'} in {path!r}"
-          f" (available steps: {list(mgr.all_steps())})."
-      )
-    target = nnx.to_pure_dict(like) if _is_nnx_state(like) else like
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-  if _is_nnx_state(like):
-    out = jax.tree.map(lambda x: x, like)  # new Variables: ``like`` is left untouched.
-    nnx.replace_by_pure_dict(out, restored)
-    return int(step), out
-  return int(step), restored

@@ -1,0 +1,171 @@
+"""The one decay builder: every decay term of this package is computed here.
+
+Leaf rule, on the leaves the mask selects:
+
+.. math:: \\text{term} = c_t\\cdot\\text{mult}\\cdot(\\theta - \\theta_{ref})
+
+added to the incoming update (``sign=+1``: coupled L2 before a preconditioner, or
+lr-coupled decoupled decay before ``scale_by_learning_rate``) or subtracted from a finished
+update (``sign=-1``: decay after a complete optimizer). ``θ_ref`` is 0 unless a reference is
+held in the state (L2-SP). With ``cautious=True`` the term is kept only where the update
+direction agrees in sign with θ (Chen et al. 2025).
+
+One rule for a constant c = 0: no term is added at all (as torch's ``if weight_decay != 0``),
+so the chain is exactly the undecayed optimizer, also for -0.0 updates and non-finite θ.
+
+The builder does not validate its arguments: the public entry points do (``_hyperparams``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_decoupled import _hyperparams, _masks, _paths
+
+__all__ = ["DecayTowardState", "DecoupledDecayState", "WeightDecayState", "decay"]
+
+
+class WeightDecayState(NamedTuple):
+  """State of :func:`add_l2_to_grad` and :func:`add_decoupled_decay`.
+
+  The same type whether ``weight_decay`` is a constant or a schedule.
+  """
+
+  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+
+
+class DecoupledDecayState(NamedTuple):
+  """State of the decay step appended by :func:`with_decoupled_decay`."""
+
+  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+
+
+class DecayTowardState(NamedTuple):
+  """State of the decay step appended by :func:`with_decay_toward`."""
+
+  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+  reference: Any  # the params' tree structure; θ_ref on decayed leaves, None elsewhere.
+
+
+def _leaf_dtype(leaf: Any) -> np.dtype:
+  value = _paths.leaf_value(leaf)
+  return np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+
+
+def _check_decayed_dtypes(decisions: list[_masks.LeafDecision], who: str) -> None:
+  """Decay is defined for floating (and complex) leaves only: refuse int/bool leaves it selects."""
+  for d in decisions:
+    dtype = _leaf_dtype(d.leaf)
+    if d.decay and not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{who}: weight decay applies to floating-point parameters only, but the leaf "
+          f"{d.path!r} has dtype {dtype} and the mask decays it. Exclude it from the mask "
+          f"(e.g. mask=od.exclude_names({d.path.split('/')[-1]!r}) or od.include_names(...)), "
+          "or keep integer/bool state out of the tree given to the optimizer."
+      )
+
+
+def multipliers(params: Any, mask: Any, who: str) -> list[float]:
+  """The multiplier of λ per leaf of ``params`` (flattening order), dtypes checked."""
+  decisions = _masks.decisions(params, mask)
+  _check_decayed_dtypes(decisions, who)
+  return [d.multiplier for d in decisions]
+
+
+def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any:
+  """θ_ref, stored for the decayed leaves only (None elsewhere)."""
+  treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
+  source = params if reference is None else reference
+  try:
+    refs = treedef.flatten_up_to(source)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{who}: reference and params have different tree structures: {e}") from e
+  out = []
+  for (path, p), r, mult in zip(_paths.leaves_with_paths(params), refs, mults):
+    if not mult:
+      out.append(None)
+      continue
+    r = _paths.leaf_value(r)
+    if np.shape(r) != np.shape(_paths.leaf_value(p)):
+      raise ValueError(
+          f"{who}: the reference leaf {path!r} has shape {np.shape(r)}, the parameter "
+          f"{np.shape(_paths.leaf_value(p))}. Give θ_ref with the parameters' shapes "
+          "(broadcasting is not applied)."
+      )
+    out.append(jnp.array(r, dtype=_leaf_dtype(p), copy=True))
+  return treedef.unflatten(out)
+
+
+def decay(
+    weight_decay: Any,
+    mask: Any,
+    *,
+    who: str,
+    sign: int,
+    state: type,
+    cautious: bool = False,
+    toward: bool = False,
+    reference: Any = None,
+) -> optax.GradientTransformation:
+  """``u ← u + sign·c_t·mult·(θ − θ_ref)`` on the leaves ``mask`` selects.
+
+  Args:
+    weight_decay: c_t, a number, array, tracer or schedule (validated by the caller).
+    mask: any mask form (see ``_masks``).
+    who: the public name, for error messages.
+    sign: +1 (add to the incoming update) or -1 (subtract from a finished update).
+    state: the state NamedTuple (``count`` first; ``reference`` too with ``toward``).
+    cautious: keep the term only where the update direction agrees in sign with θ.
+    toward: hold θ_ref in the state: ``reference``, or the params given to ``init``.
+    reference: θ_ref (a tree like the params) when ``toward``; None means θ at init.
+  """
+  zero = _hyperparams.constant(weight_decay) == 0.0
+
+  def init_fn(params):
+    mults = multipliers(params, mask, who)  # a bad mask fails at init, not mid-run.
+    count = jnp.zeros([], jnp.int32)
+    if not toward:
+      return state(count=count)
+    return state(count=count, reference=_reference(params, reference, mults, who))
+
+  def update_fn(updates, opt_state, params=None):
+    if params is None:
+      raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
+    mults = multipliers(params, mask, who)
+    c = _hyperparams.value_at(weight_decay, opt_state.count)
+    treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
+    mults = treedef.unflatten(mults)
+    refs = opt_state.reference if toward else treedef.unflatten([None] * treedef.num_leaves)
+
+    def leaf(u, p, mult, ref):
+      if u is None or not mult or zero:
+        return u
+      p = jnp.asarray(_paths.leaf_value(p))
+      # The wider of the update's and θ's dtype: a float32 update of a bfloat16 θ gets
+      # λ·θ in float32 (θ cast exactly); the result is cast back to the update's dtype.
+      dtype = jnp.promote_types(u.dtype, p.dtype)
+      p = p.astype(dtype)
+      target = p if ref is None else p - ref.astype(dtype)
+      term = c * target if mult == 1.0 else (c * mult) * target
+      if cautious:  # decay where the direction (u for sign=+1, -u for sign=-1) agrees with θ.
+        agree = u * p >= 0 if sign > 0 else u * p <= 0
+        term = jnp.where(agree, term, jnp.zeros_like(term))
+      out = u.astype(dtype) + term if sign > 0 else u.astype(dtype) - term
+      return out.astype(u.dtype)
+
+    try:  # the updates keep their own containers (a FrozenDict stays one).
+      updates = jax.tree.map(leaf, updates, params, mults, refs, is_leaf=lambda x: x is None)
+    except ValueError as e:
+      raise ValueError(f"{who}: updates and params have different tree structures: {e}") from e
+    count = optax.safe_increment(opt_state.count)
+    new_state = (state(count=count) if not toward
+                 else state(count=count, reference=opt_state.reference))
+    return updates, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)

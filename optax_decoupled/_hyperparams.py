@@ -1,0 +1,194 @@
+"""What a hyperparameter may be, checked once, and its value at step t.
+
+The rules, the same for every public entry point:
+
+* a **number** is a real scalar that is finite and >= 0 (> 0 where stated); a bool is not a
+  number. Traced values (``jax.jit``, ``jax.vmap``, ``optax.inject_hyperparams``) cannot be
+  inspected and pass unchecked;
+* a **schedule** is a function of the step count: never a class (``jnp.bfloat16`` is one),
+  a dtype, a mask (a predicate, :class:`MaskSpec`) or a callable that cannot take one
+  positional argument;
+* a **mask** is never a number (checked where masks are resolved, ``_masks``).
+
+Public entry points call these checks on their own arguments, once; private builders never
+validate. :func:`value_at` is the one place a hyperparameter is evaluated at a step, and
+:func:`check_shrink` the one "per-step shrink >= 1" check.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    "MaskSpec",
+    "check_flag",
+    "check_number",
+    "check_schedule_or_number",
+    "check_shrink",
+    "constant",
+    "is_callable_pytree",
+    "value_at",
+]
+
+
+class MaskSpec:
+  """Base of the objects that say which leaves decay (predicates, multiplier rules).
+
+  A mask is never a hyperparameter: passing one as ``weight_decay`` or ``learning_rate``
+  is a ``TypeError`` that says to pass it as ``mask=``.
+  """
+
+  __slots__ = ()
+
+
+#: Attribute set on the uncalled predicate factories (``od.exclude_names`` ...).
+MASK_FACTORY = "_od_mask_factory"
+
+
+def _is_tracer(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _concrete(x: Any) -> float | None:
+  """``float(x)`` for a concrete real scalar that is not a bool, else None."""
+  if _is_tracer(x) or isinstance(x, (bool, np.bool_)) or callable(x):
+    return None
+  try:
+    value = np.asarray(x)
+  except Exception:  # noqa: BLE001 - not array-like: the caller raises a TypeError.
+    return None
+  if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+    return None
+  return float(value)
+
+
+def constant(x: Any) -> float | None:
+  """The value of a hyperparameter that is a concrete number, else None.
+
+  Objects with a ``constant()`` method (:class:`~optax_decoupled.CoupledWeightDecay`)
+  answer for themselves; schedules and traced values give None.
+  """
+  if hasattr(x, "constant") and callable(x.constant):
+    return x.constant()
+  value = _concrete(x)
+  return value if value is not None and math.isfinite(value) else None
+
+
+def value_at(hyperparam: Any, count: Any) -> Any:
+  """A constant, or a schedule evaluated at the step ``count``."""
+  return hyperparam(count) if callable(hyperparam) else hyperparam
+
+
+def _mask_hint(x: Any, name: str, who: str) -> TypeError | None:
+  if isinstance(x, MaskSpec) or getattr(x, MASK_FACTORY, False):
+    return TypeError(
+        f"{who}: {name}={x!r} is a weight-decay mask; pass it as mask=... and give {name} "
+        "a number or a schedule."
+    )
+  return None
+
+
+def _schedule_error(x: Any, name: str, who: str) -> TypeError | None:
+  """Why the callable ``x`` is not a schedule (a function of the step), or None."""
+  if isinstance(x, type) or isinstance(x, np.dtype):
+    kind = "a dtype" if isinstance(x, np.dtype) or _is_dtype_class(x) else "a class"
+    return TypeError(
+        f"{who}: {name}={x!r} is {kind}, not a number or a schedule (a function of the step "
+        "count). Check the positional order: dtypes go to mu_dtype=/nu_dtype=."
+    )
+  if is_callable_pytree(x):
+    return TypeError(
+        f"{who}: {name}={type(x).__name__} is callable and also a pytree with leaves (a mask "
+        "tree or a module?). Pass a non-negative number or a schedule (a function of the "
+        "step count)."
+    )
+  try:
+    inspect.signature(x).bind(0)
+  except TypeError:
+    return TypeError(
+        f"{who}: {name}={x!r} cannot be called with one argument, the step count, so it is "
+        "not a schedule. Pass a non-negative number or a function of the step count."
+    )
+  except ValueError:  # no signature (builtins, ufuncs): taken as a function of the step.
+    pass
+  return None
+
+
+def _is_dtype_class(x: Any) -> bool:
+  try:
+    np.dtype(x)
+  except TypeError:
+    return False
+  return isinstance(x, type)
+
+
+def is_callable_pytree(x: Any) -> bool:
+  """A callable that is also a pytree node with leaves (an Equinox module, ...).
+
+  A plain function is a pytree *leaf*, so it is not one of these.
+  """
+  if not callable(x):
+    return False
+  treedef = jax.tree_util.tree_structure(x)
+  return not jax.tree_util.treedef_is_leaf(treedef) and treedef.num_leaves > 0
+
+
+def check_number(x: Any, name: str, who: str, *, positive: bool = False, hint: str = "") -> None:
+  """A finite real scalar >= 0 (> 0 with ``positive``); tracers pass unchecked."""
+  if _is_tracer(x):
+    return
+  error = _mask_hint(x, name, who)
+  if error is not None:
+    raise error
+  if callable(x):
+    raise TypeError(f"{who}: {name} must be a number, not a function ({x!r}).")
+  value = _concrete(x)
+  if value is None:
+    raise TypeError(f"{who}: {name} must be a non-negative number, got {x!r}.")
+  if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    bound = "> 0" if positive else ">= 0"
+    raise ValueError(f"{who}: {name} must be finite and {bound}, got {value!r}. {hint}".rstrip())
+
+
+def check_schedule_or_number(x: Any, name: str, who: str, *, hint: str = "") -> None:
+  """A number as in :func:`check_number`, or a schedule (a function of the step count)."""
+  if _is_tracer(x):
+    return
+  error = _mask_hint(x, name, who)
+  if error is None and callable(x):
+    error = _schedule_error(x, name, who)
+    if error is None:
+      return
+  if error is None and isinstance(x, np.dtype):
+    error = _schedule_error(x, name, who)
+  if error is not None:
+    raise error
+  value = _concrete(x)
+  if value is None:
+    raise TypeError(
+        f"{who}: {name} must be a non-negative number or a schedule (a function of the step "
+        f"count), got {x!r}."
+    )
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{who}: {name} must be finite and >= 0, got {value!r}. {hint}".rstrip())
+
+
+def check_flag(x: Any, name: str, who: str) -> None:
+  """``True`` or ``False``, nothing else."""
+  if not isinstance(x, (bool, np.bool_)):
+    raise TypeError(f"{who}: {name} must be True or False, got {x!r}.")
+
+
+def check_shrink(shrink: Any, who: str, hint: str) -> None:
+  """Refuses a constant per-step decay shrink c >= 1: c·θ would flip or zero every weight."""
+  c = constant(shrink)
+  if c is not None and c >= 1:
+    raise ValueError(
+        f"{who}: the per-step weight-decay shrink is {c:.4g} >= 1, so every decayed weight "
+        f"would flip sign (or become 0) at each step. {hint}"
+    )

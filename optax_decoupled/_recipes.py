@@ -1,0 +1,43 @@
+"""A neutral record of which alias built a transformation, and with which arguments.
+
+The aliases write it; whoever wants to recognise a transformation (``od.fused_step``'s
+kernel, a report) reads it. The record says nothing about how it will be used, so the
+aliases need not know that anything reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+__all__ = ["Recipe", "recipe_of", "record"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+  """``name`` (an alias of this package, e.g. ``"adamw"``) and its arguments by name."""
+
+  name: str
+  args: Mapping[str, Any]
+
+
+_RECIPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record(tx: optax.GradientTransformation, name: str, **args: Any) -> Any:
+  """Notes that ``tx`` was built by alias ``name`` from ``args``; returns ``tx``."""
+  _RECIPES[tx.update] = Recipe(name, types.MappingProxyType(dict(args)))
+  return tx
+
+
+def recipe_of(tx: Any) -> Recipe | None:
+  """The :class:`Recipe` of ``tx``, or None for transformations no alias recorded."""
+  try:
+    return _RECIPES.get(tx.update)
+  except (AttributeError, TypeError):  # not a transformation, or not weakly referenceable.
+    return None
