@@ -12,7 +12,7 @@ Run (about two minutes on 2 CPU cores)::
 
     python examples/nnx_transformer.py                        # AdamW, BERT mask
     python examples/nnx_transformer.py --no-mask              # decay every parameter
-    python examples/nnx_transformer.py --mask hf              # norm layers by type + bias
+    python examples/nnx_transformer.py --mask hf              # HF Trainer's rule
     python examples/nnx_transformer.py --optimizer adam_l2    # Adam + coupled L2
     python examples/nnx_transformer.py --stop-after 600       # checkpoint at 600, stop
     python examples/nnx_transformer.py --resume               # continue from it
@@ -156,7 +156,7 @@ def masked_loss(model, inputs, targets, weights):
 def make_optimizer(args, cfg: Config, model: Encoder):
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps)
   presets = {"bert": odf.bert_mask, "hf": lambda: odf.hf_trainer_mask(model),
-             "nanogpt": lambda: odf.nanogpt_mask(model)}
+             "nanogpt": odf.nanogpt_mask, "stacked": lambda: odf.stacked_ndim_mask(model)}
   mask = None if args.no_mask else presets[args.mask]()
   if args.optimizer == "adamw":
     tx = od.adamw(schedule, weight_decay=args.weight_decay, mask=mask)
@@ -204,9 +204,10 @@ def parse_args(argv=None):
   p.add_argument("--quick", action="store_true", help="tiny model and 20 steps (tests)")
   p.add_argument("--optimizer", choices=("adamw", "adam_l2"), default="adamw")
   p.add_argument("--weight-decay", type=float, default=0.1, help="λ (default 0.1)")
-  p.add_argument("--mask", choices=("bert", "hf", "nanogpt"), default="bert",
-                 help="exclusion preset: BERT names (default), HF Trainer (norm layers by "
-                 "type + bias), nanoGPT (ndim >= 2, minus norms and biases)")
+  p.add_argument("--mask", choices=("bert", "hf", "nanogpt", "stacked"), default="bert",
+                 help="exclusion preset: BERT names (default), HF Trainer (LayerNorm modules "
+                 "and norm/bias names), nanoGPT (ndim >= 2), stacked (ndim >= 2 minus norms "
+                 "and biases, safe for stacked layers)")
   p.add_argument("--no-mask", action="store_true", help="decay every parameter")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="out/nnx_transformer", help="output directory")

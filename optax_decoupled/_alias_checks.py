@@ -10,7 +10,7 @@ from typing import Any
 
 import optax
 
-from optax_decoupled import _hyperparams, _precision
+from optax_decoupled import _hyperparams, _precision, _sharding
 
 __all__ = ["COUPLED_HINT", "check_lr_wd", "check_momentum", "guarded", "lr_hint"]
 
@@ -29,17 +29,17 @@ def guarded(tx: optax.GradientTransformation, shrink: Any, mask: Any, who: str,
 
   A constant shrink >= 1 is a ``ValueError`` now (it would flip or zero every decayed
   weight); at ``init``, a :class:`LowPrecisionDecayWarning` names the decayed
-  bfloat16/float16 leaves on which a constant shrink rounds to nothing. Updates and state
-  are ``tx``'s, unchanged.
+  bfloat16/float16 leaves on which a constant shrink rounds to nothing, and the
+  parameter-shaped state is placed like the parameters (``_sharding``). Updates and state
+  values are ``tx``'s, unchanged.
   """
   _hyperparams.check_shrink(shrink, who, hint)
   c = _hyperparams.constant(shrink)
-  if not c:  # a schedule, a traced value, or no decay: nothing to check at init.
-    return tx
 
   def init_fn(params):
-    _precision.warn_if_decay_vanishes(params, c, mask, who)
-    return tx.init(params)
+    if c:  # a constant, nonzero shrink: can it round to nothing?
+      _precision.warn_if_decay_vanishes(params, c, mask, who)
+    return _sharding.shard_state_like(tx.init(params), params)
 
   if isinstance(tx, optax.GradientTransformationExtraArgs):
     return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -181,8 +181,8 @@ def adam_l2(
                                 nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _recipes.record(  # L2 has no direct shrink: nothing to guard.
-      tx, who, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+  return _recipes.record(  # L2 has no direct shrink: nothing to check but the placement.
+      _alias_checks.guarded(tx, 0.0, mask, who, ""), who, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask, nesterov=nesterov,
       nu_dtype=nu_dtype)
 

@@ -34,22 +34,24 @@ __all__ = ["DecayTowardState", "DecoupledDecayState", "WeightDecayState", "decay
 class WeightDecayState(NamedTuple):
   """State of :func:`add_l2_to_grad` and :func:`add_decoupled_decay`.
 
-  The same type whether ``weight_decay`` is a constant or a schedule.
+  The same type whether ``weight_decay`` is a constant or a schedule. The step counter is
+  called ``decay_count``, not ``count``, so that ``optax.tree_utils.tree_get(state,
+  "count")`` finds the one step count of ``od.adamw``'s state, as on ``optax.adamw``'s.
   """
 
-  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+  decay_count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for λ schedules.
 
 
 class DecoupledDecayState(NamedTuple):
   """State of the decay step appended by :func:`with_decoupled_decay`."""
 
-  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+  decay_count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for λ schedules.
 
 
 class DecayTowardState(NamedTuple):
   """State of the decay step appended by :func:`with_decay_toward`."""
 
-  count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for schedules.
+  decay_count: chex.Array  # shape=(), dtype=jnp.int32; steps taken, for λ schedules.
   reference: Any  # the params' tree structure; θ_ref on decayed leaves, None elsewhere.
 
 
@@ -120,7 +122,7 @@ def decay(
     mask: any mask form (see ``_masks``).
     who: the public name, for error messages.
     sign: +1 (add to the incoming update) or -1 (subtract from a finished update).
-    state: the state NamedTuple (``count`` first; ``reference`` too with ``toward``).
+    state: the state NamedTuple (``decay_count``; ``reference`` too with ``toward``).
     cautious: keep the term only where the update direction agrees in sign with θ.
     toward: hold θ_ref in the state: ``reference``, or the params given to ``init``.
     reference: θ_ref (a tree like the params) when ``toward``; None means θ at init.
@@ -131,14 +133,14 @@ def decay(
     mults = multipliers(params, mask, who)  # a bad mask fails at init, not mid-run.
     count = jnp.zeros([], jnp.int32)
     if not toward:
-      return state(count=count)
-    return state(count=count, reference=_reference(params, reference, mults, who))
+      return state(decay_count=count)
+    return state(decay_count=count, reference=_reference(params, reference, mults, who))
 
   def update_fn(updates, opt_state, params=None):
     if params is None:
       raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
     mults = multipliers(params, mask, who)
-    c = _hyperparams.value_at(weight_decay, opt_state.count)
+    c = _hyperparams.value_at(weight_decay, opt_state.decay_count)
     treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
     mults = treedef.unflatten(mults)
     refs = opt_state.reference if toward else treedef.unflatten([None] * treedef.num_leaves)
@@ -163,9 +165,9 @@ def decay(
       updates = jax.tree.map(leaf, updates, params, mults, refs, is_leaf=lambda x: x is None)
     except ValueError as e:
       raise ValueError(f"{who}: updates and params have different tree structures: {e}") from e
-    count = optax.safe_increment(opt_state.count)
-    new_state = (state(count=count) if not toward
-                 else state(count=count, reference=opt_state.reference))
+    count = optax.safe_increment(opt_state.decay_count)
+    new_state = (state(decay_count=count) if not toward
+                 else state(decay_count=count, reference=opt_state.reference))
     return updates, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

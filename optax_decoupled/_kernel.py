@@ -154,7 +154,7 @@ def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
   lr = spec.learning_rate
   neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
-  wd = _hyperparams.value_at(spec.weight_decay, wd_state.count)
+  wd = _hyperparams.value_at(spec.weight_decay, wd_state.decay_count)
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
       wd)])

@@ -13,6 +13,12 @@ key and optax.apply_if_finite's counters).
 ``test_state_layout_is_stable`` pins the state fields that checkpoints contain
 (documented in BUILD_NOTES.md, "Promises and the tests that hold them"): a change to
 them breaks loading old checkpoints and must be deliberate.
+
+The ``test_restore_*`` tests hold ``odf.restore_checkpoint`` (optax_decoupled/flax/_checkpoints.py)
+to its bitwise promise: a template ``like`` whose dtype or shape differs from the saved leaf
+(read from orbax's checkpoint metadata) is refused with a ValueError naming the leaf, instead
+of orbax silently casting float32 to bfloat16; a matching template restores bit for bit, for a
+plain pytree and for an ``nnx.State``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_decoupled as od
 
@@ -160,7 +167,7 @@ def test_state_layout_is_stable():
   """The checkpointed fields; BUILD_NOTES.md lists the same. Changing them is a break."""
   params = _params()
   adam = ("ScaleByAdamState", ("count", "mu", "nu"))
-  wd = ("WeightDecayState", ("count",))
+  wd = ("WeightDecayState", ("decay_count",))  # not "count": tree_get(state, "count") is unique
   empty = ("EmptyState", ())
   sched = ("ScaleByScheduleState", ("count",))  # optax: a schedule learning rate has a count
   expected = {
@@ -185,6 +192,100 @@ def test_state_layout_is_stable():
   adam_state = _optimizers()["adamw_bf16_sr"][0].init(_params(jnp.bfloat16)).inner_state[0]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((adam_state.mu, adam_state.nu)))
   del params
+
+
+def _saved_tree(dtype=jnp.float32):
+  params = _params(dtype)
+  tx = od.adamw(1e-2, weight_decay=0.05, mu_dtype=jnp.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)  # bfloat16: not the point here
+    params, state = _train(tx, params, tx.init(params), 0, 3, finite_steps_only=True)
+  return {"params": params, "opt_state": state}
+
+
+def _bits(tree):
+  return {k: (v.view(np.uint16) if v.dtype == jnp.bfloat16 else v) for k, v in _flat(tree).items()}
+
+
+def test_restore_refuses_a_template_of_another_dtype(tmp_path):
+  import optax_decoupled.flax as odf
+
+  odf.save_checkpoint(tmp_path, 3, _saved_tree(jnp.float32))
+  like = _saved_tree(jnp.float32)
+  like["params"] = _params(jnp.bfloat16)  # e.g. a model built with param_dtype=bfloat16
+  with pytest.raises(ValueError) as err:
+    odf.restore_checkpoint(tmp_path, like)
+  msg = str(err.value)
+  assert "['params']['encoder']['LayerNorm']['scale']" in msg  # first leaf in tree order
+  assert "saved as float32[4]" in msg and "has bfloat16[4]" in msg
+  assert "; 4 of " in msg and "cast after restoring" in msg
+  # The optimizer state alone in another dtype is refused too (mu saved float32).
+  like = _saved_tree(jnp.float32)
+  like["opt_state"] = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim else x,
+                                   like["opt_state"])
+  with pytest.raises(ValueError, match=r"\['opt_state'\]\[0\]\.mu\['encoder'\]"):
+    odf.restore_checkpoint(tmp_path, like)
+
+
+def test_restore_with_a_matching_template_is_bitwise(tmp_path):
+  import optax_decoupled.flax as odf
+
+  for dtype in (jnp.float32, jnp.bfloat16):
+    saved = _saved_tree(dtype)
+    odf.save_checkpoint(tmp_path / str(np.dtype(dtype)), 3, saved)
+    for like in (_saved_tree(dtype), jax.eval_shape(lambda d=dtype: _saved_tree(d))):
+      step, got = odf.restore_checkpoint(tmp_path / str(np.dtype(dtype)), like)
+      assert step == 3
+      assert jax.tree.structure(got) == jax.tree.structure(saved)
+      want, have = _bits(saved), _bits(got)
+      assert sorted(want) == sorted(have)
+      for k in want:
+        assert have[k].dtype == want[k].dtype, k
+        np.testing.assert_array_equal(have[k], want[k], err_msg=k)
+
+
+def test_restore_refuses_a_template_of_another_shape(tmp_path):
+  import optax_decoupled.flax as odf
+
+  odf.save_checkpoint(tmp_path, 1, _saved_tree())
+  like = _saved_tree()
+  like["params"]["head"]["kernel"] = jnp.zeros((4, 5))
+  with pytest.raises(ValueError, match=r"\['params'\]\['head'\]\['kernel'\] was saved as "
+                     r"float32\[4,3\] but the template `like` has float32\[4,5\]"):
+    odf.restore_checkpoint(tmp_path, like)
+
+
+def test_restore_checks_an_nnx_state(tmp_path):
+  from flax import nnx
+
+  import optax_decoupled.flax as odf
+
+  def build(param_dtype, seed):
+    model = nnx.Linear(3, 2, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)
+      return model, nnx.Optimizer(model, od.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+
+  model, optimizer = build(jnp.float32, 0)
+  optimizer.update(model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+  saved = nnx.state((model, optimizer))
+  odf.save_checkpoint(tmp_path, 1, saved)
+
+  with pytest.raises(ValueError, match=r"leaf \[0\]\['bias'\] was saved as float32\[2\] but "
+                     r"the template `like` has bfloat16\[2\]"):
+    odf.restore_checkpoint(tmp_path, nnx.state(build(jnp.bfloat16, 1)))
+
+  like = nnx.state(build(jnp.float32, 1))
+  before = _flat(nnx.to_pure_dict(like))
+  step, got = odf.restore_checkpoint(tmp_path, like)
+  assert step == 1 and isinstance(got, nnx.State)
+  want, have = _flat(nnx.to_pure_dict(saved)), _flat(nnx.to_pure_dict(got))
+  assert sorted(want) == sorted(have)
+  for k in want:
+    assert have[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(have[k], want[k], err_msg=k)
+  for k, v in _flat(nnx.to_pure_dict(like)).items():  # the template is left untouched
+    np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
 if __name__ == "__main__":

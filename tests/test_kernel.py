@@ -114,7 +114,7 @@ def test_kernel_matches_a_numpy_transcription_of_adamw():
     np.testing.assert_array_equal(mu[path], m, err_msg=path)
     np.testing.assert_array_equal(nu[path], v, err_msg=path)
     np.testing.assert_allclose(got[path], theta, rtol=1e-6, atol=1e-7, err_msg=path)
-  assert int(s[0].count) == 3 and int(s[1].count) == 3 and int(s[2].count) == 3
+  assert int(s[0].count) == 3 and int(s[1].decay_count) == 3 and int(s[2].count) == 3
 
 
 CONFIGS = {
@@ -139,8 +139,8 @@ def test_kernel_equals_the_plain_step(name):
   p1, s1 = _run(plain_step(tx), tx, params, steps=5)
   p2, s2 = _run(od.fused_step(tx, kernel="require"), tx, params, steps=5)
   assert jax.tree.structure(s1) == jax.tree.structure(s2)
-  assert [int(c) for c in (s1[0].count, s1[1].count)] == [int(c) for c in (s2[0].count,
-                                                                           s2[1].count)]
+  assert [int(c) for c in (s1[0].count, s1[1].decay_count)] == [
+      int(c) for c in (s2[0].count, s2[1].decay_count)]
   # θ, m, v to round-off after 5 steps: XLA contracts m·b1 + (1-b1)·g into a fused
   # multiply-add, the kernel rounds each operation as written (and as numpy does, above).
   for a, b in zip(jax.tree.leaves((p1, s1[0])), jax.tree.leaves((p2, s2[0]))):

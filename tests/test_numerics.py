@@ -273,8 +273,8 @@ def test_adam_variants_stay_finite_at_saturated_count(kw):
 def test_weight_decay_state_counter_saturates():
   tx = od.add_decoupled_decay(optax.linear_schedule(0.1, 0.0, 100))
   params = _tree()
-  s = od.WeightDecayState(count=jnp.asarray(INT32_MAX - 1, jnp.int32))
+  s = od.WeightDecayState(decay_count=jnp.asarray(INT32_MAX - 1, jnp.int32))
   for _ in range(3):
     u, s = tx.update(params, s, params)
-  assert int(s.count) == INT32_MAX
+  assert int(s.decay_count) == INT32_MAX
   _assert_tree_equal(u, params)  # schedule ended at 0: u + 0·θ

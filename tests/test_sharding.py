@@ -14,7 +14,9 @@ device, so the check runs in a subprocess (this file as a script, with
   collective-permute (masks are resolved at trace time and every op is
   elementwise per leaf);
 * three sharded steps give bit for bit the parameters and state of the same
-  three steps on a single device.
+  three steps on a single device;
+* ``jax.jit(tx.init)(params)``, without ``out_shardings``, returns the moments of every
+  alias with the parameters' shardings (optax.adamw's do not: the contrast).
 
 A negative control (``optax.clip_by_global_norm`` in front, which must reduce
 across shards) shows that the HLO check does detect communication.
@@ -138,6 +140,37 @@ def _worker() -> None:
   assert any(c in hlo for c in COLLECTIVES), "negative control: expected a collective"
   print("OK control", flush=True)
 
+  # init under plain jax.jit (no out_shardings): every od alias places its parameter-shaped
+  # state like the parameters. optax.adamw's init is the contrast: its zeros_like moments do
+  # not read θ, so XLA puts them on one device (the check below can fail).
+  auto_mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
+  auto = jax.tree.map(lambda s: NamedSharding(auto_mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+  params = jax.device_put(host_params(np.float32), auto)
+  aliases = {
+      "adamw": od.adamw(1e-2, weight_decay=0.05, mask=mask),
+      "adamw-schedule": od.adamw(lr, weight_decay=1e-4, coupling="schedule",
+                                 peak_learning_rate=1e-2),
+      "adam_l2": od.adam_l2(1e-2, weight_decay=1e-3),
+      "sgd_l2": od.sgd_l2(0.1, 0.9, weight_decay=1e-3),
+      "sgdw": od.sgdw(0.1, 0.9, weight_decay=1e-4),
+      "bert_adamw": od.bert_adamw(1e-2),
+  }
+
+  def placed_like_params(tx, state):
+    ok = optax.tree_map_params(
+        tx, lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, auto,
+        transform_non_params=lambda _: True)
+    return all(jax.tree.leaves(ok))
+
+  for name, tx in aliases.items():
+    state = jax.jit(tx.init)(params)
+    assert placed_like_params(tx, state), f"{name}: jit(init) state not sharded like params"
+    u, _ = jax.jit(tx.update)(params, state, params)  # and the state works in a step
+  tx = optax.adamw(1e-2)
+  assert not placed_like_params(tx, jax.jit(tx.init)(params)), "contrast: optax.adamw"
+  print("OK init", flush=True)
+
 
 def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -148,7 +181,7 @@ def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
   )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == [
-      *NAMES, "control"]
+      *NAMES, "control", "init"]
 
 
 if __name__ == "__main__":

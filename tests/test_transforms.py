@@ -102,7 +102,7 @@ def test_with_and_without_jit_structure_shapes_dtypes(name):
       chex.assert_trees_all_equal_shapes_and_dtypes(state, states[0])
     # Every step-counting state counts the steps (int32 scalars).
     counts = [x for p, x in jax.tree_util.tree_leaves_with_path(states[-1])
-              if p and getattr(p[-1], "name", None) == "count"]
+              if p and getattr(p[-1], "name", None) in ("count", "decay_count")]
     assert counts
     for c in counts:
       chex.assert_shape(c, ())

@@ -9,7 +9,7 @@ The only module of ``optax_decoupled`` that imports flax (install the
 nnx, the pattern this module supports end to end::
 
     model = MyModel(rngs=nnx.Rngs(0))
-    mask = odf.hf_trainer_mask(model)            # norm layers by type + biases
+    mask = odf.hf_trainer_mask(model)            # transformers' Trainer rule
     optimizer = nnx.Optimizer(model, od.adamw(1e-3, weight_decay=0.01, mask=mask),
                               wrt=nnx.Param)
     train_step = odf.nnx_train_step(loss_fn)     # nnx.jit, donated buffers
@@ -37,6 +37,9 @@ from optax_decoupled.flax._presets import bert_mask as bert_mask
 from optax_decoupled.flax._presets import exclude_module_types as exclude_module_types
 from optax_decoupled.flax._presets import hf_trainer_mask as hf_trainer_mask
 from optax_decoupled.flax._presets import nanogpt_mask as nanogpt_mask
+from optax_decoupled.flax._presets import norm_and_bias_mask as norm_and_bias_mask
+from optax_decoupled.flax._presets import stacked_ndim_mask as stacked_ndim_mask
+from optax_decoupled.flax._presets import timm_mask as timm_mask
 from optax_decoupled.flax._train import linen_train_step as linen_train_step
 from optax_decoupled.flax._train import nnx_train_step as nnx_train_step
 
@@ -48,6 +51,9 @@ __all__ = [
     "linen_train_step",
     "nanogpt_mask",
     "nnx_train_step",
+    "norm_and_bias_mask",
     "restore_checkpoint",
     "save_checkpoint",
+    "stacked_ndim_mask",
+    "timm_mask",
 ]

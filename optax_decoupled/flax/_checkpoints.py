@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 __all__ = ["restore_checkpoint", "save_checkpoint"]
@@ -13,6 +14,70 @@ __all__ = ["restore_checkpoint", "save_checkpoint"]
 
 def _is_nnx_state(tree: Any) -> bool:
   return isinstance(tree, nnx.State)
+
+
+def _name(dtype: Any) -> str:
+  try:
+    return np.dtype(dtype).name
+  except TypeError:  # not a numpy dtype (e.g. an extended JAX dtype)
+    return str(dtype)
+
+
+def _describe(dtype: Any, shape: Any) -> str:
+  return f"{_name(dtype) if dtype is not None else '?'}[{','.join(map(str, shape))}]"
+
+
+def _check_against_metadata(metadata: Any, abstract: Any, step: int, path: str) -> None:
+  """Raises ValueError at the first leaf of ``abstract`` whose dtype/shape is not the saved one.
+
+  ``metadata`` is ``CheckpointManager.item_metadata(step)`` (an orbax
+  ``TreeMetadata``; None for a checkpoint without metadata, then nothing is
+  checked). Leaves are matched by orbax's own flat keys (``to_flat_dict``:
+  dict keys and sequence indices as strings, NamedTuple fields by name), so an
+  ``optax`` state or an ``nnx`` pure dict is compared leaf by leaf; leaves the
+  checkpoint lacks are left to orbax's own structure error.
+  """
+  import orbax.checkpoint as ocp
+
+  if metadata is None:
+    return
+  saved = ocp.tree.to_flat_dict(getattr(metadata, "tree", metadata))
+  leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  bad = []
+  for keypath, leaf in leaves:
+    meta = saved.get(ocp.utils.tuple_path_from_keypath(keypath))
+    if meta is None or not hasattr(leaf, "shape"):
+      continue  # not in the checkpoint (orbax reports it), or a Python scalar
+    want_dtype = getattr(leaf, "dtype", None)
+    if want_dtype is not None and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)  # typed keys are saved as their data
+      want_dtype = leaf.dtype
+    want_shape = tuple(leaf.shape)
+    got_shape = tuple(getattr(meta, "shape", None) or ())
+    got_dtype = getattr(meta, "dtype", None)
+    # A saved Python scalar (orbax ScalarMetadata) has no fixed-width dtype.
+    scalar = type(meta).__name__ == "ScalarMetadata"
+    if got_shape != want_shape or (
+        not scalar and got_dtype is not None and want_dtype is not None
+        and _name(got_dtype) != _name(want_dtype)):
+      bad.append((jax.tree_util.keystr(keypath), got_dtype, got_shape, want_dtype, want_shape))
+  if bad:
+    where, got_dtype, got_shape, want_dtype, want_shape = bad[0]
+    more = f"; {len(bad)} of {len(leaves)} leaves differ" if len(bad) > 1 else ""
+    if got_shape != want_shape:
+      why = ("the template's shape is not the checkpoint's. Build `like` with the shapes it was"
+             " saved with (the same model and optimizer configuration as when saving)")
+    else:
+      why = ("orbax would silently convert it to the template's dtype, so the restore would not"
+             " be bitwise. Build `like` with the dtypes it was saved with (e.g. initialize the"
+             " model and optimizer as when saving), and cast after restoring if you want"
+             f" {_name(want_dtype)}, e.g. `jax.tree.map(lambda x:"
+             f" x.astype(jnp.{_name(want_dtype)}), tree)`")
+    raise ValueError(
+        f"restore_checkpoint: leaf {where} was saved as {_describe(got_dtype, got_shape)} but the"
+        f" template `like` has {_describe(want_dtype, want_shape)} (checkpoint {step} in"
+        f" {path!r}{more}): {why}."
+    )
 
 
 def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
@@ -61,12 +126,33 @@ def restore_checkpoint(
   Returns:
     ``(step, tree)``; for an ``nnx.State`` ``like``, ``tree`` is an
     ``nnx.State`` to apply with ``nnx.update((model, optimizer), tree)``.
-    Raises ``FileNotFoundError`` if there is no checkpoint.
+
+  Raises:
+    FileNotFoundError: there is no checkpoint (``step``) in ``directory``.
+    ValueError: a leaf of ``like`` has another dtype or shape than the saved
+      one (read from the checkpoint's metadata). orbax would cast silently (a
+      float32 checkpoint restored into a bfloat16 template comes back rounded),
+      so the restore is refused and the message names the first such leaf.
+      Build ``like`` with the saved dtypes and cast after restoring instead.
+      Python scalars (a ``like`` leaf such as a fresh ``TrainState.step``,
+      ``0``, or a saved one) have no fixed-width dtype: their dtype is not
+      checked.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, optax_decoupled.flax as odf
+    >>> d = tempfile.mkdtemp()
+    >>> odf.save_checkpoint(d, 1, {"w": jnp.ones(3, jnp.float32)})
+    >>> odf.restore_checkpoint(d, {"w": jnp.zeros(3, jnp.bfloat16)})
+    Traceback (most recent call last):
+    ...
+    ValueError: restore_checkpoint: leaf ['w'] was saved as float32[3] but the template ...
   """
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(os.fspath(directory))
-  with ocp.CheckpointManager(path) as mgr:
+  # The handler lets ``item_metadata`` read the saved shapes and dtypes (without
+  # it, orbax-checkpoint 0.12 returns None for an item it was not told how to read).
+  with ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler()) as mgr:
     if step is None:
       step = mgr.latest_step()
     if step is None or step not in mgr.all_steps():
@@ -76,6 +162,7 @@ def restore_checkpoint(
       )
     target = nnx.to_pure_dict(like) if _is_nnx_state(like) else like
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    _check_against_metadata(mgr.item_metadata(step), abstract, step, path)
     restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
   if _is_nnx_state(like):
     out = jax.tree.map(lambda x: x, like)  # new Variables: ``like`` is left untouched.

@@ -1,16 +1,26 @@
-"""Masks from the nnx module graph, and presets named after the codebases they follow."""
+"""Masks from the nnx module graph, and presets named after the codebases they follow.
+
+A preset named after a codebase (``bert_mask``, ``hf_trainer_mask``, ``nanogpt_mask``,
+``timm_mask``) is that codebase's current rule, transcribed from the source file its
+docstring cites. ``norm_and_bias_mask`` and ``stacked_ndim_mask`` are this library's own
+rules (norm layers by type; ndim for stacked layers) and are named for what they do.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import fnmatch
+import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 from optax_decoupled import _paths, _predicates
 
-__all__ = ["NORM_TYPES", "bert_mask", "exclude_module_types", "hf_trainer_mask", "nanogpt_mask"]
+__all__ = ["NORM_TYPES", "bert_mask", "exclude_module_types", "hf_trainer_mask", "nanogpt_mask",
+           "norm_and_bias_mask", "stacked_ndim_mask", "timm_mask"]
 
 #: Flax nnx normalization layers, grouped as one rule of alternatives: the rule
 #: counts as matched when a module of *any* of these types owns a parameter.
@@ -18,42 +28,37 @@ NORM_TYPES: tuple[type, ...] = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.B
 
 TypeRule = type | Sequence[type]
 
-#: Name rule for norm layers where no model object is at hand (linen param trees):
-#: linen's automatic names (``LayerNorm_0``, ``RMSNorm_1``, ``BatchNorm_0``, ...),
-#: BERT/HF spellings (``LayerNorm``, ``layer_norm``) and nanoGPT's ``ln_1``/``ln_f``.
-_NORM_NAMES: tuple[str, ...] = (r"(?i)norm", r"(^|/)ln_?[^/]*/")
+#: Norm layers by name, for trees without a model (linen): ``LayerNorm_0``, ``RMSNorm_1``,
+#: ``layer_norm``, ``input_layernorm``, ``norm1``, ``normalization``, GPT-2's ``ln_1``/``ln_f``;
+#: not words that run on (``normal_head``, ``enormous``, ``relative_position_bias_table``).
+_NORM_NAMES: tuple[str, ...] = (
+    r"(?i)norm(?:ali[sz](?:ation|er?))?(?![a-z])", r"(?:^|/)ln(?:_\w+|\d+)?/")
 
-
-def _type_name(t: type) -> str:
-  return t.__name__
+#: ``transformers.Trainer.get_decay_parameter_names``' ``forbidden_name_patterns``.
+_HF_FORBIDDEN_NAMES = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 
 def _rule_name(alternatives: tuple[type, ...]) -> str:
-  if len(alternatives) == 1:
-    return _type_name(alternatives[0])
-  return "(" + ", ".join(_type_name(t) for t in alternatives) + ")"
+  names = ", ".join(t.__name__ for t in alternatives)
+  return names if len(alternatives) == 1 else f"({names})"
 
 
 def _normalize_type_rules(types: Sequence[TypeRule]) -> tuple[tuple[type, ...], ...]:
   if not types:
-    raise ValueError(
-        "exclude_module_types(model, *types) needs at least one module class, "
-        "e.g. exclude_module_types(model, nnx.LayerNorm, nnx.Embed)."
-    )
+    raise ValueError("exclude_module_types(model, *types) needs at least one module class, "
+                     "e.g. exclude_module_types(model, nnx.LayerNorm, nnx.Embed).")
   rules = []
   for t in types:
     alternatives = (t,) if isinstance(t, type) else tuple(t)
     if not alternatives or not all(isinstance(a, type) for a in alternatives):
-      raise TypeError(
-          "exclude_module_types() takes module classes (e.g. nnx.LayerNorm), or tuples "
-          f"of classes that count as one rule; got {t!r}."
-      )
+      raise TypeError("exclude_module_types() takes module classes (e.g. nnx.LayerNorm), or "
+                      f"tuples of classes that count as one rule; got {t!r}.")
     rules.append(alternatives)
   return tuple(rules)
 
 
 def _param_owners_by_rule(
-    model: Any, rules: tuple[tuple[type, ...], ...], wrt: Any
+    model: Any, rules: tuple[tuple[type, ...], ...], wrt: Any, skip_root: bool = False
 ) -> tuple[tuple[str, ...], tuple[tuple[tuple[str, str], ...], ...]]:
   """All ``wrt`` paths of ``model`` and, per rule, ``(path, owning type name)`` pairs.
 
@@ -61,10 +66,11 @@ def _param_owners_by_rule(
   submodules), as in HF's ``get_parameter_names``; the innermost matching module
   names it. Ownership is established by Variable identity and, as a cross-check,
   by path prefix, so shared (tied) modules are handled however the state names them.
+  ``skip_root``: the model itself is not checked (HF tests children only).
   """
   leaves = _paths.leaves_with_paths(nnx.state(model, wrt))
   all_paths = tuple(p for p, _ in leaves)
-  modules = list(nnx.iter_modules(model))  # children before their parents
+  modules = [(m, x) for m, x in nnx.iter_modules(model) if m or not skip_root]
   owners = []
   for alternatives in rules:
     owner: dict[str, str] = {}
@@ -128,36 +134,36 @@ class _ModuleTypes(_predicates.Predicate):
     return f"exclude_module_types({', '.join(args)})"
 
 
+def _check_model(model: Any, call: str) -> None:
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{call} needs the nnx model as first argument (got {type(model).__name__})."
+                    " For linen parameter trees use name rules, e.g. od.exclude_names(...).")
+
+
 def exclude_module_types(
-    model: nnx.Module,
-    *types: TypeRule,
-    allow_unmatched: bool = False,
-    wrt: Any = nnx.Param,
+    model: nnx.Module, *types: TypeRule, allow_unmatched: bool = False, wrt: Any = nnx.Param
 ) -> _predicates.Predicate:
   """Decay every parameter except those that belong to modules of ``types``.
 
-  The HF Trainer rule by type (``get_parameter_names(model, [nn.LayerNorm])``),
-  for Flax nnx models: the parameter paths owned by every module that is an
-  instance of one of ``types`` (directly or through its submodules) are read
-  from the model graph (``nnx.iter_modules``) once, here, so the predicate
-  works whatever the attributes are called (``ln_1``, ``attn_norm``, ...) and
-  for stacked (``nnx.vmap``) layers, whose norm scales are 2-D. The paths are
-  those of ``nnx.state(model, wrt)``, which ``nnx.Optimizer`` hands to the
-  transform at ``init`` (as Variables) and at ``update`` (as arrays).
+  The HF Trainer rule by type (``get_parameter_names(model, [nn.LayerNorm])``), for Flax
+  nnx models: the parameter paths owned by every module that is an instance of one of
+  ``types`` (directly or through its submodules) are read from the model graph
+  (``nnx.iter_modules``) once, here, so the predicate works whatever the attributes are
+  called (``ln_1``, ``attn_norm``, ...) and for stacked (``nnx.vmap``) layers, whose norm
+  scales are 2-D. The paths are those of ``nnx.state(model, wrt)``, which ``nnx.Optimizer``
+  hands to the transform at ``init`` (as Variables) and at ``update`` (as arrays).
 
   Args:
     model: the nnx model whose parameters will be masked.
-    *types: module classes (``nnx.LayerNorm``, ``nnx.Embed``, your own
-      ``RMSNorm``...), or tuples of classes that count as one rule.
-    allow_unmatched: if False (default), a rule whose types own no parameter
-      is a ``ValueError`` here, and again when the mask is resolved on a tree
-      that lacks those parameters.
+    *types: module classes (``nnx.LayerNorm``, ``nnx.Embed``, your own ``RMSNorm``...), or
+      tuples of classes that count as one rule.
+    allow_unmatched: if False (default), a rule whose types own no parameter is a
+      ``ValueError`` here, and again when the mask is resolved on a tree that lacks them.
     wrt: the nnx filter of the optimized variables (``nnx.Optimizer``'s ``wrt``).
 
   Returns:
-    A frozen, printable :class:`optax_decoupled.Predicate`; combine it with
-    name rules, e.g. ``odf.exclude_module_types(model, nnx.LayerNorm) &
-    od.exclude_names("bias")``.
+    A frozen, printable :class:`optax_decoupled.Predicate`; combine it with name rules,
+    e.g. ``odf.exclude_module_types(model, nnx.LayerNorm) & od.exclude_names("bias")``.
 
   Example:
     >>> from flax import nnx
@@ -171,12 +177,7 @@ def exclude_module_types(
     >>> nnx.to_pure_dict(od.resolve_mask(nnx.state(model, nnx.Param), mask))
     {'dense': {'bias': True, 'kernel': True}, 'ln': {'bias': False, 'scale': False}}
   """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(
-        "exclude_module_types(model, *types) needs the nnx model as first argument "
-        f"(got {type(model).__name__}). For linen parameter trees use name rules, "
-        "e.g. od.exclude_names(*od.BERT_EXCLUDE)."
-    )
+  _check_model(model, "exclude_module_types(model, *types)")
   rules = _normalize_type_rules(types)
   all_paths, owners = _param_owners_by_rule(model, rules, wrt)
   pred = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched)
@@ -192,12 +193,12 @@ def exclude_module_types(
 def bert_mask() -> _predicates.Predicate:
   """BERT's preset: no decay on any path containing LayerNorm/layer_norm or bias.
 
-  ``od.exclude_names(*od.BERT_EXCLUDE)``: google-research/bert's
-  ``_do_use_weight_decay`` (``re.search`` of "LayerNorm", "layer_norm",
-  "bias"), with the two norm spellings as one rule. Purely by name: nnx
-  attributes and linen submodules must be *called* ``LayerNorm...`` or
-  ``layer_norm...`` (linen's automatic ``LayerNorm_0`` is), else the rule is
-  unmatched and resolving it raises. Stacking does not matter (names only).
+  ``od.exclude_names(*od.BERT_EXCLUDE)``: google-research/bert optimization.py,
+  ``AdamWeightDecayOptimizer._do_use_weight_decay`` (``re.search`` of "LayerNorm",
+  "layer_norm", "bias"), with the two norm spellings as one rule. Purely by name: nnx
+  attributes and linen submodules must be *called* ``LayerNorm...`` or ``layer_norm...``
+  (linen's automatic ``LayerNorm_0`` is), else the rule is unmatched and resolving it
+  raises. Stacking does not matter (names only).
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled.flax as odf
@@ -208,67 +209,122 @@ def bert_mask() -> _predicates.Predicate:
   return _predicates.exclude_names(*_predicates.BERT_EXCLUDE)
 
 
-def hf_trainer_mask(
-    model: nnx.Module,
-    norm_types: TypeRule = NORM_TYPES,
-    *,
-    allow_unmatched: bool = False,
-    wrt: Any = nnx.Param,
-) -> _predicates.Predicate:
-  """HF Trainer's preset: no decay on norm layers (by type) and on biases (by name).
+@dataclasses.dataclass(frozen=True)
+class _DottedNames(_predicates.Predicate):
+  """No decay where a pattern is ``re.search``-found in the dotted, lowercased path."""
 
-  ``exclude_module_types(model, norm_types) & od.exclude_names("bias")``, the
-  rule of ``transformers.Trainer.get_decay_parameter_names``
-  (``get_parameter_names(model, ALL_LAYERNORM_LAYERS)`` minus names containing
-  "bias"). ``norm_types`` is one rule of alternatives: the check passes when
-  the model has any of them; add your own norm classes, e.g.
-  ``(*odf.NORM_TYPES, MyRMSNorm)``. Embeddings are decayed, as in HF. Stacked
-  layers are handled: membership is by module type, not by ndim.
+  patterns: tuple[str, ...]
+
+  def decide(self, path: str, leaf: Any) -> _predicates.Decision:
+    name = path.replace("/", ".").lower()
+    for p in self.patterns:
+      if re.search(p, name):
+        return _predicates.Decision(False, f"excluded: {name!r} matches {p!r}")
+    return _predicates.Decision(True, "no forbidden name pattern matched")
+
+  def __repr__(self) -> str:
+    return f"hf_forbidden_names({', '.join(map(repr, self.patterns))})"
+
+
+def hf_trainer_mask(model: nnx.Module, *, wrt: Any = nnx.Param) -> _predicates.Predicate:
+  """HF Trainer's rule: no decay inside ``nnx.LayerNorm`` modules or on norm/bias names.
+
+  transformers 5.x ``Trainer.get_decay_parameter_names`` (transformers/trainer.py):
+  ``get_parameter_names(model, [nn.LayerNorm], [r"bias", r"layernorm", r"rmsnorm",
+  r"(?:^|\\.)norm(?:$|\\.)", r"_norm(?:$|\\.)"])`` (transformers/trainer_pt_utils.py). A
+  parameter is not decayed if a submodule of type LayerNorm (here ``nnx.LayerNorm``,
+  subclasses included, found in the module graph) holds it, or if ``re.search`` finds
+  one of the patterns in its dotted, lowercased name (``blocks/0/attn_norm/scale`` is
+  read as ``blocks.0.attn_norm.scale``); every other parameter, embeddings included, is
+  decayed: ``nnx.BatchNorm``/``GroupNorm``/``RMSNorm`` scales decay unless their
+  attribute is named like a norm (``norm``, ``*_norm``, ``*layernorm*``, ``*rmsnorm*``).
+  As in HF, rules that match nothing are fine (a bias-free RMSNorm model does not raise).
+  For every norm type, plus "bias", with the unmatched check: :func:`norm_and_bias_mask`.
+
+  Example:
+    >>> import optax_decoupled as od, optax_decoupled.flax as odf
+    >>> from flax import nnx
+    >>> class Block(nnx.Module):
+    ...   def __init__(self, features, *, rngs):
+    ...     self.dense = nnx.Linear(features, features, rngs=rngs)
+    ...     self.bn, self.final_norm = (nnx.BatchNorm(features, rngs=rngs),
+    ...                                 nnx.RMSNorm(features, rngs=rngs))
+    >>> model = Block(2, rngs=nnx.Rngs(0))
+    >>> mask = od.resolve_mask(nnx.state(model, nnx.Param), odf.hf_trainer_mask(model))
+    >>> nnx.to_pure_dict(mask)["bn"], nnx.to_pure_dict(mask)["final_norm"]
+    ({'bias': False, 'scale': True}, {'scale': False})
+  """
+  _check_model(model, "hf_trainer_mask(model)")
+  rules = ((nnx.LayerNorm,),)
+  _, owners = _param_owners_by_rule(model, rules, wrt, skip_root=True)
+  by_type = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched=True)
+  return by_type & _DottedNames(_HF_FORBIDDEN_NAMES)
+
+
+def norm_and_bias_mask(
+    model: nnx.Module, norm_types: TypeRule = NORM_TYPES, *, allow_unmatched: bool = False,
+    wrt: Any = nnx.Param) -> _predicates.Predicate:
+  """No decay on norm layers (by module type) nor on any path containing "bias".
+
+  ``exclude_module_types(model, norm_types) & od.exclude_names("bias")``: HF's older
+  rule (``get_parameter_names(model, ALL_LAYERNORM_LAYERS)`` minus names containing
+  "bias") widened to every norm type. ``norm_types`` is one rule of alternatives,
+  matched when the model has any of them; add your own classes, e.g.
+  ``(*odf.NORM_TYPES, MyNorm)``. A rule that matches nothing raises ``ValueError``
+  unless ``allow_unmatched``. Stacked layers are handled (by type, not by ndim).
 
   Example:
     >>> from flax import nnx
     >>> import optax_decoupled as od, optax_decoupled.flax as odf
     >>> class Net(nnx.Module):
     ...   def __init__(self, rngs):
-    ...     self.norm = nnx.RMSNorm(2, rngs=rngs)
+    ...     self.bn = nnx.BatchNorm(2, rngs=rngs)
     ...     self.dense = nnx.Linear(2, 2, rngs=rngs)
     >>> model = Net(nnx.Rngs(0))
-    >>> mask = odf.hf_trainer_mask(model)
+    >>> mask = odf.norm_and_bias_mask(model)
     >>> nnx.to_pure_dict(od.resolve_mask(nnx.state(model, nnx.Param), mask))
-    {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
+    {'bn': {'bias': False, 'scale': False}, 'dense': {'bias': False, 'kernel': True}}
   """
   types = norm_types if isinstance(norm_types, type) else tuple(norm_types)
-  return exclude_module_types(
-      model, types, allow_unmatched=allow_unmatched, wrt=wrt
-  ) & _predicates.exclude_names("bias", allow_unmatched=allow_unmatched)
+  by_type = exclude_module_types(model, types, allow_unmatched=allow_unmatched, wrt=wrt)
+  return by_type & _predicates.exclude_names("bias", allow_unmatched=allow_unmatched)
 
 
-def nanogpt_mask(
-    model: nnx.Module | None = None,
-    norm_types: TypeRule = NORM_TYPES,
-    *,
-    wrt: Any = nnx.Param,
+def nanogpt_mask() -> _predicates.Predicate:
+  """nanoGPT's rule: decay a parameter iff it has at least 2 dimensions.
+
+  karpathy/nanoGPT model.py, ``GPT.configure_optimizers``: ``decay_params = [p for n, p
+  in param_dict.items() if p.dim() >= 2]``; this is ``od.min_ndim(2)``. Stacked
+  (``nnx.vmap``/``nn.scan``) norm scales and biases are 2-D, so this rule decays them:
+  use :func:`stacked_ndim_mask` for stacked layers.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_decoupled.flax as odf
+    >>> odf.nanogpt_mask()({"ln_f": {"scale": jnp.ones(2)}, "wte": jnp.ones((3, 2))})
+    {'ln_f': {'scale': False}, 'wte': True}
+  """
+  return _predicates.min_ndim(2)
+
+
+def stacked_ndim_mask(
+    model: nnx.Module | None = None, norm_types: TypeRule = NORM_TYPES, *, wrt: Any = nnx.Param
 ) -> _predicates.Predicate:
-  """nanoGPT/timm preset: decay tensors of >= 2 dims only, safe for stacked layers.
+  """ndim >= 2 (nanoGPT) minus norm parameters and biases: safe for stacked layers.
 
-  nanoGPT (``configure_optimizers``: ``p.dim() >= 2``) and timm
-  (``param_groups_weight_decay``: no decay if ``ndim <= 1`` or the name ends in
-  ``.bias``) decide by ndim, which breaks for stacked/scanned layers: a stacked
-  LayerNorm scale or bias is 2-D. This preset is therefore
-  ``od.min_ndim(2) & <not a norm parameter> & <not a bias>``: on unstacked
-  models it equals nanoGPT's rule (norm scales and biases are 1-D anyway); on
-  stacked ones it still excludes them. Norm parameters are found by module
-  type when ``model`` (nnx) is given, else by name (linen trees: any path
-  containing "norm", case-insensitive, or an ``ln_*`` module). The extra rules
-  may match nothing (``allow_unmatched``), since nanoGPT's rule needs no names.
-  A stacked 1-D parameter of another kind (a custom gain) is still decayed:
-  exclude it by name or type.
+  ``od.min_ndim(2) & <not in a norm layer> & <last path segment is not "bias">``. On
+  unstacked models it equals :func:`nanogpt_mask` (norm scales and biases are 1-D); on
+  stacked ones it still keeps them out. Norm layers are found by module type when the
+  nnx ``model`` is given, else by name (linen trees: ``LayerNorm_0``, ``attn_norm``,
+  ``norm1``, ``ln_f``...; see ``_NORM_NAMES``). Biases are leaves named exactly ``bias``
+  (timm's ``name.endswith(".bias")``), so a 2-D ``relative_position_bias_table`` keeps
+  its decay. The extra rules may match nothing. A stacked 1-D parameter of another
+  kind (a custom gain) is still decayed: exclude it by name or type.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled.flax as odf
     >>> stacked = {"LayerNorm_0": {"scale": jnp.ones((4, 8))}, "Dense_0": {
     ...            "kernel": jnp.ones((4, 8, 8)), "bias": jnp.ones((4, 8))}}
-    >>> odf.nanogpt_mask()(stacked)
+    >>> odf.stacked_ndim_mask()(stacked)
     {'Dense_0': {'bias': False, 'kernel': True}, 'LayerNorm_0': {'scale': False}}
   """
   if model is None:
@@ -276,6 +332,67 @@ def nanogpt_mask(
   else:
     types = norm_types if isinstance(norm_types, type) else tuple(norm_types)
     norm = exclude_module_types(model, types, allow_unmatched=True, wrt=wrt)
-  return _predicates.min_ndim(2) & norm & _predicates.exclude_names("bias", allow_unmatched=True)
+  bias = _predicates.exclude_names(r"(?:^|/)bias$", allow_unmatched=True)
+  return _predicates.min_ndim(2) & norm & bias
 
 
+@dataclasses.dataclass(frozen=True)
+class _Timm(_predicates.Predicate):
+  no_weight_decay: tuple[str, ...] = ()
+  allow_unmatched: bool = True
+
+  def decide(self, path: str, leaf: Any) -> _predicates.Decision:
+    name = path.replace("/", ".")
+    nd = int(np.ndim(_paths.leaf_value(leaf)))
+    if nd <= 1:
+      return _predicates.Decision(False, f"excluded: ndim {nd} <= 1")
+    if name.endswith(".bias"):
+      return _predicates.Decision(False, "excluded: name ends with '.bias'")
+    for p in self.no_weight_decay:
+      if fnmatch.fnmatch(name, p):
+        return _predicates.Decision(False, f"excluded: no_weight_decay {p!r}")
+    return _predicates.Decision(True, "ndim >= 2, not a bias, not in no_weight_decay")
+
+  def unmatched(self, paths: Sequence[str]) -> list[str]:
+    names = [p.replace("/", ".") for p in paths]
+    return [] if self.allow_unmatched else [
+        f"pattern {p!r} of {self!r} matches no parameter name (timm patterns match the "
+        f"whole dotted name: for a nested parameter write '*.{p}')."
+        for p in self.no_weight_decay if not any(fnmatch.fnmatch(n, p) for n in names)]
+
+  def __repr__(self) -> str:
+    args = [f"no_weight_decay={self.no_weight_decay!r}"] if self.no_weight_decay else []
+    args += ["allow_unmatched=False"] if not self.allow_unmatched else []
+    return f"timm_mask({', '.join(args)})"
+
+
+def timm_mask(
+    no_weight_decay: str | Collection[str] = (), *, allow_unmatched: bool = True
+) -> _predicates.Predicate:
+  """timm's rule: no decay on tensors of ndim <= 1, on ``*.bias`` and on listed names.
+
+  timm/optim/_param_groups.py ``param_groups_weight_decay`` (what ``create_optimizer_v2``
+  uses, with ``no_weight_decay_list=model.no_weight_decay()``): no decay if ``param.ndim
+  <= 1 or name.endswith(".bias") or any(fnmatch(name, p) for p in no_weight_decay_list)``.
+  ``name`` is the dotted path (``blocks/0/attn/qkv/kernel`` -> ``blocks.0.attn.qkv.kernel``)
+  and ``fnmatch`` matches the *whole* name: ViT's ``{"pos_embed", "cls_token"}`` match
+  top-level parameters only, so for a nested one write ``"*.relative_position_bias_table"``
+  (swin's ``no_weight_decay()`` lists full names instead). Works on any tree (dicts, linen,
+  nnx state); needs no model.
+
+  Args:
+    no_weight_decay: fnmatch patterns (a set, like ``model.no_weight_decay()``).
+    allow_unmatched: True (default) ignores a pattern that matches no parameter, as timm
+      does; False raises ``ValueError`` for it, when the mask is resolved.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_decoupled.flax as odf
+    >>> params = {"pos_embed": jnp.ones((1, 4, 2)), "head": {"kernel": jnp.ones((2, 3)),
+    ...           "bias": jnp.ones(3)}}
+    >>> odf.timm_mask({"pos_embed", "cls_token"})(params)
+    {'head': {'bias': False, 'kernel': True}, 'pos_embed': False}
+  """
+  patterns = (no_weight_decay,) if isinstance(no_weight_decay, str) else no_weight_decay
+  if not all(isinstance(p, str) for p in patterns):
+    raise TypeError(f"timm_mask() takes fnmatch patterns (str); got {no_weight_decay!r}.")
+  return _Timm(tuple(sorted(set(patterns))), bool(allow_unmatched))
