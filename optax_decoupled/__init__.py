@@ -7,6 +7,9 @@ from optax_decoupled._aliases import adamw as adamw
 from optax_decoupled._aliases import bert_adamw as bert_adamw
 from optax_decoupled._aliases import sgd_l2 as sgd_l2
 from optax_decoupled._aliases import sgdw as sgdw
+from optax_decoupled._audit import DecayAudit as DecayAudit
+from optax_decoupled._audit import DecayAuditRow as DecayAuditRow
+from optax_decoupled._audit import audit_decay as audit_decay
 from optax_decoupled._couplings import COUPLINGS as COUPLINGS
 from optax_decoupled._couplings import CoupledWeightDecay as CoupledWeightDecay
 from optax_decoupled._couplings import convert_weight_decay as convert_weight_decay
@@ -56,6 +59,8 @@ __all__ = [
     "BERT_EXCLUDE",
     "COUPLINGS",
     "CoupledWeightDecay",
+    "DecayAudit",
+    "DecayAuditRow",
     "DecayMultipliers",
     "DecayTowardState",
     "Decision",
@@ -70,6 +75,7 @@ __all__ = [
     "adam_l2",
     "adamw",
     "add_decoupled_decay",
+    "audit_decay",
     "add_l2_to_grad",
     "bert_adamw",
     "convert_weight_decay",

@@ -25,23 +25,25 @@ from optax_decoupled import (
     _recipes,
     _transforms,
 )
+from optax_decoupled._hyperparams import DType, Numeric, ScalarOrSchedule
+from optax_decoupled._masks import MaskLike
 
 __all__ = ["adam_l2", "adamw", "bert_adamw", "sgd_l2", "sgdw"]
 
 def adamw(
-    learning_rate: Any,
+    learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: Any = 1e-4,
-    mask: Any = None,
+    mu_dtype: DType = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: MaskLike = None,
     *,
     nesterov: bool = False,
-    nu_dtype: Any = None,
+    nu_dtype: DType = None,
     coupling: str = "lr",
-    peak_learning_rate: Any = None,
+    peak_learning_rate: ScalarOrSchedule = None,
 ) -> optax.GradientTransformation:
   r"""AdamW: Adam with decoupled weight decay, lr-coupled (torch / optax) by default.
 
@@ -129,13 +131,13 @@ def adamw(
 
 
 def adam_l2(
-    learning_rate: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-    eps_root: float = 0.0, mu_dtype: Any = None,
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    eps_root: float = 0.0, mu_dtype: DType = None,
     *,
-    weight_decay: Any = 0.0,
-    mask: Any = None,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskLike = None,
     nesterov: bool = False,
-    nu_dtype: Any = None,
+    nu_dtype: DType = None,
 ) -> optax.GradientTransformation:
   r"""Adam with coupled L2 regularization: ``torch.optim.Adam(weight_decay=λ)``.
 
@@ -187,7 +189,7 @@ def adam_l2(
       nu_dtype=nu_dtype)
 
 
-def _momentum(momentum: Any, nesterov: bool, accumulator_dtype: Any) -> Any:
+def _momentum(momentum: Numeric | None, nesterov: bool, accumulator_dtype: DType) -> Any:
   """optax.sgd's rule: a trace for any number (0 included, so the state's structure never
   depends on a value that optax.inject_hyperparams may trace), none for ``None``."""
   if momentum is None:
@@ -196,13 +198,13 @@ def _momentum(momentum: Any, nesterov: bool, accumulator_dtype: Any) -> Any:
 
 
 def sgd_l2(
-    learning_rate: Any,
-    momentum: Any = None,
+    learning_rate: ScalarOrSchedule,
+    momentum: Numeric | None = None,
     nesterov: bool = False,
-    accumulator_dtype: Any = None,
+    accumulator_dtype: DType = None,
     *,
-    weight_decay: Any = 0.0,
-    mask: Any = None,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: MaskLike = None,
 ) -> optax.GradientTransformation:
   r"""SGD with momentum and coupled L2: ``torch.optim.SGD`` (dampening 0).
 
@@ -252,15 +254,15 @@ def sgd_l2(
 
 
 def sgdw(
-    learning_rate: Any,
-    momentum: Any = 0.9,
+    learning_rate: ScalarOrSchedule,
+    momentum: Numeric | None = 0.9,
     nesterov: bool = False,
-    accumulator_dtype: Any = None,
+    accumulator_dtype: DType = None,
     *,
-    weight_decay: Any,
+    weight_decay: ScalarOrSchedule,
     coupling: str = "schedule",
-    mask: Any = None,
-    peak_learning_rate: Any = None,
+    mask: MaskLike = None,
+    peak_learning_rate: ScalarOrSchedule = None,
 ) -> optax.GradientTransformation:
   r"""SGDW: SGD with momentum and decoupled weight decay, the paper's Algorithm 1.
 
@@ -330,8 +332,8 @@ def sgdw(
 
 
 def bert_adamw(
-    learning_rate: Any,
-    weight_decay: Any = 0.01,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule = 0.01,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,

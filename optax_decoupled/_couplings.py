@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any
 
 from optax_decoupled import _hyperparams
+from optax_decoupled._hyperparams import Numeric, ScalarOrSchedule
 
 __all__ = [
   "COUPLINGS",
@@ -59,7 +60,7 @@ class CoupledWeightDecay:
   Built by :func:`coupled_weight_decay`; fields may hold traced values.
   """
 
-  weight_decay: Any
+  weight_decay: ScalarOrSchedule
   coupling: str
   learning_rate: Any = None
   peak_learning_rate: Any = None
@@ -115,11 +116,11 @@ def build(weight_decay: Any, coupling: str, learning_rate: Any, peak_learning_ra
 
 
 def coupled_weight_decay(
-    weight_decay: Any,
+    weight_decay: ScalarOrSchedule,
     *,
     coupling: str,
-    learning_rate: Any = None,
-    peak_learning_rate: Any = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    peak_learning_rate: Numeric | None = None,
 ) -> CoupledWeightDecay:
   r"""The per-step shrink :math:`c_t` of a decay convention, as a schedule.
 
@@ -316,7 +317,7 @@ def weight_decay_from_timescale(
 
 
 def timescale_from_weight_decay(
-    weight_decay: Any,
+    weight_decay: ScalarOrSchedule,
     learning_rate: Any,
     *,
     coupling: str = "lr",

@@ -85,10 +85,10 @@ def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any
   treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
   source = params if reference is None else reference
   try:
-    refs = treedef.flatten_up_to(source)
+    refs = treedef.flatten_up_to(source)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     raise ValueError(f"{who}: reference and params have different tree structures: {e}") from e
-  out = []
+  out: list[Any] = []
   for (path, p), r, mult in zip(_paths.leaves_with_paths(params), refs, mults):
     if not mult:
       out.append(None)
@@ -101,7 +101,7 @@ def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any
           "(broadcasting is not applied)."
       )
     out.append(jnp.array(r, dtype=_leaf_dtype(p), copy=True))
-  return treedef.unflatten(out)
+  return treedef.unflatten(out)  # type: ignore[attr-defined]
 
 
 def decay(

@@ -125,10 +125,13 @@ def fused_step(
     params, grads, state = as_tree(params, grads, state)
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
       _chunks.check_elementwise(jax.make_jaxpr(tx.update)(grads, state, params).jaxpr)
+    why_not: str | None
     if kernel == "off":
       why_not = "kernel='off'"
+    elif spec is None:
+      why_not = not_recognised
     else:
-      why_not = not_recognised or _kernel.unsupported(spec, params, grads, state)
+      why_not = _kernel.unsupported(spec, params, grads, state)
     if why_not is None:
       where = "one flat buffer, decay decided per original leaf" if layout else "all leaves"
       return "kernel", (f"the C++ kernel: od.adamw with float32 moments, one pass on all CPU "
@@ -173,5 +176,5 @@ def fused_step(
     path, why = plan(params, grads, state)
     return f"{path}: {why}"
 
-  step.explain = explain
+  step.explain = explain  # type: ignore[attr-defined]
   return step

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
+import chex
 import jax
 import numpy as np
 
 __all__ = [
+    "DType",
     "MaskSpec",
+    "Numeric",
+    "Schedule",
+    "ScalarOrSchedule",
     "check_flag",
     "check_number",
     "check_schedule_or_number",
@@ -34,6 +40,16 @@ __all__ = [
     "is_callable_pytree",
     "value_at",
 ]
+
+
+#: A number: a Python or numpy scalar, or a 0-d (possibly traced) array.
+Numeric: TypeAlias = chex.Numeric
+#: A function of the step count (``optax.Schedule``).
+Schedule: TypeAlias = Callable[[chex.Numeric], chex.Numeric]
+#: A hyperparameter: a number or a schedule.
+ScalarOrSchedule: TypeAlias = "Numeric | Schedule"
+#: A dtype, or None for "the parameters' dtype".
+DType: TypeAlias = "jax.typing.DTypeLike | None"
 
 
 class MaskSpec:
@@ -135,7 +151,7 @@ def is_callable_pytree(x: Any) -> bool:
   if not callable(x):
     return False
   treedef = jax.tree_util.tree_structure(x)
-  return not jax.tree_util.treedef_is_leaf(treedef) and treedef.num_leaves > 0
+  return not jax.tree_util.treedef_is_leaf(treedef) and treedef.num_leaves > 0  # type: ignore[attr-defined]
 
 
 def check_number(x: Any, name: str, who: str, *, positive: bool = False, hint: str = "") -> None:

@@ -188,14 +188,14 @@ def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, g
   """``tx.update`` + ``optax.apply_updates`` through the kernel (check :func:`unsupported`)."""
   p_leaves, treedef = jax.tree.flatten(params)
   adam = state[0]
-  leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),
-                    treedef.flatten_up_to(adam.nu)))
+  leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
+                    treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
   new_state = _new_scalar_state(tx, params, grads, state)
   res = _call(_scalars(spec, state), leaves, [int(np.size(p)) for p in p_leaves],
               _decay_flags(spec, params))
-  new_adam = new_state[0]._replace(mu=treedef.unflatten([r[1] for r in res]),
-                                   nu=treedef.unflatten([r[2] for r in res]))
-  return treedef.unflatten([r[0] for r in res]), (new_adam, *new_state[1:])
+  new_adam = new_state[0]._replace(mu=treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
+                                   nu=treedef.unflatten([r[2] for r in res]))  # type: ignore[attr-defined]
+  return treedef.unflatten([r[0] for r in res]), (new_adam, *new_state[1:])  # type: ignore[attr-defined]
 
 
 def adamw_flat_step(tx: optax.GradientTransformation, spec: AdamWSpec, layout: Any,

@@ -10,14 +10,21 @@ leaf, with its multiplier of λ (1 or 0 for boolean masks) and the rule that dec
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
+import chex
 import jax
 import numpy as np
 
 from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates
 
-__all__ = ["LeafDecision", "decisions", "resolve_mask", "resolve_multipliers"]
+__all__ = ["LeafDecision", "MaskLike", "decisions", "resolve_mask", "resolve_multipliers"]
+
+#: What ``mask=`` accepts: None (every leaf), a predicate or ``decay_multipliers`` rules
+#: (:class:`~optax_decoupled._hyperparams.MaskSpec`), a pytree of bools, or a function of the
+#: parameters returning one.
+MaskLike: TypeAlias = "None | _hyperparams.MaskSpec | chex.ArrayTree | Callable[[chex.ArrayTree], chex.ArrayTree]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +119,8 @@ def _tree_decisions(params: Any, mask: Any) -> list[LeafDecision]:
     )
   params_def = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
   try:
-    mask_leaves = params_def.flatten_up_to(mask)  # also accepts FrozenDict vs dict.
+    # flatten_up_to also accepts a FrozenDict mask for dict params.
+    mask_leaves = params_def.flatten_up_to(mask)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     mask_def = jax.tree_util.tree_structure(mask, is_leaf=_paths.is_variable)
     raise ValueError(
@@ -126,7 +134,7 @@ def _tree_decisions(params: Any, mask: Any) -> list[LeafDecision]:
   ]
 
 
-def decisions(params: Any, mask: Any, *, warn: bool = True) -> list[LeafDecision]:
+def decisions(params: chex.ArrayTree, mask: MaskLike, *, warn: bool = True) -> list[LeafDecision]:
   """One :class:`LeafDecision` per leaf of ``params`` (nnx Variables count as leaves).
 
   Validates ``mask`` (unmatched name rules, structure, leaf types) and, with ``warn``,
@@ -149,7 +157,7 @@ def decisions(params: Any, mask: Any, *, warn: bool = True) -> list[LeafDecision
   return out
 
 
-def resolve_mask(params: Any, mask: Any) -> Any:
+def resolve_mask(params: chex.ArrayTree, mask: MaskLike) -> chex.ArrayTree:
   """The boolean mask tree of ``mask`` for ``params`` (Python bools).
 
   ``mask`` may be None (decay every leaf), a :class:`Predicate`, a pytree of
@@ -170,6 +178,6 @@ def resolve_mask(params: Any, mask: Any) -> Any:
   return _predicates.unflatten_like(params, [d.decay for d in decisions(params, mask)])
 
 
-def resolve_multipliers(params: Any, mask: Any) -> Any:
+def resolve_multipliers(params: chex.ArrayTree, mask: MaskLike) -> chex.ArrayTree:
   """The tree of Python-float multipliers of λ of ``mask`` (1.0/0.0 for boolean masks)."""
   return _predicates.unflatten_like(params, [d.multiplier for d in decisions(params, mask)])

@@ -44,8 +44,8 @@ class MaskReport:
     return tuple(r for r in self.rows if not r.decay)
 
   def __str__(self) -> str:
-    head = ("path", "shape", "dtype", "decay", "rule")
-    body = [
+    head: tuple[str, ...] = ("path", "shape", "dtype", "decay", "rule")
+    body: list[tuple[str, ...]] = [
         (r.path, str(r.shape), r.dtype, "yes" if r.decay else "no", r.rule)
         for r in self.rows
     ]

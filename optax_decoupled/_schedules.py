@@ -26,8 +26,8 @@ class _WarmRestarts:
 
   def __call__(self, count: Any) -> Any:
     if isinstance(count, (int, np.integer)) and not isinstance(count, bool):
-      t_cur, t_i = self._position(int(count))  # exact for any Python int step.
-      frac = jnp.float32(t_cur / t_i)
+      position, period = self._position(int(count))  # exact for any Python int step.
+      frac = jnp.float32(position / period)
     else:
       t = jnp.asarray(count)
       if not jnp.issubdtype(t.dtype, jnp.integer):

@@ -37,7 +37,7 @@ def shard_state_like(state: Any, params: Any) -> Any:
     leaves, sdef = jax.tree.flatten(subtree)
     # Concrete arrays already carry their sharding (jnp.zeros_like copies it); only traced
     # ones need the tie, and shard_alike on concrete arrays would consume its inputs.
-    return sdef.unflatten([shard_alike(p, s)[1] if isinstance(s, jax.core.Tracer) else s
+    return sdef.unflatten([shard_alike(p, s)[1] if isinstance(s, jax.core.Tracer) else s  # type: ignore[attr-defined]
                            for p, s in zip(p_leaves, leaves)])
 
   return jax.tree.map(tie, state, is_leaf=params_like)

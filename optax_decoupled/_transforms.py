@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_decoupled import _decay, _hyperparams
+from optax_decoupled._hyperparams import DType, ScalarOrSchedule
+from optax_decoupled._masks import MaskLike
 
 __all__ = [
   "add_decoupled_decay",
@@ -28,13 +30,13 @@ __all__ = [
 ]
 
 
-def _checked(weight_decay: Any, who: str) -> Any:
+def _checked(weight_decay: ScalarOrSchedule, who: str) -> Any:
   _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
                                         hint="A negative value would grow the weights.")
   return weight_decay
 
 
-def add_l2_to_grad(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
+def add_l2_to_grad(weight_decay: ScalarOrSchedule, mask: MaskLike = None) -> optax.GradientTransformation:
   r"""Coupled L2 regularization: adds ``λ_t·θ`` to the incoming gradient.
 
   .. math:: g_t \leftarrow g_t + \lambda_t \theta_{t-1}
@@ -73,7 +75,7 @@ def add_l2_to_grad(weight_decay: Any, mask: Any = None) -> optax.GradientTransfo
                       state=_decay.WeightDecayState)
 
 
-def add_decoupled_decay(weight_decay: Any, mask: Any = None) -> optax.GradientTransformation:
+def add_decoupled_decay(weight_decay: ScalarOrSchedule, mask: MaskLike = None) -> optax.GradientTransformation:
   r"""Decoupled weight decay: adds ``λ_t·θ`` *after* the adaptive scaling.
 
   .. math:: u_t \leftarrow u_t + \lambda_t \theta_{t-1}
@@ -126,9 +128,9 @@ def scale_by_adam(
     *,
     bias_correction: bool = True,
     eps_hat: bool = False,
-    mu_dtype: Any = None,
+    mu_dtype: DType = None,
     nesterov: bool = False,
-    nu_dtype: Any = None,
+    nu_dtype: DType = None,
 ) -> optax.GradientTransformation:
   r"""Adam's preconditioning, with BERT's and Keras's variants as keywords.
 

@@ -20,6 +20,8 @@ from typing import Any
 import optax
 
 from optax_decoupled import _decay, _hyperparams
+from optax_decoupled._hyperparams import ScalarOrSchedule
+from optax_decoupled._masks import MaskLike
 
 __all__ = ["with_decay_toward", "with_decoupled_decay"]
 
@@ -32,7 +34,7 @@ def _check_inner(inner: Any, who: str) -> None:
     )
 
 
-def _check(inner: Any, weight_decay: Any, who: str) -> None:
+def _check(inner: Any, weight_decay: ScalarOrSchedule, who: str) -> None:
   _check_inner(inner, who)
   _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
                                         hint="A negative value would grow the weights.")
@@ -40,9 +42,9 @@ def _check(inner: Any, weight_decay: Any, who: str) -> None:
 
 def with_decoupled_decay(
     inner: optax.GradientTransformation,
-    weight_decay: Any,
+    weight_decay: ScalarOrSchedule,
     *,
-    mask: Any = None,
+    mask: MaskLike = None,
     cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Decoupled weight decay around any complete optimizer.
@@ -101,10 +103,10 @@ def with_decoupled_decay(
 
 def with_decay_toward(
     inner: optax.GradientTransformation,
-    weight_decay: Any,
+    weight_decay: ScalarOrSchedule,
     *,
     reference: Any = None,
-    mask: Any = None,
+    mask: MaskLike = None,
 ) -> optax.GradientTransformation:
   r"""Decay toward a reference point (L2-SP, for fine-tuning) around any optimizer.
 

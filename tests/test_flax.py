@@ -371,3 +371,31 @@ def test_example_resumes_in_a_fresh_process_bitwise_identical(tmp_path):
   for k in a.files:
     assert np.array_equal(a[k], b[k]), k
   assert os.path.getsize(os.path.join(full, "loss_curve.png")) > 1000
+
+
+def test_linen_step_names_a_donated_input_before_the_call():
+  # Two TrainStates built from the same params: the first donating step deletes them.
+  import flax.linen as nn
+  from flax.training import train_state
+
+  net = nn.Dense(1)
+  params = net.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+
+  def make():
+    return train_state.TrainState.create(apply_fn=net.apply, params=params,
+                                         tx=od.adamw(1e-2, weight_decay=1e-2))
+
+  first, second = make(), make()
+  step = odf.linen_train_step(lambda p, x, y: ((net.apply({"params": p}, x) - y) ** 2).mean())
+  batch = (jnp.ones((4, 2)), jnp.zeros((4, 1)))
+  step(first, *batch)
+  with pytest.raises(RuntimeError, match=r"donate=False.*|.*jnp\.copy"):
+    step(second, *batch)
+  safe = odf.linen_train_step(lambda p, x, y: ((net.apply({"params": p}, x) - y) ** 2).mean(),
+                              donate=False)
+  fresh = train_state.TrainState.create(apply_fn=net.apply,
+                                        params=jax.tree.map(jnp.ones_like, first.params),
+                                        tx=od.adamw(1e-2, weight_decay=1e-2))
+  again, _ = safe(fresh, *batch)
+  again, _ = safe(fresh, *batch)  # without donation the input stays usable
+  assert not any(x.is_deleted() for x in jax.tree.leaves(fresh.params))

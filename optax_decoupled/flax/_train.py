@@ -86,7 +86,9 @@ def linen_train_step(
   ``apply_gradients``): ``loss, grads = jax.value_and_grad(loss_fn)(state.params,
   *batch)``, then ``state.apply_gradients(grads=grads)``, under ``jax.jit``
   with the state donated (``donate_argnums=0``): do not reuse the old state,
-  and copy (``np.array``) any array of it you want to keep.
+  do not build a second ``TrainState`` from the same ``params`` (the first step deletes
+  them; copy with ``jax.tree.map(jnp.copy, params)``), and copy (``np.array``) any array
+  you want to keep. A deleted input is reported before the call with this advice.
 
   Args:
     loss_fn: ``loss_fn(params, *batch) -> scalar`` (or ``(scalar, aux)``),
@@ -118,6 +120,28 @@ def linen_train_step(
     params, opt_state = _fused.fused_step(state.tx)(state.params, grads, state.opt_state)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+  if not donate:
+    return jitted
+
+  def donating_step(state, *batch):
+    _check_not_donated(state, "state")
+    return jitted(state, *batch)
+
+  donating_step.lower = jitted.lower  # type: ignore[attr-defined]
+  return donating_step
+
+
+def _check_not_donated(tree: Any, name: str) -> None:
+  """A clear error, before the call, for arrays an earlier donating step already consumed."""
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(x, jax.Array) and x.is_deleted():
+      raise RuntimeError(
+          f"The train step's {name} holds an array that an earlier call deleted "
+          f"({name}{jax.tree_util.keystr(path)}): the step donates its input buffers "
+          "(donate=True), so an array passed to one call is gone after it. Pass the state "
+          "the previous call returned; do not build two states from the same params "
+          "(copy them: jax.tree.map(jnp.copy, params)); or build the step with donate=False."
+      )
 
 
