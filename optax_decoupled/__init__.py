@@ -25,6 +25,9 @@ from optax_decoupled._decay import DecayTowardState as DecayTowardState
 from optax_decoupled._decay import DecoupledDecayState as DecoupledDecayState
 from optax_decoupled._decay import WeightDecayState as WeightDecayState
 from optax_decoupled._flat import FlatLayout as FlatLayout
+from optax_decoupled._labels import Labels as Labels
+from optax_decoupled._labels import labels as labels
+from optax_decoupled._labels import scale_by_lr_multipliers as scale_by_lr_multipliers
 from optax_decoupled._fused import fused_step as fused_step
 from optax_decoupled._masks import resolve_mask as resolve_mask
 from optax_decoupled._multipliers import DecayMultipliers as DecayMultipliers
@@ -66,6 +69,7 @@ __all__ = [
     "Decision",
     "DecoupledDecayState",
     "FlatLayout",
+    "Labels",
     "LowPrecisionDecayWarning",
     "MaskReport",
     "MaskRow",
@@ -86,10 +90,12 @@ __all__ = [
     "exclude_names",
     "fused_step",
     "include_names",
+    "labels",
     "min_ndim",
     "normalized_weight_decay",
     "resolve_mask",
     "scale_by_adam",
+    "scale_by_lr_multipliers",
     "sgd_l2",
     "sgdw",
     "stochastic_rounding",
