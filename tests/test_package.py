@@ -1,0 +1,36 @@
+"""Package hygiene: the public face is ``__all__``, and the version is defined once."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import types
+
+import optax_decoupled as od
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _public(module):
+  return {n for n, v in vars(module).items()
+          if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def test_no_stray_public_names():
+  assert _public(od) == set(od.__all__)
+  assert "version" not in dir(od) and "PackageNotFoundError" not in dir(od)
+
+
+def test_flax_face_is_its_all():
+  import optax_decoupled.flax as odf
+
+  assert _public(odf) == set(odf.__all__)
+
+
+def test_version_is_defined_once_in_pyproject_and_in_the_changelog():
+  pyproject = (ROOT / "pyproject.toml").read_text()
+  version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+  assert od.__version__ in (version, "0.0.0")  # 0.0.0: a source tree that is not installed
+  assert f"## [{version}]" in (ROOT / "CHANGELOG.md").read_text()
+  sources = [p.read_text() for p in (ROOT / "optax_decoupled").rglob("*.py")]
+  assert not any(f'"{version}"' in s for s in sources), "the version is written twice"
