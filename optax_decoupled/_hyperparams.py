@@ -168,6 +168,7 @@ def check_number(x: Any, name: str, who: str, *, positive: bool = False, hint: s
     raise TypeError(f"{who}: {name} must be a non-negative number, got {x!r}.")
   if not math.isfinite(value) or value < 0 or (positive and value == 0):
     bound = "> 0" if positive else ">= 0"
+    hint = hint if value < 0 else ""
     raise ValueError(f"{who}: {name} must be finite and {bound}, got {value!r}. {hint}".rstrip())
 
 
@@ -191,6 +192,7 @@ def check_schedule_or_number(x: Any, name: str, who: str, *, hint: str = "") -> 
         f"count), got {x!r}."
     )
   if not math.isfinite(value) or value < 0:
+    hint = hint if value < 0 else ""  # the hint explains negative values, not NaN or inf.
     raise ValueError(f"{who}: {name} must be finite and >= 0, got {value!r}. {hint}".rstrip())
 
 

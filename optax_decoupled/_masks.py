@@ -109,7 +109,17 @@ def _tree_decisions(params: Any, mask: Any) -> list[LeafDecision]:
           "(an Equinox module?), so it is ambiguous. Pass a predicate, a plain "
           "function of the parameters, or a pytree of bools."
       )
-    fn, mask = mask, mask(params)
+    fn = mask
+    try:
+      mask = fn(params)
+    except Exception as e:  # noqa: BLE001 - any failure: say what a mask function must be.
+      name = getattr(fn, "__qualname__", type(fn).__name__)
+      raise TypeError(
+          f"mask={name} failed when called with the parameters ({type(e).__name__}: {e}). "
+          "A mask function takes the parameter tree and returns a pytree of Python bools; "
+          "schedules go to learning_rate= or weight_decay=. Pass a predicate such as "
+          "od.exclude_names('bias') instead."
+      ) from e
     _check_mask_fn_result(fn, mask)
   elif _is_number(mask):
     raise TypeError(
