@@ -18,6 +18,7 @@ and on scalar state such as the step count): :func:`check_elementwise` inspects 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -28,7 +29,8 @@ from jax import lax
 
 from optax_decoupled import _flat
 
-__all__ = ["check_elementwise", "chunked_step", "state_is_chunkable", "state_reads_params"]
+__all__ = ["check_elementwise", "chunked_step", "decides_like_the_tree", "state_is_chunkable",
+           "state_reads_params"]
 
 # Primitives that act element by element (or on scalars). Anything else in the jaxpr of
 # ``tx.update`` (reductions, dots, gathers, sorts, collectives...) makes chunking unsafe.
@@ -44,6 +46,11 @@ _ELEMENTWISE = frozenset([
 ])
 
 
+# Primitives that generate arrays from scalars (a key, a seed, a shape): chunk by chunk they
+# would repeat the same values in every chunk.
+_GENERATORS = frozenset(["iota", "rng_uniform", "rng_bit_generator", "threefry2x32"])
+
+
 def check_elementwise(jaxpr: Any) -> None:
   """Raises unless every equation (recursively) is elementwise or acts on scalars only."""
   for eqn in jaxpr.eqns:
@@ -57,8 +64,10 @@ def check_elementwise(jaxpr: Any) -> None:
       continue
     if name in _ELEMENTWISE:
       continue
-    # Ops on scalars only (schedules, step counts) cannot mix parameter elements.
-    if all(getattr(v.aval, "shape", ()) == () for v in eqn.invars):
+    # Ops on scalars only (schedules, step counts) cannot mix parameter elements, unless they
+    # make new values per element: a random draw or an iota would repeat in every chunk.
+    if name not in _GENERATORS and "random" not in name and all(
+        getattr(v.aval, "shape", ()) == () for v in eqn.invars):
       continue
     raise ValueError(
         f"fused_step: the transformation's update uses '{name}', which is not elementwise "
@@ -66,6 +75,72 @@ def check_elementwise(jaxpr: Any) -> None:
         "Applied chunk by chunk it would compute something else. Use tx.update + "
         "optax.apply_updates for this transformation."
     )
+
+
+def _program(jaxpr: Any, out_index: int) -> list[tuple[Any, ...]]:
+  """The equations that output ``out_index`` depends on: primitive names and scalar literals
+  (shapes left out), recursively into sub-programs, as a comparable list."""
+  needed = {jaxpr.outvars[out_index]}
+  program: list[tuple[Any, ...]] = []
+  for eqn in reversed(jaxpr.eqns):
+    if not any(v in needed for v in eqn.outvars):
+      continue
+    needed.update(v for v in eqn.invars if not hasattr(v, "val"))
+    literals = tuple(repr(v.val) for v in eqn.invars if hasattr(v, "val"))
+    inner = [getattr(b, "jaxpr", b) for b in eqn.params.values()
+             if hasattr(b, "jaxpr") or hasattr(b, "eqns")]
+    program.append((eqn.primitive.name, literals,
+                    tuple(tuple(_program(j, i) for i in range(len(j.outvars))) for j in inner)))
+  reads = tuple(i for i, v in enumerate(jaxpr.invars) if v in needed)
+  return [*program, ("reads", reads)]
+
+
+def decides_like_the_tree(tx, chunk_size, min_leaf_size, params, grads, state) -> str | None:
+  """None when ``tx`` computes each chunked leaf as it does the whole leaf, else which leaf
+  differs: a mask or rule that reads shapes sees chunks and stand-ins in the chunk loop."""
+  p_leaves, treedef = jax.tree.flatten(params)
+  g_leaves = treedef.flatten_up_to(grads)  # type: ignore[attr-defined]
+  s_items, s_kinds, s_def = _split_state(state, treedef, [tuple(np.shape(p)) for p in p_leaves])
+  param_js = [j for j, kind in enumerate(s_kinds) if kind]
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+  def new_params(tp, tg, ts):
+    updates, _ = tx.update(treedef.unflatten(tg), s_def.unflatten(ts), treedef.unflatten(tp))
+    return treedef.flatten_up_to(optax.apply_updates(treedef.unflatten(tp), updates))
+
+  def traced(tp, tg, ts, k):
+    """Program of new θ_k, with θ_k, g_k and its state leaves as the first inputs."""
+    def fn(pk, gk, *sk):
+      tp2, tg2, ts2 = list(tp), list(tg), list(ts)
+      tp2[k], tg2[k] = pk, gk
+      for pos, j in enumerate(param_js):
+        leaves = treedef.flatten_up_to(ts2[j])
+        leaves[k] = sk[pos]
+        ts2[j] = treedef.unflatten(leaves)
+      return new_params(tp2, tg2, ts2)[k]
+    args = (tp[k], tg[k], *(treedef.flatten_up_to(ts[j])[k] for j in param_js))
+    return _program(jax.make_jaxpr(fn)(*args).jaxpr, 0)
+
+  ts_real = [treedef.unflatten(x) if kind else x for x, kind in zip(s_items, s_kinds)]  # type: ignore[attr-defined]
+  for k, p in enumerate(p_leaves):
+    if np.size(p) < min_leaf_size:
+      continue
+    standins = [_flat.standin(x) for x in p_leaves]
+    chunk = lambda x: jnp.zeros((1,) * (np.ndim(x) - 1) + (chunk_size,),  # noqa: E731
+                                jnp.result_type(x))
+    tp, tg = list(standins), [_flat.standin(x) for x in g_leaves]
+    tp[k], tg[k] = chunk(p), chunk(g_leaves[k])
+    ts = list(s_items)
+    for j in param_js:
+      leaves = [_flat.standin(x) for x in s_items[j]]
+      leaves[k] = chunk(s_items[j][k])
+      ts[j] = treedef.unflatten(leaves)  # type: ignore[attr-defined]
+    with warnings.catch_warnings():  # masks judging stand-ins may warn; the real tree decides.
+      warnings.simplefilter("ignore")
+      same = traced(p_leaves, g_leaves, ts_real, k) == traced(tp, tg, ts, k)
+    if not same:
+      return paths[k]
+  return None
 
 
 def state_reads_params(tx, grads, state, params) -> bool:

@@ -150,6 +150,12 @@ def fused_step(
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return "plain", f"the state is not laid out like the params; no kernel: {why_not}"
+    differs = _chunks.decides_like_the_tree(tx, chunk_size, min_leaf_size, params, grads,
+                                           state)
+    if differs is not None:
+      return "plain", (f"the transformation computes leaf {differs} differently on a chunk than "
+                       "on the whole leaf (a mask or rule that reads shapes), so chunking would "
+                       f"change the result; no kernel: {why_not}")
     return "chunks", f"the pure-JAX chunk loop; no kernel: {why_not}"
 
   def fallback(params, grads, state):

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,9 @@ def _new_scalar_state(tx, params, grads, state):
   dtypes) on the real paths."""
   adam, *rest = state
   standin_state = (adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu)), *rest)
-  return tx.update(_standins(grads), standin_state, _standins(params))[1]
+  with warnings.catch_warnings():  # a mask judging stand-ins may warn; the real tree decides.
+    warnings.simplefilter("ignore")
+    return tx.update(_standins(grads), standin_state, _standins(params))[1]
 
 
 def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:

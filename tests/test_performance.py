@@ -265,3 +265,51 @@ def test_fused_step_leaves_non_float32_leaves_to_the_plain_path(moments):
   hlo = _compile(step, params, grads, tx.init(params)).as_text()
   assert " while(" not in hlo
   assert not re.search(rf"\[{n}\]\{{0\}} copy\(", hlo)
+
+
+def _shape_mask(p):
+  return jax.tree.map(lambda x: x.shape[0] > 100, p)  # reads the shape, not only ndim
+
+
+@pytest.mark.parametrize("name", ["od.sgdw", "optax.adamw", "od.adamw-kernel-off", "od.adamw"])
+def test_fused_step_with_a_mask_that_reads_shapes_equals_the_plain_step(name):
+  # A chunk (1, 32768) or a zero-size stand-in would make this mask drop the decay; the
+  # fast path must give the plain step's numbers (oracle: tx.update + optax.apply_updates).
+  import warnings
+
+  txs = {"od.sgdw": od.sgdw(0.1, weight_decay=0.1, coupling="none", mask=_shape_mask),
+         "optax.adamw": optax.adamw(0.1, weight_decay=0.01, mask=_shape_mask),
+         "od.adamw-kernel-off": od.adamw(0.1, weight_decay=0.01, mask=_shape_mask),
+         "od.adamw": od.adamw(0.1, weight_decay=0.01, mask=_shape_mask)}
+  tx = txs[name]
+  params = {"w": jnp.ones((4096, 520)), "b": jnp.ones(8)}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  step = od.fused_step(tx, kernel="off" if name != "od.adamw" else "auto")
+  if name != "od.adamw":
+    assert "reads shapes" in step.explain(params, grads, state)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "decays no parameter" from stand-ins or chunks
+    new_params, _ = jax.jit(step)(params, grads, state)
+  u, _ = tx.update(grads, state, params)
+  want = optax.apply_updates(params, u)
+  np.testing.assert_allclose(new_params["w"], want["w"], rtol=1e-6)
+  assert float(want["w"][0, 0]) < 1.0  # the big leaf is decayed
+
+
+def test_fused_step_refuses_random_draws_from_scalar_keys():
+  def noise():
+    def update(u, s, p=None):
+      key = jax.random.key(0)  # a typed key: every input of the draw is a scalar
+      return jax.tree.map(lambda x: x + jax.random.normal(key, x.shape), u), s
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+  tx = optax.chain(noise(), optax.sgd(0.1))
+  params = {"w": jnp.ones(8)}
+  with pytest.raises(ValueError, match="not elementwise"):
+    od.fused_step(tx).explain(params, params, tx.init(params))
+  iota = optax.GradientTransformation(
+      lambda p: optax.EmptyState(),
+      lambda u, s, p=None: (jax.tree.map(lambda x: x + jnp.arange(x.size, dtype=x.dtype), u), s))
+  with pytest.raises(ValueError, match="'iota'"):
+    od.fused_step(iota).explain(params, params, iota.init(params))
