@@ -12,10 +12,23 @@ medians; only ratios measured side by side mean anything.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Canonical runs, kept in the repository: written only when a run is given a --tag.
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+# Everything else (untagged and --quick runs): under out/, which .gitignore ignores.
+SCRATCH_DIR = os.path.join(ROOT, "out", "benchmarks")
+
+QUICK_NOTE = (
+    "NOTE (--quick): fewer sizes and rounds, so these timings are noisy; a 'MISS' line here is "
+    "not a verdict. The targets are judged on full runs "
+    "(python benchmarks/run.py --tag NAME).")
 
 
 @dataclasses.dataclass

@@ -3,7 +3,10 @@
 Run (from the repository root)::
 
     python benchmarks/bench_grid.py           # K = 64 (8 learning rates × 8 weight decays)
-    python benchmarks/bench_grid.py --quick   # the same grid, fewer repeats
+    python benchmarks/bench_grid.py --quick   # the same grid, fewer repeats (noisy)
+
+Writes ``out/benchmarks/bench_grid.json`` (ignored by git; ``--out`` to change, and
+``benchmarks/run.py --tag NAME`` for a canonical run in ``benchmarks/results/``).
 
 The model is a small MLP (64-32-10) on scikit-learn's digits (ships with the package, no
 download), trained full-batch for ``--steps`` steps with ``od.adamw`` whose learning rate and
@@ -38,6 +41,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optax_decoupled as od
+from benchmarks import _timing
 
 
 def data():
@@ -114,8 +118,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--steps", type=int, default=100)
   ap.add_argument("--rounds", type=int, default=None)
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                 "bench_grid.json"))
+  ap.add_argument("--out", default=os.path.join(_timing.SCRATCH_DIR, "bench_grid.json"),
+                 help="JSON output (default: out/benchmarks/bench_grid.json, ignored by git)")
   args = ap.parse_args(argv)
   rounds = args.rounds or (2 if args.quick else 5)
   x, y = data()
@@ -191,6 +195,8 @@ def main(argv=None) -> dict:
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {args.out}")
+  if args.quick:
+    print(_timing.QUICK_NOTE)
   return result
 
 

@@ -4,9 +4,11 @@ Task: masked-character modelling (BERT's MLM objective, one character per token)
 on Python's own standard-library sources, read from the installed module files
 (no download). Training text comes from one set of modules, the held-out text
 from others. The script prints the weight-decay mask table, trains with a tqdm
-progress bar, evaluates on the held-out split, writes ``loss_curve.png`` and
-``metrics.json`` into ``--out``, and can checkpoint and resume with orbax
-(bitwise-identical to an uninterrupted run).
+progress bar (showing the running loss), evaluates on the held-out split, writes
+``loss_curve.png`` and ``metrics.json`` into ``--out``, and can checkpoint and resume
+with orbax (bitwise-identical to an uninterrupted run). Each checkpoint is saved with the
+flags that define the run (``config_<step>.json``); ``--resume`` with other flags stops
+with a one-line error naming them.
 
 Run (about two minutes on 2 CPU cores)::
 
@@ -28,6 +30,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -214,11 +217,57 @@ def parse_args(argv=None):
   p.add_argument("--checkpoint-every", type=int, default=0,
                  help="save a checkpoint every N steps (0: only with --stop-after)")
   p.add_argument("--stop-after", type=int, default=0,
-                 help="save a checkpoint after this many steps and exit (simulates a crash)")
+                 help="save a checkpoint after this many steps and exit (simulates a crash); "
+                 "N must be below the run's length (--steps)")
   p.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in OUT/checkpoints")
+                 help="continue from the latest checkpoint in OUT/checkpoints; the flags that "
+                 "define the run (--quick, --steps, --optimizer, --weight-decay, --mask, "
+                 "--no-mask, --seed) must be those of the saved run")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
   return p.parse_args(argv)
+
+
+# The flags that define a run: a checkpoint only continues the run that had the same ones.
+RUN_FLAGS = {"quick": "--quick", "steps": "--steps", "optimizer": "--optimizer",
+             "weight_decay": "--weight-decay", "mask": "--mask/--no-mask", "seed": "--seed"}
+
+
+def run_flags(args, cfg: Config) -> dict[str, Any]:
+  """The values of :data:`RUN_FLAGS` for this run (``steps`` as resolved, ``mask`` None for
+  --no-mask), saved next to every checkpoint and compared on --resume."""
+  return {"quick": args.quick, "steps": cfg.steps, "optimizer": args.optimizer,
+          "weight_decay": args.weight_decay, "mask": None if args.no_mask else args.mask,
+          "seed": args.seed}
+
+
+def _flag_text(key: str, value: Any) -> str:
+  if key == "quick":
+    return "--quick" if value else "no --quick"
+  if key == "mask":
+    return "--no-mask" if value is None else f"--mask {value}"
+  return f"{RUN_FLAGS[key]} {value}"
+
+
+def flag_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """``"--weight-decay 0.01 (this run: --weight-decay 0.1)"`` for each flag that differs."""
+  return [f"{_flag_text(k, saved.get(k))} (this run: {_flag_text(k, now[k])})"
+          for k in RUN_FLAGS if saved.get(k) != now[k]]
+
+
+def latest_checkpoint_step(ckpt_dir: str) -> int | None:
+  """The newest step with a complete checkpoint (its history file is written last)."""
+  steps = []
+  if os.path.isdir(ckpt_dir):
+    for name in os.listdir(ckpt_dir):
+      stem, ext = os.path.splitext(name)
+      if name.startswith("history_") and ext == ".json" and stem[8:].isdigit():
+        steps.append(int(stem[8:]))
+  return max(steps, default=None)
+
+
+def fail(message: str) -> None:
+  """Exits with a one-line error (exit status 1, no traceback)."""
+  raise SystemExit(f"{os.path.basename(__file__)}: error: {message}")
 
 
 def main(argv=None) -> dict:
@@ -226,8 +275,34 @@ def main(argv=None) -> dict:
   cfg = QUICK if args.quick else Config()
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps, warmup=min(cfg.warmup, args.steps // 4))
-  os.makedirs(args.out, exist_ok=True)
+  if args.stop_after < 0 or args.checkpoint_every < 0:
+    fail("--stop-after and --checkpoint-every take N >= 0 (0: off).")
+  if args.stop_after >= cfg.steps:
+    fail(f"--stop-after {args.stop_after} is not before the end of the run ({cfg.steps} steps"
+         f"{' with --quick' if args.quick and args.steps is None else ''}): nothing would be "
+         f"stopped or checkpointed. Use --stop-after N with N < {cfg.steps}, or drop it.")
+  flags = run_flags(args, cfg)
   ckpt_dir = os.path.join(args.out, "checkpoints")
+  resume_step = None
+  if args.resume:  # checked before anything is built or restored
+    resume_step = latest_checkpoint_step(ckpt_dir)
+    if resume_step is None:
+      fail(f"--resume: no checkpoint in {ckpt_dir}; make one with --stop-after N or "
+           "--checkpoint-every N (same --out).")
+    config_path = os.path.join(ckpt_dir, f"config_{resume_step}.json")
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        bad = flag_mismatches(json.load(f), flags)
+      if bad:
+        fail(f"--resume: the checkpoint at step {resume_step} in {ckpt_dir} belongs to another "
+             f"run: {'; '.join(bad)}. Resume with the saved flags.")
+    else:
+      print(f"note: no {os.path.basename(config_path)} next to the checkpoint; the flags are "
+            "not checked against the saved run")
+    if args.stop_after and args.stop_after <= resume_step:
+      fail(f"--stop-after {args.stop_after}: the checkpoint is already at step {resume_step}; "
+           f"use N between {resume_step + 1} and {cfg.steps - 1}, or drop it.")
+  os.makedirs(args.out, exist_ok=True)
 
   train_tokens, eval_tokens = read_sources(TRAIN_MODULES), read_sources(HELD_OUT_MODULES)
   print(f"data: {len(train_tokens):,} training characters ({len(TRAIN_MODULES)} stdlib "
@@ -242,7 +317,8 @@ def main(argv=None) -> dict:
   history = {"train_loss": [], "eval": []}
   start = 0
   if args.resume:
-    start, state = odf.restore_checkpoint(ckpt_dir, nnx.state((model, optimizer)))
+    start, state = odf.restore_checkpoint(ckpt_dir, nnx.state((model, optimizer)),
+                                          step=resume_step)
     nnx.update((model, optimizer), state)
     with open(os.path.join(ckpt_dir, f"history_{start}.json")) as f:
       history = json.load(f)
@@ -250,7 +326,9 @@ def main(argv=None) -> dict:
 
   def checkpoint(step: int) -> None:
     odf.save_checkpoint(ckpt_dir, step, nnx.state((model, optimizer)))
-    with open(os.path.join(ckpt_dir, f"history_{step}.json"), "w") as f:
+    with open(os.path.join(ckpt_dir, f"config_{step}.json"), "w") as f:
+      json.dump(flags, f)
+    with open(os.path.join(ckpt_dir, f"history_{step}.json"), "w") as f:  # written last
       json.dump(history, f)
 
   from tqdm import tqdm
@@ -265,8 +343,8 @@ def main(argv=None) -> dict:
     history["train_loss"].append(float(loss))
     if (step + 1) % max(1, cfg.steps // 5) == 0 or step + 1 == cfg.steps:
       history["eval"].append((step + 1, *evaluate(eval_step, model, eval_tokens, cfg, args.seed)))
-    if step % 20 == 0:
-      bar.set_postfix(loss=f"{np.mean(history['train_loss'][-20:]):.3f}")
+    # The running loss (mean of the last 20 steps), shown at the bar's next redraw.
+    bar.set_postfix(loss=f"{np.mean(history['train_loss'][-20:]):.3f}", refresh=False)
     if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
       checkpoint(step + 1)
   bar.close()

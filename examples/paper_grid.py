@@ -455,7 +455,7 @@ SLOPE_FLAT = 0.35  # "|slope| < 0.35", fixed before any run.
 
 
 def criteria(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
-  """The paper's claims (Loshchilov & Hutter 2019, Sec. 4.1 and Fig. 2) as (name, passed, detail)."""
+  """The paper's claims (Loshchilov & Hutter 2019, Sec. 4.1 and Fig. 2): (name, passed, detail)."""
   lines = []
   for key in ("sgd_l2", "adamw_lr"):
     if key in results:
@@ -502,37 +502,67 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+# The colour scale shared by every panel runs from the lowest cell of all panels to this
+# percentile of all cells (in %); cells above it take the top colour and keep their number.
+COLOR_CAP_PERCENTILE = 75
+
+
+def color_range(results: dict[str, dict[str, Any]],
+                percentile: float = COLOR_CAP_PERCENTILE) -> tuple[float, float]:
+  """(vmin, vmax) in % of the one colour scale shared by all panels.
+
+  vmin is the best seed-mean cell over all panels, vmax the ``percentile``-th percentile
+  of every panel's seed-mean cells (at least vmin + 1 point): the cap keeps diverged and
+  untrained cells (up to 100 %) from flattening the differences near the optimum.
+  """
+  cells = np.concatenate([100 * np.ravel(r["mean_error"]) for r in results.values()])
+  vmin = float(cells.min())
+  return vmin, max(float(np.percentile(cells, percentile)), vmin + 1.0)
+
+
+def text_color(rgba: Sequence[float]) -> str:
+  """Black on light cells, white on dark ones (by the cell colour's relative luminance)."""
+  r, g, b = rgba[:3]
+  return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
 def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = "",
-                  notes: Sequence[str] = ()) -> None:
-  """Fig. 2 layout: SGD row (L2 | decoupled), Adam row (L2 | lr-coupled | schedule-coupled)."""
+                  notes: Sequence[str] = ()) -> tuple[float, float]:
+  """Fig. 2 layout: SGD row (L2 | decoupled), Adam row (L2 | lr-coupled | schedule-coupled).
+
+  All panels share one colour scale (:func:`color_range`) and one colour bar; returns its
+  (vmin, vmax) in %.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  cmap = plt.get_cmap("viridis_r")
+  vmin, vmax = color_range(results)
+  norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax, clip=True)
   layout = [["sgd_l2", "sgdw", None], ["adam_l2", "adamw_lr", "adamw_schedule"]]
-  fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
+  fig, axes = plt.subplots(2, 3, figsize=(16, 10.5))
+  im = None
   for r_i, row in enumerate(layout):
     for c_i, key in enumerate(row):
       ax = axes[r_i][c_i]
       if key is None or key not in results:
         ax.axis("off")
         if key is None and notes:
-          ax.text(0.0, 1.0, "\n".join(notes), va="top", ha="left", fontsize=8,
-                  family="monospace", transform=ax.transAxes, wrap=True)
+          ax.text(0.0, 1.0, "\n".join(notes), va="top", ha="left", fontsize=8.5,
+                  family="monospace", transform=ax.transAxes)
         continue
       res = results[key]
       mean = 100 * np.asarray(res["mean_error"])
-      best = mean.min()
-      vmax = min(best + 2 * max(np.median(mean) - best, 1.0), 100.0)
-      im = ax.imshow(mean, origin="lower", cmap="viridis_r", vmin=best, vmax=vmax,
-                     aspect="auto")
+      im = ax.imshow(mean, origin="lower", cmap=cmap, norm=norm, aspect="auto")
+      # Each cell's number sits in its lower half: the λ* dots are drawn on the row's centre.
       for i in range(mean.shape[0]):
         for j in range(mean.shape[1]):
-          ax.text(j, i, f"{mean[i, j]:.1f}", ha="center", va="center", fontsize=6.5,
-                  color="black" if mean[i, j] < (best + vmax) / 2 else "white")
+          ax.text(j, i - 0.22, f"{mean[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                  color=text_color(cmap(norm(mean[i, j]))))
       bi, bj = np.unravel_index(int(np.argmin(mean)), mean.shape)
-      ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2))
+      ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
       ax.axvline(0.5, color="white", lw=3)
       # λ* per row and the fitted line, in column coordinates (λ>0 column k is at k + 1).
       logw = np.log2(np.asarray(res["wds"][1:]))
@@ -551,21 +581,29 @@ def plot_heatmaps(results: dict[str, dict[str, Any]], path: str, title: str = ""
       ax.set_xlim(-0.5, mean.shape[1] - 0.5)
       ax.set_ylim(-0.5, mean.shape[0] - 0.5)
       ax.set_xticks(range(mean.shape[1]))
-      ax.set_xticklabels(["0"] + [f"$2^{{{round(v)}}}$" for v in logw], fontsize=7)
+      ax.set_xticklabels(["0"] + [f"$2^{{{round(v)}}}$" for v in logw], fontsize=8.5)
       ax.set_yticks(range(mean.shape[0]))
       ax.set_yticklabels([f"$2^{{{round(v)}}}$" for v in np.log2(res["lrs"])],
-                         fontsize=7)
-      ax.set_xlabel(f"weight decay: {res['wd_units']}", fontsize=8)
-      ax.set_ylabel("initial learning rate α", fontsize=8)
+                         fontsize=8.5)
+      ax.set_xlabel(f"weight decay: {res['wd_units']}", fontsize=9)
+      ax.set_ylabel("initial learning rate α", fontsize=9)
       ax.set_title(f"{res['label']}: best {res['best_error'] * 100:.2f}% "
                    f"± {res['best_error_se'] * 100:.2f}, slope {res['slope']:+.2f}",
-                   fontsize=9.5)
-      fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
+                   fontsize=10.5)
+  scale = (f"one colour scale for all panels, {vmin:.1f}% to {vmax:.1f}% (the "
+           f"{COLOR_CAP_PERCENTILE}th percentile of all cells); cells above it take the "
+           "darkest colour")
+  fig.suptitle(f"{title}\n{scale}" if title else scale, fontsize=10.5)
+  fig.tight_layout(rect=(0, 0, 0.93, 1))
+  if im is not None:
+    # One colour bar for all panels, right of the grid; "extend" marks the clipped top.
+    cax = fig.add_axes((0.94, 0.08, 0.013, 0.82))
+    bar = fig.colorbar(im, cax=cax, extend="max" if vmax < 100 else "neither")
+    bar.set_label("test error (%)", fontsize=11)
+    bar.ax.tick_params(labelsize=9)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
+  return vmin, vmax
 
 
 def _wrap(lines: Sequence[str], width: int) -> list[str]:
@@ -574,7 +612,8 @@ def _wrap(lines: Sequence[str], width: int) -> list[str]:
   out = []
   for line in lines:
     for part in line.split("\n"):
-      out.extend(textwrap.wrap(part, width, subsequent_indent="     ") or [""])
+      out.extend(textwrap.wrap(part, width, subsequent_indent="     ",
+                               break_on_hyphens=False) or [""])
   return out
 
 
@@ -621,14 +660,21 @@ def run(specs: Sequence[OptimizerSpec], data: Data, cfg: TrainConfig, out_dir: s
   }
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(_json_safe(payload), f, indent=1, allow_nan=False)
+  title, notes = figure_text(data.name, cfg, checks)
+  plot_heatmaps(results, os.path.join(out_dir, "heatmaps.png"), title, notes)
+  return payload
+
+
+def figure_text(data_name: str, cfg: TrainConfig,
+                checks: Sequence[tuple[str, bool, str]]) -> tuple[str, list[str]]:
+  """The figure's title and its notes panel (the claims with their PASS/FAIL lines)."""
   norm = " + LayerNorm" if cfg.layernorm else " (no LayerNorm)"
-  title = (f"{data.name}: test error (%) after {cfg.epochs} epochs, MLP {cfg.hidden}{norm}, "
+  title = (f"{data_name}: test error (%) after {cfg.epochs} epochs, MLP {cfg.hidden}{norm}, "
            f"cosine schedule, mean of {cfg.n_seeds} seeds; red box: best cell; "
            "dots: λ* per row; dashed: fit")
-  notes = ["The paper's claims (Loshchilov & Hutter 2019, Sec. 4.1, Fig. 2):", ""] + [
+  notes = ["The paper's claims (Loshchilov & Hutter 2019,", "Sec. 4.1 and Fig. 2):", ""] + [
       f"{'PASS' if ok else 'FAIL'} {c}\n     {d}" for c, ok, d in checks]
-  plot_heatmaps(results, os.path.join(out_dir, "heatmaps.png"), title, _wrap(notes, 62))
-  return payload
+  return title, _wrap(notes, 60)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -171,3 +171,50 @@ def test_criteria_follow_their_definitions():
   assert pg.criteria(results)[-1][1] is False
   results["sgd_l2"]["slope"] = math.nan  # too few rows: a FAIL, never a PASS
   assert pg.criteria(results)[0][1] is False
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def test_one_color_scale_for_all_panels(payload, tmp_path):
+  results = payload[0]["optimizers"]
+  cells = np.concatenate([100 * np.ravel(r["mean_error"]) for r in results.values()])
+  vmin, vmax = pg.color_range(results)
+  assert vmin == pytest.approx(cells.min())  # the best cell of any panel
+  assert vmax == pytest.approx(max(np.percentile(cells, pg.COLOR_CAP_PERCENTILE), vmin + 1))
+  assert pg.plot_heatmaps(results, str(tmp_path / "h.png"), "t", ["n"]) == (vmin, vmax)
+  assert (tmp_path / "h.png").stat().st_size > 10_000
+
+
+def test_color_range_caps_diverged_cells():
+  good = {"mean_error": [[0.30, 0.31], [0.32, 0.33]]}
+  bad = {"mean_error": [[1.0, 1.0], [1.0, 0.9]]}
+  vmin, vmax = pg.color_range({"a": good, "b": bad}, percentile=50)
+  assert vmin == pytest.approx(30.0)
+  assert vmax == pytest.approx(61.5)  # the median of the 8 cells, not 100
+  flat = {"a": {"mean_error": [[0.5, 0.5]]}}
+  assert pg.color_range(flat) == (pytest.approx(50.0), pytest.approx(51.0))
+
+
+def test_cell_text_contrasts_with_its_colour():
+  import matplotlib
+
+  cmap = matplotlib.colormaps["viridis_r"]
+  assert pg.text_color(cmap(0.0)) == "black"  # yellow: best cells
+  assert pg.text_color(cmap(1.0)) == "white"  # dark purple: worst and clipped cells
+  assert pg.text_color((1, 1, 1, 1)) == "black" and pg.text_color((0, 0, 0, 1)) == "white"
+
+
+def test_figure_text_cites_no_missing_file(payload):
+  """The title and notes drawn into heatmaps.png cite the paper, and no absent file."""
+  import os
+  import re
+
+  checks = [(c["claim"], c["pass"], c["detail"]) for c in payload[0]["criteria"]]
+  title, notes = pg.figure_text("digits", CFG, checks)
+  text = "\n".join([title, *notes])
+  assert "Loshchilov & Hutter 2019" in text and "Sec. 4.1 and Fig. 2" in text
+  assert sum(line.startswith(("PASS ", "FAIL ")) for line in notes) == len(checks) == 7
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in re.findall(r"[\w./-]+\.(?:md|py|png|json|txt|pdf)\b", text):
+    assert os.path.exists(os.path.join(root, name)), name
