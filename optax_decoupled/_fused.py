@@ -145,7 +145,8 @@ def fused_step(
     if _chunks.state_reads_params(tx, grads, state, params):
       # Coupled L2 (λθ enters the moments): the in-place chunk order needs the new state to
       # be computable after θ is written, so this transform takes the plain path.
-      return "plain", f"the new state reads θ (coupled L2); no kernel: {why_not}"
+      return "plain", ("the new optimizer state depends on θ in tx.update's program, so θ "
+                       f"cannot be written before the state; no kernel: {why_not}")
     if not _chunks.state_is_chunkable(state, params):
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.

@@ -129,6 +129,12 @@ def unsupported(spec: AdamWSpec, params: Any, grads: Any, state: Any) -> str | N
   mults = {d.multiplier for d in _masks.decisions(params, spec.mask, warn=False)}
   if mults - {0.0, 1.0}:
     return f"the kernel takes masks of 0/1 only, and decay_multipliers give {sorted(mults)}"
+  for name in ("learning_rate", "weight_decay"):  # the kernel takes scalars; (1,) broadcasts.
+    value = getattr(spec, name)
+    shape = (jax.eval_shape(value, jnp.zeros([], jnp.int32)).shape if callable(value)
+             else jnp.shape(value))
+    if shape != ():
+      return f"the kernel takes a scalar {name}, and this one has shape {shape}"
   return unavailable()
 
 

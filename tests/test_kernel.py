@@ -343,3 +343,23 @@ def test_accelerators_lower_to_the_plain_xla_step(flat):
   for platform, calls in [("cuda", 0), ("cpu", 1)]:
     module = jax.export.export(step, platforms=[platform], disabled_checks=checks)(*args)
     assert module.mlir_module().count("custom_call @optax_decoupled_adam_step") == calls
+
+
+def test_a_schedule_of_shape_one_leaves_the_kernel_and_equals_the_plain_step():
+  # A schedule returning shape (1,) broadcasts in the plain step; the kernel takes scalars,
+  # so the step must not take it (and must not crash): explain says why.
+  params = {"w": jnp.ones((64, 32))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = od.adamw(lambda t: jnp.full((1,), 1e-3), weight_decay=0.1)
+  state = tx.init(params)
+  step = od.fused_step(tx)
+  assert "scalar learning_rate" in step.explain(params, grads, state)
+  new, _ = jax.jit(step)(params, grads, state)
+  np.testing.assert_allclose(new["w"], plain_step(tx)(params, grads, state)[0]["w"], rtol=1e-6)
+
+
+def test_multisteps_is_explained_without_calling_it_coupled_l2():
+  ms = optax.MultiSteps(od.adamw(1e-3, weight_decay=0.1), 2).gradient_transformation()
+  params = {"w": jnp.ones((8, 4))}
+  why = od.fused_step(ms).explain(params, params, ms.init(params))
+  assert "coupled L2" not in why and why.startswith("plain")
