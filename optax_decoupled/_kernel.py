@@ -42,6 +42,7 @@ _DIR = Path(__file__).parent / "csrc"
 LIBRARY = _DIR / "libod_adam_step.so"
 _BUILD_INFO = _DIR / "build_info.json"
 _TARGET = "optax_decoupled_adam_step"
+_GROUP = 32  # leaves per kernel call (see adamw_step)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -200,8 +201,14 @@ def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, g
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
   new_state = _new_scalar_state(tx, params, grads, state)
-  res = _call(_scalars(spec, state), leaves, [int(np.size(p)) for p in p_leaves],
-              _decay_flags(spec, params))
+  scalars, sizes, decay = _scalars(spec, state), [int(np.size(p)) for p in p_leaves], \
+      _decay_flags(spec, params)
+  # At most _GROUP leaves per call: XLA's compile time grows faster than linearly with the
+  # operands of one custom call (with aliasing), and per-call overhead is a few microseconds.
+  res = []
+  for a in range(0, len(leaves), _GROUP):
+    b = a + _GROUP
+    res += _call(scalars, leaves[a:b], sizes[a:b], decay[a:b])
   new_adam = new_state[0]._replace(mu=treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
                                    nu=treedef.unflatten([r[2] for r in res]))  # type: ignore[attr-defined]
   return treedef.unflatten([r[0] for r in res]), (new_adam, *new_state[1:])  # type: ignore[attr-defined]

@@ -363,3 +363,22 @@ def test_multisteps_is_explained_without_calling_it_coupled_l2():
   params = {"w": jnp.ones((8, 4))}
   why = od.fused_step(ms).explain(params, params, ms.init(params))
   assert "coupled L2" not in why and why.startswith("plain")
+
+
+@needs_kernel
+def test_many_leaves_are_stepped_in_groups_and_equal_the_plain_step():
+  # One call per group of leaves keeps XLA's compile time linear in the leaves; the result
+  # is the same step (oracle: tx.update + optax.apply_updates).
+  from optax_decoupled import _kernel
+
+  n = 3 * _kernel._GROUP + 5
+  params = {f"leaf{i:03d}": jnp.full((16,), 1.0 + i / n) for i in range(n)}
+  grads = jax.tree.map(lambda x: 0.5 * x, params)
+  tx = od.adamw(1e-2, weight_decay=0.1)
+  state = tx.init(params)
+  step = jax.jit(od.fused_step(tx, kernel="require"))
+  hlo = step.lower(params, grads, state).compile().as_text()
+  assert len(re.findall(r"custom-call\(", hlo)) == 4
+  got, _ = step(params, grads, state)
+  want, _ = plain_step(tx)(params, grads, state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), got, want)
