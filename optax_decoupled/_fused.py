@@ -59,6 +59,11 @@ def fused_step(
   (``jax.jit(step, donate_argnums=(0, 2))``): the buffers are then updated in place and the
   step needs no full-size temporary.
 
+  Differentiating the step (``jax.grad``/``jax.jvp`` through it, as in meta-learning)
+  differentiates the plain step: the kernel has no derivative of its own. ``jax.export`` of a
+  kernel step for CPU fails with JAX's error on custom calls without compatibility guarantees;
+  export ``fused_step(tx, kernel="off")`` instead (accelerators export the plain step).
+
   Args:
     tx: an *elementwise* transformation: any alias of this package (``od.adamw``,
       ``od.adam_l2``, ``od.bert_adamw``, ``od.sgd_l2``), ``optax.adamw``/``adam``/``sgd``,
@@ -176,7 +181,15 @@ def fused_step(
     path, _ = plan(params, grads, state)
     if path in ("plain", "unpacked"):
       return fallback(params, grads, state)
-    return lax.platform_dependent(params, grads, state, cpu=on_cpu(path), default=fallback)
+    cpu = on_cpu(path)
+
+    def fast(p, g, s):
+      return lax.platform_dependent(p, g, s, cpu=cpu, default=fallback)
+
+    if path == "kernel":  # the FFI call has no derivative: differentiate the plain step.
+      fast = jax.custom_jvp(fast)
+      fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals, tangents))
+    return fast(params, grads, state)
 
   def explain(params, grads, state) -> str:
     """Which path the CPU step takes for these arguments, and why."""

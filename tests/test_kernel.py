@@ -382,3 +382,24 @@ def test_many_leaves_are_stepped_in_groups_and_equal_the_plain_step():
   got, _ = step(params, grads, state)
   want, _ = plain_step(tx)(params, grads, state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), got, want)
+
+
+@needs_kernel
+def test_grad_through_a_kernel_step_is_the_plain_steps_grad_and_export_says_what_to_do():
+  params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}
+  tx = od.adamw(1e-2, weight_decay=0.1)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  fused = od.fused_step(tx, kernel="require")
+
+  def loss(p, step):
+    return jnp.sum(step(p, grads, state)[0]["w"] ** 2)
+
+  np.testing.assert_allclose(jax.grad(loss)(params, fused)["w"],
+                             jax.grad(loss)(params, plain_step(tx))["w"], rtol=1e-6)
+  with pytest.raises(ValueError, match="custom calls"):
+    jax.export.export(jax.jit(fused), platforms=["cpu"])(params, grads, state)
+  exported = jax.export.export(jax.jit(od.fused_step(tx, kernel="off")),
+                               platforms=["cpu"])(params, grads, state)
+  np.testing.assert_allclose(exported.call(params, grads, state)[0]["w"],
+                             plain_step(tx)(params, grads, state)[0]["w"], rtol=1e-6)
