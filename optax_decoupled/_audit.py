@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_decoupled import _paths
+from optax_decoupled import _paths, _report
 
 __all__ = ["DecayAudit", "DecayAuditRow", "audit_decay"]
 
@@ -45,7 +45,7 @@ KINDS = ("none", "coupled_l2", "decoupled", "toward_reference", "grows")
 
 @dataclasses.dataclass(frozen=True)
 class DecayAuditRow:
-  """One leaf of a :class:`DecayAudit`."""
+  """One leaf of a :class:`DecayAudit`: its kind of decay and first-step shrink c."""
 
   path: str
   shape: tuple[int, ...]
@@ -56,7 +56,11 @@ class DecayAuditRow:
 
 @dataclasses.dataclass(frozen=True)
 class DecayAudit:
-  """What :func:`audit_decay` found; ``str()`` renders a table."""
+  """What :func:`audit_decay` found; ``str()`` renders a table.
+
+  ``relation`` names the decay convention the probe found (c_t ∝ η_t: lr- or
+  schedule-coupled; ∝ η_t²: corrected; independent), where it could tell.
+  """
 
   rows: tuple[DecayAuditRow, ...]
   relation: str
@@ -74,10 +78,7 @@ class DecayAudit:
     head = ("path", "shape", "dtype", "kind", "shrink")
     body = [(r.path, str(r.shape), r.dtype, r.kind, "" if r.shrink is None else f"{r.shrink:.4g}")
             for r in self.rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row).rstrip() for row in body]
+    lines = _report.table(head, body)
     counts = {k: sum(r.kind == k for r in self.rows) for k in KINDS}
     lines.append(", ".join(f"{k}: {n}" for k, n in counts.items() if n) + " leaves")
     lines.append(f"shrink vs learning rate: {self.relation}")
@@ -172,6 +173,8 @@ def audit_decay(
 
   See the module docstring for the probe. The parameters' *values* are not used (only their
   structure, paths, shapes and dtypes), so the audit is the same for any initialisation.
+
+  Decay convention: none of its own; it reports the one ``tx`` applies.
 
   Args:
     tx: any optax ``GradientTransformation`` (or an object with ``init``/``update``, such

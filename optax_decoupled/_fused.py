@@ -49,7 +49,7 @@ def fused_step(
   For ``od.adamw`` (``coupling="lr"``, no Nesterov) with float32 moments and float32 or
   bfloat16 parameters (bfloat16 weights: ``mu_dtype=nu_dtype=jnp.float32``),
   the CPU step is a C++ kernel (``csrc/adam_step.cc``, built by the package's install when
-  a C++ compiler is present, called through ``jax.ffi``): all leaves in one call, in place,
+  a C++ compiler is present, called through ``jax.ffi``): one call per 32 leaves, in place,
   on all of XLA's CPU threads. It rounds each operation of the chain as written (XLA fuses
   some multiply-adds), so it equals the pure-JAX step to a few ulp. Every other
   transformation, or a machine where the kernel was not built, takes the pure-JAX chunk loop

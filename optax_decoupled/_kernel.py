@@ -3,7 +3,7 @@
 ``csrc/adam_step.cc`` is compiled at install time by ``hatch_build.py`` when a C++ compiler
 is present, and registered with XLA here (``jax.ffi``) on first use. It computes the step of
 ``od.adamw(..., coupling="lr")`` with the operations and float32 rounding of the optax chain
-(see the comment at the top of the C++ file), for all leaves in one call, in place, on all
+(see the comment at the top of the C++ file), for up to 32 leaves per call, in place, on all
 of XLA's CPU threads: each array crosses main memory once.
 
 Only the elementwise arithmetic is in C++. Everything else stays in JAX and in the chain's

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates
+from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates, _report
 
 __all__ = ["Labels", "labels", "scale_by_lr_multipliers"]
 
@@ -111,12 +111,8 @@ class Labels:
     for path, leaf, label, rule in self.decisions(params):
       shape = tuple(int(n) for n in np.shape(_paths.leaf_value(leaf)))
       rows.append((path, str(shape), label, rule, int(np.prod(shape, dtype=np.int64))))
-    head = ("path", "shape", "label", "rule")
-    widths = [max(len(x) for x in col) for col in zip(head, *(r[:4] for r in rows))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [f"labels: {self!r}", fmt.format(*head).rstrip(),
-             fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r[:4]).rstrip() for r in rows]
+    lines = [f"labels: {self!r}",
+             *_report.table(("path", "shape", "label", "rule"), [r[:4] for r in rows])]
     total = sum(r[4] for r in rows)
     for label in dict.fromkeys([name for name, _ in self.rules] + [r[2] for r in rows]):
       mine = [r for r in rows if r[2] == label]
@@ -150,6 +146,8 @@ def labels(
   that takes no leaf, because its predicate selects nothing or only leaves an earlier
   rule took (unless ``allow_unmatched=True``); a leaf no rule takes when ``default`` is
   None. ``Labels.describe(params)`` shows which rule labelled each leaf.
+
+  Decay convention: none of its own (labels); each group's optimizer keeps its own.
 
   Args:
     rules: ``{label: predicate}``, in priority order.
@@ -216,6 +214,9 @@ def scale_by_lr_multipliers(
   lr-coupled AdamW. It is not a decay: to weight λ per group use
   :func:`decay_multipliers`. Layer-wise learning-rate decay for fine-tuning is one rule
   per layer with multiplier :math:`\gamma^{L-l}`.
+
+  Decay convention: none of its own; placed after a decaying alias it scales the decay term
+  with the rest of the update, as torch's per-group learning rates do.
 
   Args:
     rules: ``[(regex, multiplier), ...]``; multipliers finite and >= 0.

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from optax_decoupled import _masks, _paths
 
-__all__ = ["MaskReport", "MaskRow", "describe_mask"]
+__all__ = ["MaskReport", "MaskRow", "describe_mask", "table"]
+
+
+def table(head: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+  """Left-aligned columns two spaces apart: the header, a rule, one line per row."""
+  widths = [max(len(x) for x in col) for col in zip(head, *body)]
+  fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+  return [fmt.format(*row).rstrip() for row in (head, ["-" * w for w in widths], *body)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +60,7 @@ class MaskReport:
     if any(r.multiplier is not None for r in self.rows):  # a multipliers rule set
       head = head[:4] + ("mult",) + head[4:]
       body = [b[:4] + (f"{r.multiplier:g}",) + b[4:] for b, r in zip(body, self.rows)]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [f"mask: {self.mask}", fmt.format(*head).rstrip(), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row).rstrip() for row in body]
+    lines = [f"mask: {self.mask}", *table(head, body)]
     n_dec = sum(r.size for r in self.decayed)
     n_all = sum(r.size for r in self.rows)
     lines.append(

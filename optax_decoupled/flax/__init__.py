@@ -32,14 +32,14 @@ same paths, hence the same mask, under any name predicate.
 
 from optax_decoupled.flax._checkpoints import restore_checkpoint as restore_checkpoint
 from optax_decoupled.flax._checkpoints import save_checkpoint as save_checkpoint
+from optax_decoupled.flax._name_presets import bert_mask as bert_mask
+from optax_decoupled.flax._name_presets import nanogpt_mask as nanogpt_mask
+from optax_decoupled.flax._name_presets import timm_mask as timm_mask
 from optax_decoupled.flax._presets import NORM_TYPES as NORM_TYPES
-from optax_decoupled.flax._presets import bert_mask as bert_mask
 from optax_decoupled.flax._presets import exclude_module_types as exclude_module_types
 from optax_decoupled.flax._presets import hf_trainer_mask as hf_trainer_mask
-from optax_decoupled.flax._presets import nanogpt_mask as nanogpt_mask
 from optax_decoupled.flax._presets import norm_and_bias_mask as norm_and_bias_mask
 from optax_decoupled.flax._presets import stacked_ndim_mask as stacked_ndim_mask
-from optax_decoupled.flax._presets import timm_mask as timm_mask
 from optax_decoupled.flax._train import linen_train_step as linen_train_step
 from optax_decoupled.flax._train import nnx_train_step as nnx_train_step
 
