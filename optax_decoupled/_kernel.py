@@ -35,6 +35,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_decoupled import _flat, _hyperparams, _masks, _recipes
 
@@ -167,7 +170,7 @@ def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
   wd = _hyperparams.value_at(spec.weight_decay, wd_state.decay_count)
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
-      wd)])
+      wd, 0.0, 1.0, 1.0)])
 
 
 def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
@@ -178,19 +181,102 @@ def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
   return [d.decay for d in _masks.decisions(params, spec.mask, warn=False)]
 
 
-def _call(scalars, leaves, segment_sizes, decay):
-  """The kernel on ``leaves`` = [(θ, g, m, v), ...]; returns [(θ', m', v'), ...]."""
-  args, outs, aliases = [scalars], [], {}
+def _call(scalars, leaves, segment_sizes, decay, shard=None, shard_size=0):
+  """The kernel on ``leaves`` = [(θ, g, m, v), ...]; returns [(θ', m', v'), ...].
+
+  ``shard`` (traced int32 index) and ``shard_size``: the leaves are shard ``shard`` of a
+  buffer cut into ``shard_size`` pieces, and start there in the segments."""
+  whole = shard is None
+  shard = jnp.zeros((1,), jnp.int32) if shard is None else jnp.reshape(shard, (1,))
+  args, outs, aliases = [scalars, shard], [], {}
   for k, leaf in enumerate(leaves):
     args += leaf
     outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.result_type(leaf[0]))]
     outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.float32)] * 2
-    aliases.update({1 + 4 * k: 3 * k, 1 + 4 * k + 2: 3 * k + 1, 1 + 4 * k + 3: 3 * k + 2})
+    aliases.update({2 + 4 * k: 3 * k, 2 + 4 * k + 2: 3 * k + 1, 2 + 4 * k + 3: 3 * k + 2})
   res = jax.ffi.ffi_call(_TARGET, outs, input_output_aliases=aliases,
                          vmap_method="sequential")(
       *args, segment_sizes=np.asarray(segment_sizes, np.int64),
-      decay=np.asarray(decay, np.int8))
+      decay=np.asarray(decay, np.int8), shard_size=np.int64(shard_size), whole=whole)
   return [tuple(res[3 * k:3 * k + 3]) for k in range(len(leaves))]
+
+
+def _per_shard(scalars, leaves, local_call, segments=False):
+  """``local_call(scalars, leaves, shard)``, run by each device on its shard of the leaves.
+
+  A ``custom_partitioning`` of the kernel call. Under ``jax.jit`` with sharded arrays, θ, g,
+  m and v of each leaf take θ's sharding, the scalars are replicated, and each device runs
+  the kernel on its own shard (the step is elementwise): no gather, no collective, and the
+  outputs keep θ's sharding. On one device, and inside ``jax.shard_map``, it is
+  ``local_call`` itself. ``shard`` is None, except with ``segments=True`` (one packed 1-D
+  buffer whose segments decide the decay) sharded evenly along a mesh axis, where it is
+  ``(index, size)`` of this device's shard; a packed buffer sharded any other way is
+  gathered first (correct, not fast).
+  """
+  n = len(leaves)
+  flat = [x for leaf in leaves for x in leaf]
+
+  def unflatten(arrays):
+    return [tuple(arrays[4 * k:4 * k + 4]) for k in range(n)]
+
+  def whole(scalars, *arrays):
+    return tuple(x for r in local_call(scalars, unflatten(arrays), None) for x in r)
+
+  call = custom_partitioning(whole)
+
+  def shardings(thetas, mesh):
+    return ((NamedSharding(mesh, P()), *(s for s in thetas for _ in range(4))),
+            tuple(s for s in thetas for _ in range(3)))
+
+  def infer(mesh, arg_shapes, result_shape):
+    return shardings([arg_shapes[1 + 4 * k].sharding for k in range(n)], mesh)[1]
+
+  def partition(mesh, arg_shapes, result_shape):
+    thetas = [arg_shapes[1 + 4 * k].sharding for k in range(n)]
+    if not segments or thetas[0].is_fully_replicated:
+      return (mesh, whole, *reversed(shardings(thetas, mesh)))
+    spec = thetas[0].spec if isinstance(thetas[0], NamedSharding) else ()
+    axes = spec[0] if len(spec) == 1 else None
+    axes = axes if isinstance(axes, tuple) or axes is None else (axes,)
+    count = int(np.prod([mesh.shape[a] for a in axes])) if axes else 0
+    size = arg_shapes[1].shape[0]
+    if not count or size % count:  # not an even cut along mesh axes: gather, then step.
+      return (mesh, whole, *reversed(shardings([NamedSharding(mesh, P())], mesh)))
+
+    def lower(scalars, *arrays):
+      shard = (jax.lax.axis_index(axes), size // count)
+      return tuple(x for r in local_call(scalars, unflatten(arrays), shard) for x in r)
+    return (mesh, lower, *reversed(shardings(thetas, mesh)))
+
+  factors = [" ".join(f"l{k}d{j}" for j in range(np.ndim(leaves[k][0]))) for k in range(n)]
+  rule = ", ".join(["s", *(f for f in factors for _ in range(4))]) + " -> " + ", ".join(
+      f for f in factors for _ in range(3))
+  call.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=rule, need_replication_factors=("s",))
+
+  # custom_partitioning has no batching rule: under jax.vmap, the kernel call itself
+  # (its ffi_call runs the batch sequentially), which is what a sharded vmap would need too.
+  @jax.custom_batching.custom_vmap
+  def partitioned(scalars, *arrays):
+    return call(scalars, *arrays)
+
+  @partitioned.def_vmap
+  def _(axis_size, in_batched, scalars, *arrays):
+    axes = [0 if b else None for b in in_batched]
+    out = jax.vmap(whole, in_axes=axes, axis_size=axis_size)(scalars, *arrays)
+    return out, tuple(True for _ in out)
+
+  res = partitioned(scalars, *flat)
+
+  def vma(x):  # the mesh axes x varies over (jax >= 0.10: manual_axis_type.varying).
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+  # Inside jax.shard_map the results vary over the mesh axes the inputs vary over.
+  axes = frozenset().union(*(vma(x) for x in (scalars, *flat)))
+  res = [jax.lax.pcast(r, tuple(sorted(axes - vma(r))), to="varying") if axes - vma(r) else r
+         for r in res]
+  return [tuple(res[3 * k:3 * k + 3]) for k in range(n)]
 
 
 def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, grads: Any,
@@ -208,7 +294,9 @@ def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, g
   res = []
   for a in range(0, len(leaves), _GROUP):
     b = a + _GROUP
-    res += _call(scalars, leaves[a:b], sizes[a:b], decay[a:b])
+    group_decay = decay[a:b]
+    res += _per_shard(scalars, leaves[a:b], lambda sc, lv, shard, d=group_decay: _call(
+        sc, lv, [int(np.size(leaf[0])) for leaf in lv], d))
   new_adam = new_state[0]._replace(mu=treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
                                    nu=treedef.unflatten([r[2] for r in res]))  # type: ignore[attr-defined]
   return treedef.unflatten([r[0] for r in res]), (new_adam, *new_state[1:])  # type: ignore[attr-defined]
@@ -223,6 +311,11 @@ def adamw_flat_step(tx: optax.GradientTransformation, spec: AdamWSpec, layout: A
                 *state[1:])
   params = layout.unpack(flat)  # slices, used for paths and shapes only (dead in the HLO).
   new_state = _new_scalar_state(tx, params, layout.unpack(flat_grads), tree_state)
-  (theta, m, v), = _call(_scalars(spec, state), [(flat, flat_grads, adam.mu, adam.nu)],
-                         layout.sizes, _decay_flags(spec, params))
+  decay = _decay_flags(spec, params)
+
+  def local(scalars, leaves, shard):
+    index, size = (None, 0) if shard is None else shard
+    return _call(scalars, leaves, layout.sizes, decay, index, size)
+  (theta, m, v), = _per_shard(_scalars(spec, state), [(flat, flat_grads, adam.mu, adam.nu)],
+                              local, segments=True)
   return theta, (new_state[0]._replace(mu=m, nu=v), *new_state[1:])

@@ -90,3 +90,33 @@ def plain_step(tx):
     return optax.apply_updates(params, updates), state
 
   return step
+
+
+def assert_kernel_close(actual, desired, err_msg: str = "") -> None:
+  """The kernel tests' tolerance, leaf by leaf: 5 float32 eps of the array's largest value.
+
+  The kernel rounds each operation as written; XLA's plain step contracts
+  ``b1·m + (1-b1)·g`` into a fused multiply-add, so the two agree to a few ulp of the
+  array's scale (moments mix gradients of very different scales), not bitwise.
+  """
+  for a, b in zip(jax.tree.leaves(desired), jax.tree.leaves(actual), strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale = np.abs(a).max(initial=0.0)
+    np.testing.assert_allclose(b, a, rtol=0, atol=5 * np.finfo(np.float32).eps * scale,
+                               err_msg=err_msg)
+
+
+def run_script(path: str, timeout: int = 300) -> list[str]:
+  """Runs a test file as a script in a fresh CPU-only process (e.g. to emulate 8 devices,
+  which JAX fixes at first use) and returns the second word of its ``OK ...`` lines."""
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.abspath(path)], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")]

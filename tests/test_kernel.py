@@ -30,7 +30,7 @@ import pytest
 
 import optax_decoupled as od
 from optax_decoupled import _kernel
-from tests.fixtures import plain_step
+from tests.fixtures import assert_kernel_close, plain_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX", "c++").split()[0]
@@ -143,11 +143,7 @@ def test_kernel_equals_the_plain_step(name):
       int(c) for c in (s2[0].count, s2[1].decay_count)]
   # θ, m, v to round-off after 5 steps: XLA contracts m·b1 + (1-b1)·g into a fused
   # multiply-add, the kernel rounds each operation as written (and as numpy does, above).
-  for a, b in zip(jax.tree.leaves((p1, s1[0])), jax.tree.leaves((p2, s2[0]))):
-    a, b = np.asarray(a), np.asarray(b)
-    # (moments mix gradients of scales 1e-2..1e1: the bound is relative to the array's scale)
-    scale = np.abs(a).max(initial=0.0)
-    np.testing.assert_allclose(b, a, rtol=0, atol=5 * np.finfo(np.float32).eps * scale)
+  assert_kernel_close((p2, s2[0]), (p1, s1[0]))
 
 
 @pytest.mark.filterwarnings("ignore::optax_decoupled.LowPrecisionDecayWarning")

@@ -24,11 +24,8 @@ across shards) shows that the HLO check does detect communication.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from tests.fixtures import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 NAMES = ("adamw", "adam_l2", "sgd_l2", "bert_adamw", "adamw_bf16_sr")
 
@@ -173,15 +170,7 @@ def _worker() -> None:
 
 
 def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-      capture_output=True, text=True, timeout=300, check=False,
-  )
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")] == [
-      *NAMES, "control", "init"]
+  assert run_script(__file__) == [*NAMES, "control", "init"]
 
 
 if __name__ == "__main__":

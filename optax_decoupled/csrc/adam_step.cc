@@ -3,8 +3,12 @@
 // For every element of every leaf (float32 θ, g, m, v, updated in place through input/output
 // aliasing); `decay` is per *segment*: the leaves, taken as one sequence, are cut into
 // consecutive segments of `segment_sizes` elements (one segment per leaf for a tree; one per
-// original leaf inside a single packed buffer for od.FlatLayout), none crossing a leaf end:
+// original leaf inside a single packed buffer for od.FlatLayout), none crossing a leaf end.
+// The leaves start at `shard · shard_size` in that sequence of segments (`shard`, an operand:
+// this device's shard of a sharded packed buffer; 0 otherwise). With `clip` set (a global-norm
+// clip before the optimizer, optax.clip_by_global_norm, whose norm JAX computed):
 //
+//   g   = (g / ‖g‖) · max_norm   if clip  optax.clip_by_global_norm (when ‖g‖ >= max_norm)
 //   m'  = (1-b1)·g + b1·m                 optax.tree.update_moment
 //   v'  = (1-b2)·(g·g) + b2·v             optax.tree.update_moment_per_elem_norm (order 2)
 //   u   = (m'/bc1) / (sqrt(v'/bc2 + eps_root) + eps)     optax.scale_by_adam, bc = 1 - b**t
@@ -42,9 +46,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Scalars {
-  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, wd;
+  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, wd, clip, g_norm, max_norm;
 };
-constexpr int64_t kNumScalars = 10;
+constexpr int64_t kNumScalars = 13;
 
 enum class Kind : uint8_t { kF32, kBF16 };
 
@@ -89,8 +93,10 @@ inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __
                                                 float* __restrict m, float* __restrict v,
                                                 const Scalars& s, bool decay, int64_t lo,
                                                 int64_t hi) {
+  const bool clip = s.clip != 0.0f;
   for (int64_t i = lo; i < hi; ++i) {
-    const float gi = Widen(g[i]);
+    float gi = Widen(g[i]);
+    if (clip) gi = (gi / s.g_norm) * s.max_norm;
     const float mi = s.omb1 * gi + s.b1 * m[i];
     const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
     const float m_hat = mi / s.bc1;
@@ -158,12 +164,16 @@ struct Work {
 constexpr int64_t kMinParallel = 1 << 16;
 
 ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
-                        ffi::RemainingArgs args, ffi::RemainingRets rets,
-                        ffi::Span<const int64_t> segment_sizes, ffi::Span<const int8_t> decay) {
+                        ffi::Buffer<ffi::S32> shard, ffi::RemainingArgs args,
+                        ffi::RemainingRets rets, ffi::Span<const int64_t> segment_sizes,
+                        ffi::Span<const int8_t> decay, int64_t shard_size, bool whole) {
   const size_t num_leaves = args.size() / 4;
   const int64_t num_segments = static_cast<int64_t>(decay.size());
   if (scalars.element_count() != kNumScalars) {
-    return ffi::Error::InvalidArgument("od_adam_step: expected 10 scalars");
+    return ffi::Error::InvalidArgument("od_adam_step: expected 13 scalars");
+  }
+  if (shard.element_count() != 1 || shard.typed_data()[0] < 0 || shard_size < 0) {
+    return ffi::Error::InvalidArgument("od_adam_step: expected one shard index >= 0");
   }
   if (args.size() != 4 * num_leaves || rets.size() != 3 * num_leaves ||
       static_cast<int64_t>(segment_sizes.size()) != num_segments) {
@@ -173,9 +183,21 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   }
   auto work = std::make_shared<Work>();
   const float* x = scalars.typed_data();
-  work->s = Scalars{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9]};
+  work->s = Scalars{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x[10], x[11],
+                    x[12]};
   const int64_t* sizes = segment_sizes.begin();
   int64_t segment = 0, segment_left = num_segments ? sizes[0] : 0;
+  for (int64_t skip = shard.typed_data()[0] * shard_size; skip > 0;) {  // segments before this shard.
+    const int64_t len = std::min(skip, segment_left);
+    skip -= len;
+    segment_left -= len;
+    if (segment_left == 0) {
+      if (segment + 1 >= num_segments) {
+        return ffi::Error::InvalidArgument("od_adam_step: offset beyond the segments");
+      }
+      segment_left = sizes[++segment];
+    }
+  }
   for (size_t k = 0; k < num_leaves; ++k) {
     auto theta = args.get<ffi::AnyBuffer>(4 * k);
     auto g = args.get<ffi::AnyBuffer>(4 * k + 1);
@@ -228,7 +250,7 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
       work->total += len;
     }
   }
-  if (segment_left != 0 || segment + 1 < num_segments) {
+  if (whole && (segment_left != 0 || segment + 1 < num_segments)) {
     for (int64_t s = segment + 1; s < num_segments; ++s) segment_left += sizes[s];
     if (segment_left != 0) {
       return ffi::Error::InvalidArgument("od_adam_step: segment sizes exceed the leaves");
@@ -250,7 +272,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OdAdamStep, AdamStepImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scalars
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // shard
                                   .RemainingArgs()               // θ, g, m, v per leaf
                                   .RemainingRets()               // θ, m, v per leaf
                                   .Attr<ffi::Span<const int64_t>>("segment_sizes")
-                                  .Attr<ffi::Span<const int8_t>>("decay"));  // per segment
+                                  .Attr<ffi::Span<const int8_t>>("decay")  // per segment
+                                  .Attr<int64_t>("shard_size")
+                                  .Attr<bool>("whole"));  // the leaves end with the segments
