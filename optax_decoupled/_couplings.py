@@ -84,10 +84,13 @@ class CoupledWeightDecay:
     wd = _hyperparams.constant(self.weight_decay)
     if wd == 0.0:
       return 0.0
-    parts = (self.learning_rate, self.peak_learning_rate)
-    if wd is None or any(x is not None and _hyperparams.constant(x) is None for x in parts):
+    parts = {name: getattr(self, name) for name in ("learning_rate", "peak_learning_rate")}
+    values = {name: None if x is None else _hyperparams.constant(x) for name, x in parts.items()}
+    if wd is None or any(values[n] is None for n, x in parts.items() if x is not None):
       return None
-    return float(self(0))
+    # Python floats only: concrete jax arrays (inject_hyperparams' state) would be staged
+    # into the surrounding trace by the arithmetic.
+    return float(dataclasses.replace(self, weight_decay=wd, **values)(0))
 
 
 def build(weight_decay: Any, coupling: str, learning_rate: Any, peak_learning_rate: Any,

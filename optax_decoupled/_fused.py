@@ -19,10 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_decoupled import _chunks, _flat, _kernel
+from optax_decoupled import _chunks, _flat, _kernel, _targets
 
 __all__ = ["fused_step"]
 
@@ -47,10 +48,14 @@ def fused_step(
   one of ``tx`` (this only changes how the step is scheduled on the hardware).
 
   For ``od.adamw`` (``coupling="lr"``, no Nesterov) with float32 moments and float32 or
-  bfloat16 parameters (bfloat16 weights: ``mu_dtype=nu_dtype=jnp.float32``),
-  the CPU step is a C++ kernel (``csrc/adam_step.cc``, built by the package's install when
-  a C++ compiler is present, called through ``jax.ffi``): one call per 32 leaves, in place,
-  on all of XLA's CPU threads. It rounds each operation of the chain as written (XLA fuses
+  bfloat16 parameters (bfloat16 weights: ``mu_dtype=nu_dtype=jnp.float32``), also as
+  ``optax.inject_hyperparams(od.adamw)`` and behind ``optax.clip_by_global_norm`` (in an
+  ``optax.chain`` of two; float32 gradients), the CPU step is a C++ kernel
+  (``csrc/adam_step.cc``, built by the package's install when a C++ compiler is present,
+  called through ``jax.ffi``): one call per 32 leaves, in place, on all of XLA's CPU
+  threads. With sharded arrays (FSDP) each device runs it on its own shard
+  (``custom_partitioning``): no gather, no collective, shardings kept; inside
+  ``jax.shard_map`` it runs on the local blocks. It rounds each operation of the chain as written (XLA fuses
   some multiply-adds), so it equals the pure-JAX step to a few ulp. Every other
   transformation, or a machine where the kernel was not built, takes the pure-JAX chunk loop
   below; ``step.explain(params, grads, state)`` says which path is taken and why.
@@ -67,8 +72,10 @@ def fused_step(
   Args:
     tx: an *elementwise* transformation: any alias of this package (``od.adamw``,
       ``od.adam_l2``, ``od.bert_adamw``, ``od.sgd_l2``), ``optax.adamw``/``adam``/``sgd``,
-      also wrapped in ``optax.inject_hyperparams``. Transforms that reduce over parameters
-      (global-norm clipping) are refused with a ``ValueError`` at trace time.
+      also wrapped in ``optax.inject_hyperparams``, optionally behind
+      ``optax.clip_by_global_norm`` (``optax.chain(clip, tx)``: the norm is taken in one
+      read of g first). Other transforms that reduce over parameters are refused with a
+      ``ValueError`` at trace time.
     kernel: ``"auto"`` (default: the C++ kernel where it applies, else pure JAX),
       ``"require"`` (a ``ValueError`` at trace time saying why if the kernel cannot compute
       this step) or ``"off"`` (always pure JAX).
@@ -114,7 +121,16 @@ def fused_step(
         f"{min_leaf_size!r}.")
   if layout is not None and not isinstance(layout, _flat.FlatLayout):
     raise TypeError(f"fused_step: layout must be an od.FlatLayout, got {type(layout).__name__}.")
-  spec, not_recognised = _kernel.spec_of(tx)
+  target, not_recognised = _targets.target_of(tx)
+  clip = _targets.split_clip(tx)
+
+  def chunk_tx(grads, g_norm=None):
+    """``tx`` for the chunk loop: a global-norm clip in front is split off, its norm taken
+    from the whole gradient (``g_norm``; a stand-in when only planning)."""
+    if clip is None:
+      return tx
+    g_norm = jnp.float32(1.0) if g_norm is None else g_norm
+    return _targets.clipped(*clip, g_norm)
 
   def plain(params, grads, state):
     updates, state = tx.update(grads, state, params)
@@ -128,26 +144,28 @@ def fused_step(
   def plan(params, grads, state) -> tuple[str, str]:
     """(path, why), decided at trace time: "kernel", "chunks", "plain" or (flat) "unpacked"."""
     params, grads, state = as_tree(params, grads, state)
+    chunked = chunk_tx(grads)
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
-      _chunks.check_elementwise(jax.make_jaxpr(tx.update)(grads, state, params).jaxpr)
+      _chunks.check_elementwise(jax.make_jaxpr(chunked.update)(grads, state, params).jaxpr)
     why_not: str | None
     if kernel == "off":
       why_not = "kernel='off'"
-    elif spec is None:
+    elif target is None:
       why_not = not_recognised
     else:
-      why_not = _kernel.unsupported(spec, params, grads, state)
+      why_not = _kernel.unsupported(target, tx, params, grads, state)
     if why_not is None:
       where = "one flat buffer, decay decided per original leaf" if layout else "all leaves"
-      return "kernel", (f"the C++ kernel: od.adamw with float32 moments, one pass on all CPU "
-                        f"threads over {where}")
+      clipped = ", the global-norm clip applied as g is read" if clip else ""
+      return "kernel", (f"the C++ kernel: od.adamw with float32 moments{clipped}, one pass on "
+                        f"all CPU threads over {where}, per shard when sharded")
     if kernel == "require":
       raise ValueError(
           f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
           "Use kernel='auto' to fall back to the pure-JAX path (same results).")
     if layout is not None:
       return "unpacked", f"tx.update on the unpacked tree, packed again; no kernel: {why_not}"
-    if _chunks.state_reads_params(tx, grads, state, params):
+    if _chunks.state_reads_params(chunked, grads, state, params):
       # Coupled L2 (λθ enters the moments): the in-place chunk order needs the new state to
       # be computable after θ is written, so this transform takes the plain path.
       return "plain", ("the new optimizer state depends on θ in tx.update's program, so θ "
@@ -156,13 +174,14 @@ def fused_step(
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return "plain", f"the state is not laid out like the params; no kernel: {why_not}"
-    differs = _chunks.decides_like_the_tree(tx, chunk_size, min_leaf_size, params, grads,
+    differs = _chunks.decides_like_the_tree(chunked, chunk_size, min_leaf_size, params, grads,
                                            state)
     if differs is not None:
       return "plain", (f"the transformation computes leaf {differs} differently on a chunk than "
                        "on the whole leaf (a mask or rule that reads shapes), so chunking would "
                        f"change the result; no kernel: {why_not}")
-    return "chunks", f"the pure-JAX chunk loop; no kernel: {why_not}"
+    norm = " after one pass for the clip's global norm" if clip else ""
+    return "chunks", f"the pure-JAX chunk loop{norm}; no kernel: {why_not}"
 
   def fallback(params, grads, state):
     if layout is None:
@@ -172,10 +191,11 @@ def fused_step(
 
   def on_cpu(path):
     if path == "chunks":
-      return lambda p, g, s: _chunks.chunked_step(tx, chunk_size, min_leaf_size, p, g, s)
+      return lambda p, g, s: _chunks.chunked_step(
+          chunk_tx(g, optax.tree.norm(g) if clip else None), chunk_size, min_leaf_size, p, g, s)
     if layout is None:
-      return lambda p, g, s: _kernel.adamw_step(tx, spec, p, g, s)
-    return lambda p, g, s: _kernel.adamw_flat_step(tx, spec, layout, p, g, s)
+      return lambda p, g, s: _kernel.adamw_step(tx, target, p, g, s)
+    return lambda p, g, s: _kernel.adamw_flat_step(tx, target, layout, p, g, s)
 
   def step(params, grads, state):
     path, _ = plan(params, grads, state)

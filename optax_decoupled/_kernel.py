@@ -39,7 +39,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optax_decoupled import _flat, _hyperparams, _masks, _recipes
+from optax_decoupled import _flat, _hyperparams, _masks, _recipes, _targets
 
 _DIR = Path(__file__).parent / "csrc"
 LIBRARY = _DIR / "libod_adam_step.so"
@@ -68,15 +68,11 @@ class AdamWSpec:
   nu_dtype: Any = None
 
 
-_NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr') without nesterov; this "
-              "transformation is something else")
-
-
-def spec_of(tx: optax.GradientTransformation) -> tuple[AdamWSpec | None, str | None]:
-  """``(spec, None)`` when ``tx`` is an alias the kernel computes, else ``(None, why not)``."""
-  recipe = _recipes.recipe_of(tx)
+def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
+  """``(spec, None)`` for the record of an ``od.adamw`` the kernel computes, else
+  ``(None, why not)``."""
   if recipe is None or recipe.name != "adamw":
-    return None, _NOT_ADAMW
+    return None, _targets.NOT_ADAMW
   a = recipe.args
   if a["coupling"] != "lr" or a["nesterov"]:
     return None, (f"the kernel implements od.adamw(coupling='lr') without nesterov; this is "
@@ -112,29 +108,52 @@ def unavailable() -> str | None:
   return None
 
 
-def unsupported(spec: AdamWSpec, params: Any, grads: Any, state: Any) -> str | None:
-  """None when the kernel computes this step exactly as the chain would, else why not."""
-  if not (isinstance(state, tuple) and len(state) == 3
-          and isinstance(state[0], optax.ScaleByAdamState)):
+def _adamw_state(target: _targets.Target, state: Any) -> Any:
+  """The ``od.adamw`` state inside ``state``, or None if ``state`` is not laid out so."""
+  try:
+    inner = target.state_of(state)
+  except (AttributeError, IndexError, KeyError, TypeError):
+    return None
+  if isinstance(inner, tuple) and len(inner) == 3 and isinstance(inner[0],
+                                                                 optax.ScaleByAdamState):
+    return inner
+  return None
+
+
+def unsupported(target: _targets.Target, tx: optax.GradientTransformation, params: Any,
+                grads: Any, state: Any) -> str | None:
+  """None when the kernel computes this step exactly as ``tx`` would, else why not."""
+  if target.recipe is not None and _spec(target.recipe)[0] is None:
+    return _spec(target.recipe)[1]
+  inner = _adamw_state(target, state)
+  if inner is None:
     return "the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, lr state)"
+  spec, why, _ = _traced(tx, target, params, grads, state)
+  if spec is None:
+    return why
   f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
   # bfloat16 gradients enter the moments widened to float32 only in od.scale_by_adam's
   # mu_dtype/nu_dtype variant; optax.scale_by_adam rounds (1-b1)·g in bfloat16 first.
+  # A clip divides g in g's dtype: the kernel clips float32 gradients only.
   widened = spec.mu_dtype is not None and spec.nu_dtype is not None
-  allowed = {"params": {f32, bf16}, "grads": {f32, bf16} if widened else {f32},
+  allowed = {"params": {f32, bf16},
+             "grads": {f32, bf16} if widened and target.max_norm is None else {f32},
              "mu": {f32}, "nu": {f32}}
-  arrays = {"params": params, "grads": grads, "mu": state[0].mu, "nu": state[0].nu}
+  arrays = {"params": params, "grads": grads, "mu": inner[0].mu, "nu": inner[0].nu}
   for name, tree in arrays.items():
     dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
     if dtypes - allowed[name]:
       return (f"the kernel takes {name} in {sorted(str(d) for d in allowed[name])}, got "
               f"{sorted(str(d) for d in dtypes)} (bfloat16 weights: keep the moments in "
-              "float32 with mu_dtype=nu_dtype=jnp.float32)")
+              "float32 with mu_dtype=nu_dtype=jnp.float32; a clipped step: float32 grads)")
   mults = {d.multiplier for d in _masks.decisions(params, spec.mask, warn=False)}
   if mults - {0.0, 1.0}:
     return f"the kernel takes masks of 0/1 only, and decay_multipliers give {sorted(mults)}"
-  for name in ("learning_rate", "weight_decay"):  # the kernel takes scalars; (1,) broadcasts.
-    value = getattr(spec, name)
+  values = {"learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
+            "max_norm": target.max_norm}
+  for name, value in values.items():  # the kernel takes scalars; (1,) broadcasts.
+    if value is None:
+      continue
     shape = (jax.eval_shape(value, jnp.zeros([], jnp.int32)).shape if callable(value)
              else jnp.shape(value))
     if shape != ():
@@ -146,23 +165,36 @@ def _standins(tree: Any) -> Any:
   return jax.tree.map(_flat.standin, tree)
 
 
-def _new_scalar_state(tx, params, grads, state):
-  """The new state of ``tx`` with zero-size mu/nu: ``tx.update`` on zero-size stand-ins.
+def _traced(tx, target, params, grads, state):
+  """``(spec, why not, new state)``: ``tx.update`` on zero-size stand-ins.
 
-  This keeps the step counts exactly the chain's and runs the chain's own checks (mask,
-  dtypes) on the real paths."""
-  adam, *rest = state
-  standin_state = (adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu)), *rest)
-  with warnings.catch_warnings():  # a mask judging stand-ins may warn; the real tree decides.
-    warnings.simplefilter("ignore")
-    return tx.update(_standins(grads), standin_state, _standins(params))[1]
+  This gives the new state with the chain's own step counts (and hyperparameters, for
+  ``optax.inject_hyperparams``), runs the chain's own checks (mask, dtypes) on the real
+  paths, and yields the ``od.adamw`` arguments: the alias's record, or the record of the
+  ``od.adamw`` that ``tx.update`` builds (with this trace's values)."""
+  adam, *rest = target.state_of(state)
+  standin_adam = adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu))
+  standin_state = target.with_state(state, (standin_adam, *rest))
+  with warnings.catch_warnings(), _recipes.collecting() as built:
+    warnings.simplefilter("ignore")  # a mask judging stand-ins may warn; the real tree decides.
+    new_state = tx.update(_standins(grads), standin_state, _standins(params))[1]
+  recipe = target.recipe
+  if recipe is None:
+    recipe = built[0] if len(built) == 1 else None
+  spec, why = _spec(recipe)
+  return spec, why, new_state
 
 
-def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
-  """The step's scalars as the chain computes them (optax.scale_by_adam,
-  add_decoupled_decay, optax.scale_by_learning_rate), each rounded to float32 where the
-  chain rounds it."""
+def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any) -> jax.Array:
+  """The step's scalars as the chain computes them (optax.clip_by_global_norm,
+  optax.scale_by_adam, add_decoupled_decay, optax.scale_by_learning_rate), each rounded to
+  float32 where the chain rounds it. ``state`` is the od.adamw state."""
   adam, wd_state, lr_state = state
+  clip, g_norm = 0.0, 1.0
+  if max_norm is not None:  # optax/transforms/_clipping.py: g_norm = optax.tree.norm(g)
+    g_norm = optax.tree.norm(grads)
+    clip = jnp.where(jnp.squeeze(g_norm < max_norm), 0.0, 1.0)
+    max_norm = jnp.asarray(max_norm, jnp.float32)
   count = optax.safe_increment(adam.count)
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
   lr = spec.learning_rate
@@ -170,7 +202,7 @@ def _scalars(spec: AdamWSpec, state: Any) -> jax.Array:
   wd = _hyperparams.value_at(spec.weight_decay, wd_state.decay_count)
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
-      wd, 0.0, 1.0, 1.0)])
+      wd, clip, g_norm, 1.0 if max_norm is None else max_norm)])
 
 
 def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
@@ -279,16 +311,17 @@ def _per_shard(scalars, leaves, local_call, segments=False):
   return [tuple(res[3 * k:3 * k + 3]) for k in range(n)]
 
 
-def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, grads: Any,
-               state: Any) -> tuple[Any, Any]:
+def adamw_step(tx: optax.GradientTransformation, target: _targets.Target, params: Any,
+               grads: Any, state: Any) -> tuple[Any, Any]:
   """``tx.update`` + ``optax.apply_updates`` through the kernel (check :func:`unsupported`)."""
   p_leaves, treedef = jax.tree.flatten(params)
-  adam = state[0]
+  inner = target.state_of(state)
+  adam = inner[0]
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
-  new_state = _new_scalar_state(tx, params, grads, state)
-  scalars, sizes, decay = _scalars(spec, state), [int(np.size(p)) for p in p_leaves], \
-      _decay_flags(spec, params)
+  spec, _, new_state = _traced(tx, target, params, grads, state)
+  scalars = _scalars(spec, inner, target.max_norm, grads)
+  decay = _decay_flags(spec, params)
   # At most _GROUP leaves per call: XLA's compile time grows faster than linearly with the
   # operands of one custom call (with aliasing), and per-call overhead is a few microseconds.
   res = []
@@ -297,25 +330,32 @@ def adamw_step(tx: optax.GradientTransformation, spec: AdamWSpec, params: Any, g
     group_decay = decay[a:b]
     res += _per_shard(scalars, leaves[a:b], lambda sc, lv, shard, d=group_decay: _call(
         sc, lv, [int(np.size(leaf[0])) for leaf in lv], d))
-  new_adam = new_state[0]._replace(mu=treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
+  new_inner = target.state_of(new_state)
+  new_adam = new_inner[0]._replace(mu=treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
                                    nu=treedef.unflatten([r[2] for r in res]))  # type: ignore[attr-defined]
-  return treedef.unflatten([r[0] for r in res]), (new_adam, *new_state[1:])  # type: ignore[attr-defined]
+  return (treedef.unflatten([r[0] for r in res]),  # type: ignore[attr-defined]
+          target.with_state(new_state, (new_adam, *new_inner[1:])))
 
 
-def adamw_flat_step(tx: optax.GradientTransformation, spec: AdamWSpec, layout: Any,
+def adamw_flat_step(tx: optax.GradientTransformation, target: _targets.Target, layout: Any,
                     flat: jax.Array, flat_grads: jax.Array, state: Any) -> tuple[Any, Any]:
   """The same step on one packed buffer (``od.FlatLayout``): one leaf, one segment per
   original leaf, whose path decides its decay."""
-  adam = state[0]
-  tree_state = (adam._replace(mu=layout.unpack(adam.mu), nu=layout.unpack(adam.nu)),
-                *state[1:])
+  inner = target.state_of(state)
+  adam = inner[0]
+  tree_state = target.with_state(state, (adam._replace(mu=layout.unpack(adam.mu),
+                                                       nu=layout.unpack(adam.nu)),
+                                         *inner[1:]))
   params = layout.unpack(flat)  # slices, used for paths and shapes only (dead in the HLO).
-  new_state = _new_scalar_state(tx, params, layout.unpack(flat_grads), tree_state)
+  grads = layout.unpack(flat_grads)  # the clip's norm is taken leaf by leaf, as optax does.
+  spec, _, new_state = _traced(tx, target, params, grads, tree_state)
   decay = _decay_flags(spec, params)
 
   def local(scalars, leaves, shard):
     index, size = (None, 0) if shard is None else shard
     return _call(scalars, leaves, layout.sizes, decay, index, size)
-  (theta, m, v), = _per_shard(_scalars(spec, state), [(flat, flat_grads, adam.mu, adam.nu)],
-                              local, segments=True)
-  return theta, (new_state[0]._replace(mu=m, nu=v), *new_state[1:])
+  (theta, m, v), = _per_shard(_scalars(spec, inner, target.max_norm, grads),
+                              [(flat, flat_grads, adam.mu, adam.nu)], local, segments=True)
+  new_inner = target.state_of(new_state)
+  return theta, target.with_state(new_state, (new_inner[0]._replace(mu=m, nu=v),
+                                              *new_inner[1:]))

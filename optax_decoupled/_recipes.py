@@ -7,15 +7,16 @@ aliases need not know that anything reads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import optax
 
-__all__ = ["Recipe", "recipe_of", "record"]
+__all__ = ["Recipe", "collecting", "recipe_of", "record"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -29,10 +30,28 @@ class Recipe:
 _RECIPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_COLLECTORS: list[list[Recipe]] = []
+
+
 def record(tx: optax.GradientTransformation, name: str, **args: Any) -> Any:
   """Notes that ``tx`` was built by alias ``name`` from ``args``; returns ``tx``."""
-  _RECIPES[tx.update] = Recipe(name, types.MappingProxyType(dict(args)))
+  recipe = Recipe(name, types.MappingProxyType(dict(args)))
+  _RECIPES[tx.update] = recipe
+  for found in _COLLECTORS:
+    found.append(recipe)
   return tx
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[Recipe]]:
+  """Collects the recipes of the aliases built inside the block, e.g. by a ``tx.update``
+  that builds its optimizer from injected hyperparameters (``optax.inject_hyperparams``)."""
+  found: list[Recipe] = []
+  _COLLECTORS.append(found)
+  try:
+    yield found
+  finally:
+    _COLLECTORS.remove(found)
 
 
 def recipe_of(tx: Any) -> Recipe | None:

@@ -1,0 +1,136 @@
+"""Where an ``od.adamw`` step sits inside a transformation, for ``od.fused_step``'s kernel.
+
+Three forms are recognised, and nothing else (anything unrecognised takes the pure-JAX
+path, with the same results):
+
+* ``od.adamw(...)`` itself, by the record the alias leaves (``_recipes``);
+* ``optax.inject_hyperparams(od.adamw)(...)``: its ``update`` builds ``od.adamw`` from the
+  injected hyperparameters at every step; the record of *that* build (collected while the
+  step is traced) gives the arguments, traced values included;
+* either of them behind ``optax.clip_by_global_norm(max_norm)`` in an ``optax.chain`` of
+  two: the global norm is computed by JAX in one read of g, and the kernel applies
+  optax's clip, ``g if ‖g‖ < max_norm else (g / ‖g‖) · max_norm``, as it reads g.
+
+Recognising ``optax.chain`` and ``optax.clip_by_global_norm`` reads their closures (optax
+keeps no other record); a change there makes them unrecognised, never misread, because
+the name of the function and of every closure variable is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_decoupled import _recipes
+
+__all__ = ["NOT_ADAMW", "Target", "clipped", "split_clip", "target_of"]
+
+NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr') without nesterov (also inside "
+             "optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
+             "transformation is something else")
+
+
+def _closure(fn: Any) -> dict[str, Any]:
+  try:
+    return dict(inspect.getclosurevars(fn).nonlocals)
+  except (TypeError, ValueError):
+    return {}
+
+
+def _qualname(fn: Any) -> str:
+  return getattr(fn, "__qualname__", "")
+
+
+def _unwrap(update: Any) -> Any:
+  """``optax.with_extra_args_support`` wraps a plain transformation's update; unwrap it."""
+  inner = _closure(update).get("tx")
+  if "with_extra_args_support" in _qualname(update) and hasattr(inner, "update"):
+    return inner.update
+  return update
+
+
+def split_clip(tx: Any) -> tuple[Any, Any] | None:
+  """``(max_norm, rest_update)`` when ``tx`` is ``optax.chain(optax.clip_by_global_norm(
+  max_norm), rest)``, else None. ``rest_update`` is the second transformation's update."""
+  if _qualname(getattr(tx, "update", None)) != "chain.<locals>.update_fn":
+    return None
+  fns = _closure(tx.update).get("update_fns")
+  if not isinstance(fns, tuple) or len(fns) != 2:
+    return None
+  first = _unwrap(fns[0])
+  if _qualname(first) != "clip_by_global_norm.<locals>.update_fn":
+    return None
+  max_norm = _closure(first).get("max_norm")
+  if max_norm is None:
+    return None
+  return max_norm, _unwrap(fns[1])
+
+
+def clipped(max_norm: Any, rest_update: Any, g_norm: jax.Array) -> Any:
+  """The update of ``chain(clip_by_global_norm(max_norm), rest)`` with the global norm
+  given: elementwise, so it can be applied chunk by chunk. The clip is optax's
+  (``optax/transforms/_clipping.py``), written with its operations."""
+
+  def update(updates, state, params=None, **extra):
+    trigger = jnp.squeeze(g_norm < max_norm)
+    updates = jax.tree.map(
+        lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+        updates)
+    updates, rest = rest_update(updates, state[1], params, **extra)
+    return updates, (state[0], rest)
+
+  return optax.GradientTransformationExtraArgs(lambda params: None, update)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Target:
+  """An ``od.adamw`` step found inside a transformation.
+
+  Attributes:
+    recipe: the alias's record, or None when ``tx.update`` builds it (inject_hyperparams).
+    max_norm: ``optax.clip_by_global_norm``'s ``max_norm`` in front, or None.
+    path: how to reach the ``od.adamw`` state from the transformation's state (tuple
+      indices and attribute names).
+  """
+
+  recipe: _recipes.Recipe | None
+  max_norm: Any
+  path: tuple[Any, ...]
+
+  def state_of(self, state: Any) -> Any:
+    for key in self.path:
+      state = getattr(state, key) if isinstance(key, str) else state[key]
+    return state
+
+  def with_state(self, state: Any, inner: Any, path: tuple[Any, ...] | None = None) -> Any:
+    """``state`` with the ``od.adamw`` state at ``path`` replaced by ``inner``."""
+    path = self.path if path is None else path
+    if not path:
+      return inner
+    key, rest = path[0], path[1:]
+    if isinstance(key, str):
+      return state._replace(**{key: self.with_state(getattr(state, key), inner, rest)})
+    items = list(state)
+    items[key] = self.with_state(items[key], inner, rest)
+    return type(state)(items) if type(state) is tuple else type(state)(*items)
+
+
+def target_of(tx: Any) -> tuple[Target | None, str | None]:
+  """``(target, None)`` when ``tx`` holds a step the kernel may compute, else
+  ``(None, why not)``. Hyperparameters, dtypes and masks are checked per call."""
+  max_norm, path, update = None, (), getattr(tx, "update", None)
+  split = split_clip(tx)
+  if split is not None:
+    (max_norm, update), path = split, (1,)
+  recipe = _recipes.recipe_of(types.SimpleNamespace(update=update))
+  if recipe is not None:
+    return Target(recipe, max_norm, path), None
+  if "inject_hyperparams" in _qualname(update) or "inject_stateful" in _qualname(update):
+    return Target(None, max_norm, (*path, "inner_state")), None
+  return None, NOT_ADAMW
