@@ -140,11 +140,12 @@ def test_benchmark_runner_keeps_untagged_runs_out_of_the_tree(monkeypatch, capsy
   """Untagged and --quick runs write under out/ (ignored); only --tag writes the canonical
   benchmarks/results/ files. --quick says its MISS lines are not verdicts."""
   monkeypatch.syspath_prepend(ROOT)
-  from benchmarks import bench_grid, bench_step, run
+  from benchmarks import bench_gpu, bench_grid, bench_step, run
 
   calls = []
   monkeypatch.setattr(bench_step, "main", lambda argv: calls.append(argv))
   monkeypatch.setattr(bench_grid, "main", lambda argv: calls.append(argv))
+  monkeypatch.setattr(bench_gpu, "gpu_available", lambda: False)  # the same on a GPU host
   run.main(["--quick"])
   assert "not a verdict" in capsys.readouterr().out
   run.main(["--tag", "t1"])
