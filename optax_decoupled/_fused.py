@@ -15,6 +15,7 @@ always the plain one (accelerators fuse it themselves).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -141,47 +142,49 @@ def fused_step(
       return params, grads, state
     return layout.unpack(params), layout.unpack(grads), layout.unpack_state(state)
 
-  def plan(params, grads, state) -> tuple[str, str]:
-    """(path, why), decided at trace time: "kernel", "chunks", "plain" or (flat) "unpacked"."""
+  def plan(params, grads, state) -> tuple[str, str, _kernel.Prepared | None]:
+    """(path, why, what the kernel needs), decided at trace time; the path is "kernel",
+    "chunks", "plain" or (flat mode) "unpacked"."""
     params, grads, state = as_tree(params, grads, state)
-    chunked = chunk_tx(grads)
-    if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
-      _chunks.check_elementwise(jax.make_jaxpr(chunked.update)(grads, state, params).jaxpr)
     why_not: str | None
+    prepared = None
     if kernel == "off":
       why_not = "kernel='off'"
     elif target is None:
       why_not = not_recognised
     else:
-      why_not = _kernel.unsupported(target, tx, params, grads, state)
-    if why_not is None:
+      prepared, why_not = _kernel.prepare(target, tx, params, grads, state)
+    if prepared is not None:
       where = "one flat buffer, decay decided per original leaf" if layout else "all leaves"
       clipped = ", the global-norm clip applied as g is read" if clip else ""
       return "kernel", (f"the C++ kernel: od.adamw with float32 moments{clipped}, one pass on "
-                        f"all CPU threads over {where}, per shard when sharded")
+                        f"all CPU threads over {where}, per shard when sharded"), prepared
+    chunked = chunk_tx(grads)
+    if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
+      _chunks.check_elementwise(jax.make_jaxpr(chunked.update)(grads, state, params).jaxpr)
     if kernel == "require":
       raise ValueError(
           f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
           "Use kernel='auto' to fall back to the pure-JAX path (same results).")
     if layout is not None:
-      return "unpacked", f"tx.update on the unpacked tree, packed again; no kernel: {why_not}"
+      return "unpacked", f"tx.update on the unpacked tree, packed again; no kernel: {why_not}", None
     if _chunks.state_reads_params(chunked, grads, state, params):
       # Coupled L2 (λθ enters the moments): the in-place chunk order needs the new state to
       # be computable after θ is written, so this transform takes the plain path.
       return "plain", ("the new optimizer state depends on θ in tx.update's program, so θ "
-                       f"cannot be written before the state; no kernel: {why_not}")
+                       f"cannot be written before the state; no kernel: {why_not}"), None
     if not _chunks.state_is_chunkable(state, params):
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
-      return "plain", f"the state is not laid out like the params; no kernel: {why_not}"
+      return "plain", f"the state is not laid out like the params; no kernel: {why_not}", None
     differs = _chunks.decides_like_the_tree(chunked, chunk_size, min_leaf_size, params, grads,
                                            state)
     if differs is not None:
       return "plain", (f"the transformation computes leaf {differs} differently on a chunk than "
                        "on the whole leaf (a mask or rule that reads shapes), so chunking would "
-                       f"change the result; no kernel: {why_not}")
+                       f"change the result; no kernel: {why_not}"), None
     norm = " after one pass for the clip's global norm" if clip else ""
-    return "chunks", f"the pure-JAX chunk loop{norm}; no kernel: {why_not}"
+    return "chunks", f"the pure-JAX chunk loop{norm}; no kernel: {why_not}", None
 
   def fallback(params, grads, state):
     if layout is None:
@@ -189,31 +192,39 @@ def fused_step(
     new_params, new_state = plain(*as_tree(params, grads, state))
     return layout.pack(new_params), layout.pack_state(new_state)
 
-  def on_cpu(path):
+  def on_cpu(path, prepared):
+    """The CPU step, ``(params, grads, state, new_state) -> (params, state)``: ``new_state``
+    is the kernel's ``prepared.new_state``, passed as an argument (not closed over) so that
+    the step stays a function of its inputs under ``custom_jvp``."""
     if path == "chunks":
-      return lambda p, g, s: _chunks.chunked_step(
+      return lambda p, g, s, _: _chunks.chunked_step(
           chunk_tx(g, optax.tree.norm(g) if clip else None), chunk_size, min_leaf_size, p, g, s)
-    if layout is None:
-      return lambda p, g, s: _kernel.adamw_step(tx, target, p, g, s)
-    return lambda p, g, s: _kernel.adamw_flat_step(tx, target, layout, p, g, s)
+
+    def kernel_step(p, g, s, new_state):
+      ready = dataclasses.replace(prepared, new_state=new_state)
+      if layout is None:
+        return _kernel.adamw_step(ready, p, g, s)
+      return _kernel.adamw_flat_step(ready, layout, p, g, s)
+    return kernel_step
 
   def step(params, grads, state):
-    path, _ = plan(params, grads, state)
+    path, _, prepared = plan(params, grads, state)
     if path in ("plain", "unpacked"):
       return fallback(params, grads, state)
-    cpu = on_cpu(path)
+    cpu = on_cpu(path, prepared)
 
-    def fast(p, g, s):
-      return lax.platform_dependent(p, g, s, cpu=cpu, default=fallback)
+    def fast(p, g, s, new_state):
+      return lax.platform_dependent(p, g, s, new_state, cpu=cpu,
+                                    default=lambda p, g, s, _: fallback(p, g, s))
 
     if path == "kernel":  # the FFI call has no derivative: differentiate the plain step.
       fast = jax.custom_jvp(fast)
-      fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals, tangents))
-    return fast(params, grads, state)
+      fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
+    return fast(params, grads, state, prepared.new_state if prepared else None)
 
   def explain(params, grads, state) -> str:
     """Which path the CPU step takes for these arguments, and why."""
-    path, why = plan(params, grads, state)
+    path, why, _ = plan(params, grads, state)
     return f"{path}: {why}"
 
   step.explain = explain  # type: ignore[attr-defined]

@@ -120,17 +120,41 @@ def _adamw_state(target: _targets.Target, state: Any) -> Any:
   return None
 
 
-def unsupported(target: _targets.Target, tx: optax.GradientTransformation, params: Any,
-                grads: Any, state: Any) -> str | None:
-  """None when the kernel computes this step exactly as ``tx`` would, else why not."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+  """What a kernel step needs besides the arrays, found by :func:`prepare` at trace time.
+
+  Attributes:
+    target: where the ``od.adamw`` step sits in the transformation.
+    spec: its arguments (traced values included, for ``optax.inject_hyperparams``).
+    new_state: the transformation's new state with zero-size moments (``tx.update`` on
+      zero-size stand-ins: the chain's own step counts and hyperparameters).
+  """
+
+  target: _targets.Target
+  spec: AdamWSpec
+  new_state: Any
+
+
+def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: Any,
+            grads: Any, state: Any) -> tuple[Prepared | None, str | None]:
+  """``(prepared, None)`` when the kernel computes this step exactly as ``tx`` would, else
+  ``(None, why not)``."""
   if target.recipe is not None and _spec(target.recipe)[0] is None:
-    return _spec(target.recipe)[1]
+    return None, _spec(target.recipe)[1]
   inner = _adamw_state(target, state)
   if inner is None:
-    return "the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, lr state)"
-  spec, why, _ = _traced(tx, target, params, grads, state)
+    return None, ("the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, "
+                  "lr state)")
+  spec, why, new_state = _traced(tx, target, params, grads, state)
   if spec is None:
-    return why
+    return None, why
+  why = _unsupported(spec, target, inner, params, grads)
+  return (Prepared(target, spec, new_state), None) if why is None else (None, why)
+
+
+def _unsupported(spec: AdamWSpec, target: _targets.Target, inner: Any, params: Any,
+                 grads: Any) -> str | None:
   f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
   # bfloat16 gradients enter the moments widened to float32 only in od.scale_by_adam's
   # mu_dtype/nu_dtype variant; optax.scale_by_adam rounds (1-b1)·g in bfloat16 first.
@@ -311,15 +335,14 @@ def _per_shard(scalars, leaves, local_call, segments=False):
   return [tuple(res[3 * k:3 * k + 3]) for k in range(n)]
 
 
-def adamw_step(tx: optax.GradientTransformation, target: _targets.Target, params: Any,
-               grads: Any, state: Any) -> tuple[Any, Any]:
-  """``tx.update`` + ``optax.apply_updates`` through the kernel (check :func:`unsupported`)."""
+def adamw_step(prepared: Prepared, params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
+  """``tx.update`` + ``optax.apply_updates`` through the kernel (see :func:`prepare`)."""
+  target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   p_leaves, treedef = jax.tree.flatten(params)
   inner = target.state_of(state)
   adam = inner[0]
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
-  spec, _, new_state = _traced(tx, target, params, grads, state)
   scalars = _scalars(spec, inner, target.max_norm, grads)
   decay = _decay_flags(spec, params)
   # At most _GROUP leaves per call: XLA's compile time grows faster than linearly with the
@@ -337,18 +360,15 @@ def adamw_step(tx: optax.GradientTransformation, target: _targets.Target, params
           target.with_state(new_state, (new_adam, *new_inner[1:])))
 
 
-def adamw_flat_step(tx: optax.GradientTransformation, target: _targets.Target, layout: Any,
-                    flat: jax.Array, flat_grads: jax.Array, state: Any) -> tuple[Any, Any]:
+def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads: jax.Array,
+                    state: Any) -> tuple[Any, Any]:
   """The same step on one packed buffer (``od.FlatLayout``): one leaf, one segment per
-  original leaf, whose path decides its decay."""
+  original leaf, whose path decides its decay (``prepared`` on the unpacked tree)."""
+  target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   inner = target.state_of(state)
   adam = inner[0]
-  tree_state = target.with_state(state, (adam._replace(mu=layout.unpack(adam.mu),
-                                                       nu=layout.unpack(adam.nu)),
-                                         *inner[1:]))
-  params = layout.unpack(flat)  # slices, used for paths and shapes only (dead in the HLO).
+  params = layout.unpack(flat)  # slices, used for paths only (dead in the HLO).
   grads = layout.unpack(flat_grads)  # the clip's norm is taken leaf by leaf, as optax does.
-  spec, _, new_state = _traced(tx, target, params, grads, tree_state)
   decay = _decay_flags(spec, params)
 
   def local(scalars, leaves, shard):
