@@ -399,3 +399,30 @@ def test_grad_through_a_kernel_step_is_the_plain_steps_grad_and_export_says_what
                                platforms=["cpu"])(params, grads, state)
   np.testing.assert_allclose(exported.call(params, grads, state)[0]["w"],
                              plain_step(tx)(params, grads, state)[0]["w"], rtol=1e-6)
+
+
+EXPORTED = {
+    "od.adamw": lambda: od.adamw(1e-2, weight_decay=1e-1, mask=od.exclude_names("bias")),
+    "od.adam_l2": lambda: od.adam_l2(1e-2, weight_decay=1e-3),
+    "od.sgd_l2": lambda: od.sgd_l2(1e-2, 0.9, weight_decay=1e-3),
+    "od.sgdw": lambda: od.sgdw(1e-2, 0.9, weight_decay=1e-3),
+    "od.bert_adamw": lambda: od.bert_adamw(1e-2),
+    "clip + od.adamw": lambda: optax.chain(optax.clip_by_global_norm(1.0), od.adamw(1e-2)),
+    "inject_hyperparams(od.adamw)": lambda: optax.inject_hyperparams(od.adamw)(
+        learning_rate=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("name", list(EXPORTED))
+def test_every_alias_exports_for_accelerators_without_kernel_or_host_callback(name, platform):
+  # Lowered for an accelerator (no accelerator needed to lower), the fused step of every
+  # alias is the plain XLA step: no call to the CPU kernel, no host callback, only XLA ops.
+  tx = EXPORTED[name]()
+  params = _tree()
+  module = jax.export.export(jax.jit(od.fused_step(tx)), platforms=[platform])(
+      params, params, tx.init(params))
+  text = module.mlir_module()
+  targets = set(re.findall(r"custom_call @(\w+)", text))
+  # Host callbacks and the kernel lower to custom calls; only sharding annotations may remain.
+  assert targets <= {"Sharding"}, (name, platform, targets)
