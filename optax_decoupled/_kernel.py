@@ -66,6 +66,7 @@ class AdamWSpec:
   mask: Any
   mu_dtype: Any = None
   nu_dtype: Any = None
+  zero_adds_term: bool = False  # optax.add_decayed_weights adds 0·θ unless λ is a Python 0
 
 
 def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
@@ -78,7 +79,8 @@ def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]
     return None, (f"the kernel implements od.adamw(coupling='lr') without nesterov; this is "
                   f"od.adamw(coupling={a['coupling']!r}, nesterov={a['nesterov']})")
   return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
-                   a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"]), None
+                   a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
+                   a.get("zero_adds_term", False)), None
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -223,7 +225,8 @@ def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any) -> jax.Arra
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
   lr = spec.learning_rate
   neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
-  wd = _hyperparams.value_at(spec.weight_decay, wd_state.decay_count)
+  wd = (spec.weight_decay(wd_state.decay_count) if callable(spec.weight_decay)
+        else spec.weight_decay)
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
       wd, clip, g_norm, 1.0 if max_norm is None else max_norm)])
@@ -232,7 +235,7 @@ def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any) -> jax.Arra
 def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
   """Per leaf: whether the chain adds λθ (the same ``resolve_mask``; a constant λ = 0 adds
   no term at all, as in ``add_decoupled_decay``)."""
-  if _hyperparams.constant(spec.weight_decay) == 0.0:
+  if _hyperparams.constant(spec.weight_decay) == 0.0 and not spec.zero_adds_term:
     return [False] * len(jax.tree.leaves(params))
   return [d.decay for d in _masks.decisions(params, spec.mask, warn=False)]
 

@@ -3,7 +3,8 @@
 Three forms are recognised, and nothing else (anything unrecognised takes the pure-JAX
 path, with the same results):
 
-* ``od.adamw(...)`` itself, by the record the alias leaves (``_recipes``);
+* ``od.adamw(...)`` itself, by the record the alias leaves (``_recipes``), and
+  ``optax.adamw(...)`` (a constant λ), read from its chain, which computes the same step;
 * ``optax.inject_hyperparams(od.adamw)(...)``: its ``update`` builds ``od.adamw`` from the
   injected hyperparameters at every step; the record of *that* build (collected while the
   step is traced) gives the arguments, traced values included;
@@ -31,8 +32,8 @@ from optax_decoupled import _recipes
 
 __all__ = ["NOT_ADAMW", "Target", "clipped", "split_clip", "target_of"]
 
-NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr') without nesterov (also inside "
-             "optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
+NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr') and optax.adamw without nesterov "
+             "(also inside optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
              "transformation is something else")
 
 
@@ -53,6 +54,47 @@ def _unwrap(update: Any) -> Any:
   if "with_extra_args_support" in _qualname(update) and hasattr(inner, "update"):
     return inner.update
   return update
+
+
+def _optax_adamw(update: Any) -> _recipes.Recipe | None:
+  """``optax.adamw``'s arguments read from its chain (``optax/_src/alias.py``:
+  ``scale_by_adam``, ``add_decayed_weights(weight_decay, mask)``,
+  ``scale_by_learning_rate``), as the record ``od.adamw(coupling="lr")`` would leave; None
+  for anything else (also a schedule for λ)."""
+  fns = _closure(update).get("update_fns")
+  if (_qualname(update) != "chain.<locals>.update_fn" or not isinstance(fns, tuple)
+      or len(fns) != 3):
+    return None
+  adam, decay, scale = (_unwrap(f) for f in fns)
+  if _qualname(adam) != "scale_by_adam.<locals>.update_fn":
+    return None
+  args = {k: _closure(adam).get(k, _MISSING) for k in
+          ("b1", "b2", "eps", "eps_root", "mu_dtype", "nesterov")}
+  mask = None
+  if _qualname(decay) == "masked.<locals>.update_fn":
+    mask, inner = _closure(decay).get("mask"), _closure(decay).get("inner")
+    decay = _unwrap(getattr(inner, "update", None))
+  weight_decay = _closure(decay).get("weight_decay")
+  if (_qualname(decay) != "add_decayed_weights.<locals>.update_fn" or weight_decay is None
+      or callable(weight_decay) or _MISSING in args.values()):
+    return None
+  if _qualname(scale) == "scale.<locals>.update_fn":
+    learning_rate = -_closure(scale)["step_size"]  # scale(-lr): negation is exact.
+  elif _qualname(scale) == "scale_by_schedule.<locals>.update_fn":
+    fn = _closure(scale).get("step_size_fn")
+    if (_qualname(fn) != "scale_by_learning_rate.<locals>.<lambda>"
+        or _closure(fn).get("m") != -1):
+      return None
+    learning_rate = _closure(fn)["learning_rate"]
+  else:
+    return None
+  python_zero = isinstance(weight_decay, (int, float)) and weight_decay == 0
+  return _recipes.Recipe("adamw", types.MappingProxyType(dict(
+      args, learning_rate=learning_rate, weight_decay=weight_decay, mask=mask, nu_dtype=None,
+      coupling="lr", zero_adds_term=not python_zero)))
+
+
+_MISSING = object()
 
 
 def split_clip(tx: Any) -> tuple[Any, Any] | None:
@@ -128,7 +170,7 @@ def target_of(tx: Any) -> tuple[Target | None, str | None]:
   split = split_clip(tx)
   if split is not None:
     (max_norm, update), path = split, (1,)
-  recipe = _recipes.recipe_of(types.SimpleNamespace(update=update))
+  recipe = _recipes.recipe_of(types.SimpleNamespace(update=update)) or _optax_adamw(update)
   if recipe is not None:
     return Target(recipe, max_norm, path), None
   if "inject_hyperparams" in _qualname(update) or "inject_stateful" in _qualname(update):

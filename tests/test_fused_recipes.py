@@ -8,6 +8,8 @@ is built, else the pure-JAX chunk loop):
 * ``optax.inject_hyperparams(od.adamw)(...)``, with the learning rate and λ changed
   mid-run by writing the state's hyperparameters;
 * both at once, and the flat-buffer mode with a clip;
+* ``optax.adamw`` itself (the same step; read from its chain), with a mask function and
+  with a learning-rate schedule;
 * a clip in front of a transformation the kernel does not compute (``od.sgdw``): the chunk
   loop after the norm.
 
@@ -85,6 +87,14 @@ CASES = {
     "inject(adamw), lr and λ changed": (_inject, 1.0, _inject_edit(None), "kernel"),
     "clip+inject(adamw)": (lambda: optax.chain(optax.clip_by_global_norm(0.5), _inject()),
                            1.0, _inject_edit(1), "kernel"),
+    "optax.adamw, callable mask": (lambda: optax.adamw(
+        1e-3, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+        1.0, None, "kernel"),
+    "optax.adamw, schedule": (lambda: optax.adamw(
+        optax.cosine_decay_schedule(1e-2, 4), weight_decay=0.1), 1.0, None, "kernel"),
+    "clip+optax.adamw": (lambda: optax.chain(
+        optax.clip_by_global_norm(0.5), optax.adamw(1e-3, weight_decay=0.1)),
+        1.0, None, "kernel"),
     "clip+sgdw (chunk loop)": (lambda: optax.chain(
         optax.clip_by_global_norm(1.0), od.sgdw(0.1, 0.9, weight_decay=1e-2, mask=MASK)),
         1.0, None, "chunks"),
@@ -120,3 +130,19 @@ def test_clipped_step_in_the_flat_buffer_mode_equals_the_plain_step():
     p1, s1 = jax.jit(plain_step(tx))(p1, g, s1)
     flat, flat_state = jax.jit(step)(flat, layout.pack(g), flat_state)
   assert_kernel_close((layout.unpack(flat), layout.unpack_state(flat_state)), (p1, s1))
+
+
+@needs_kernel
+def test_optax_adamw_with_an_array_zero_decay_adds_zero_times_theta_as_optax_does():
+  # optax.add_decayed_weights skips the term only for a Python 0; an array 0 adds 0·θ, so an
+  # infinite weight becomes NaN there (0·inf), and must in the kernel step too.
+  params = {"w": jnp.array([1.0, jnp.inf, -2.0] * 30000, jnp.float32)}
+  for weight_decay in (0.0, jnp.float32(0.0)):
+    tx = optax.adamw(1e-3, weight_decay=weight_decay)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    assert od.fused_step(tx).explain(params, grads, state).startswith("kernel")
+    want = jax.jit(plain_step(tx))(params, grads, state)[0]["w"]
+    got = jax.jit(od.fused_step(tx))(params, grads, state)[0]["w"]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert bool(np.isnan(want).any()) == (not isinstance(weight_decay, float))
