@@ -197,6 +197,23 @@ class TorchStepper:
     self.opt.step()
 
 
+class TorchClipStepper(TorchStepper):
+  """``clip_grad_norm_(foreach=True)`` then the optimizer, as a torch training step does."""
+
+  def __init__(self, params, grads, max_norm: float, optimizer: str = "adamw", **kw):
+    super().__init__(params, grads, **kw)
+    self.max_norm = max_norm
+    if optimizer == "sgd":
+      import torch
+      self.opt = torch.optim.SGD(self.ps, lr=LR, momentum=0.9, **kw)
+
+  def __call__(self) -> None:
+    import torch
+    if self.max_norm:
+      torch.nn.utils.clip_grad_norm_(self.ps, self.max_norm, foreach=True)
+    self.opt.step()
+
+
 class StreamStepper:
   """x ← a·x + y, jitted and donated: 12 bytes per element, the streaming reference."""
 
@@ -246,10 +263,39 @@ def build_bf16(n: int, torch_ok: bool) -> tuple[dict, int, int]:
   return c, n, 1
 
 
+CLIP = 1.0  # below the gradients' global norm: every step clips.
+
+
+def build_recipes(n: int, torch_ok: bool) -> tuple[dict, int, int]:
+  """The recipes people run, one flat leaf of n: a global-norm clip in front of AdamW,
+  injected hyperparameters, optax.adamw and SGDW, each fused against its plain step and
+  against torch (clip_grad_norm_(foreach=True) + AdamW(fused=True); SGD(foreach=True))."""
+  params, grads = flat_params(n), grads_like(flat_params(n))
+  recipes = {
+      "clip + od.adamw": optax.chain(optax.clip_by_global_norm(CLIP),
+                                     od.adamw(LR, B1, B2, EPS, weight_decay=WD)),
+      "inject(od.adamw)": optax.inject_hyperparams(od.adamw)(LR, B1, B2, EPS, weight_decay=WD),
+      "optax.adamw": optax.adamw(LR, B1, B2, EPS, weight_decay=WD),
+      "od.sgdw": od.sgdw(LR, 0.9, weight_decay=WD),
+  }
+  c: dict[str, Any] = {}
+  for name, tx in recipes.items():
+    c[f"{name}, fused"] = jax_contender(od.fused_step(tx), tx, params, grads)
+    c[f"{name}, plain"] = jax_contender(plain_step(tx), tx, params, grads)
+  if torch_ok:
+    c["torch AdamW fused"] = TorchStepper(params, grads, fused=True)
+    c["torch clip + AdamW fused"] = TorchClipStepper(params, grads, CLIP, fused=True)
+    c["torch SGD foreach"] = TorchClipStepper(params, grads, 0.0, "sgd", foreach=True)
+  c["stream a*x+y"] = StreamStepper(n)
+  return c, n, 1
+
+
 def build(problem: str, n: int, torch_ok: bool) -> tuple[dict, int, int]:
   """All contenders for one problem: (name -> stepper, parameters, leaves)."""
   if problem == "bf16":
     return build_bf16(n, torch_ok)
+  if problem == "recipes":
+    return build_recipes(n, torch_ok)
   if problem == "flat":
     params = flat_params(n)
   else:
@@ -350,7 +396,7 @@ def table(title: str, n: int, res: dict, infos: dict, min_bytes: int | None = No
          f"{'x optax':>8s} {'x torch':>8s} {'x limit':>8s} {'peak/min':>9s} {'compile s':>9s}"
   print(head)
   print("-" * len(head))
-  ref = res["optax.adamw" if "optax.adamw" in res else "od.adamw"].median
+  ref = res[next(k for k in ("optax.adamw", "optax.adamw, plain", "od.adamw") if k in res)].median
   rows = {}
   for name, t in sorted(res.items(), key=lambda kv: kv[1].median):
     info = infos.get(name, {})
@@ -395,6 +441,10 @@ def summary(results: dict) -> dict:
         ("od.fused_step(od.adamw)", "od.fused_step, 1 flat leaf", 1.2),
         ("od.fused_step, flat buffer (masked)", "od.fused_step, 1 flat leaf", 1.2),
         ("od.fused_step, flat buffer (masked)", "torch AdamW fused", 1.0),
+        ("clip + od.adamw, fused", "torch clip + AdamW fused", 1.0),
+        ("inject(od.adamw), fused", "torch AdamW fused", 1.0),
+        ("optax.adamw, fused", "torch AdamW fused", 1.0),
+        ("od.sgdw, fused", "torch SGD foreach", 1.0),
     ]:
       x = _timing.rows_ratio(rows, a, b)
       if x is not None:
@@ -445,7 +495,7 @@ def main(argv=None) -> dict:
       torch_ok = False
   problems = [("flat", int(s)) for s in sizes]
   if 1e7 in sizes:
-    problems.append(("bf16", 10_000_000))
+    problems += [("bf16", 10_000_000), ("recipes", 10_000_000)]
   if not args.no_tree:
     problems.append(("tree", 2_000_000 if args.quick else 10_000_000))
   results: dict[str, Any] = {
@@ -470,9 +520,11 @@ def main(argv=None) -> dict:
     res = _timing.interleaved(contenders, rounds=rounds if problem != "tree" else
                               max(3, rounds * 5 // 8), calls_per_visit=3, warmup=2,
                               seed=len(results["tables"]))
-    key = {"flat": f"flat {n:.0e}", "bf16": f"bf16 {n:.0e}"}.get(problem, f"tree {leaves} leaves")
+    key = {"flat": f"flat {n:.0e}", "bf16": f"bf16 {n:.0e}", "recipes": f"recipes {n:.0e}"}.get(
+        problem, f"tree {leaves} leaves")
     title = {"flat": f"one leaf of {n:.0e} float32",
-             "bf16": f"one leaf of {n:.0e} bfloat16, float32 moments (torch: float32)"}.get(
+             "bf16": f"one leaf of {n:.0e} bfloat16, float32 moments (torch: float32)",
+             "recipes": f"recipes on one leaf of {n:.0e} float32 (clip: max_norm={CLIP})"}.get(
                  problem, f"transformer-shaped tree ({key})")
     # bfloat16 θ and g, float32 m and v: 12 bytes per parameter at rest.
     results["tables"][key] = table(title, n, res, infos, 12 * n if problem == "bf16" else None)

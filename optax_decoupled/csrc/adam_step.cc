@@ -88,15 +88,14 @@ inline void Narrow(float x, uint16_t* out) {  // float32 -> bfloat16, round to n
 #define OD_CLONES
 #endif
 
-template <typename T, typename G>
-inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __restrict g,
+template <typename T, typename G, bool kClip>
+inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __restrict g,
                                                 float* __restrict m, float* __restrict v,
                                                 const Scalars& s, bool decay, int64_t lo,
                                                 int64_t hi) {
-  const bool clip = s.clip != 0.0f;
   for (int64_t i = lo; i < hi; ++i) {
     float gi = Widen(g[i]);
-    if (clip) gi = (gi / s.g_norm) * s.max_norm;
+    if (kClip) gi = (gi / s.g_norm) * s.max_norm;
     const float mi = s.omb1 * gi + s.b1 * m[i];
     const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
     const float m_hat = mi / s.bc1;
@@ -108,6 +107,19 @@ inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __
     m[i] = mi;
     v[i] = vi;
     Narrow(ti + u, &theta[i]);
+  }
+}
+
+// The clip is a template argument, not a branch in the loop: the loop stays vectorised.
+template <typename T, typename G>
+inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __restrict g,
+                                                float* __restrict m, float* __restrict v,
+                                                const Scalars& s, bool decay, int64_t lo,
+                                                int64_t hi) {
+  if (s.clip != 0.0f) {
+    Loop<T, G, true>(theta, g, m, v, s, decay, lo, hi);
+  } else {
+    Loop<T, G, false>(theta, g, m, v, s, decay, lo, hi);
   }
 }
 
