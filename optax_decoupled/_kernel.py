@@ -67,11 +67,16 @@ class AdamWSpec:
   mu_dtype: Any = None
   nu_dtype: Any = None
   zero_adds_term: bool = False  # optax.add_decayed_weights adds 0·θ unless λ is a Python 0
+  bias_correction: bool = True  # od.bert_adamw: m and v are not corrected (bc = 1, exact)
 
 
 def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
   """``(spec, None)`` for the record of an ``od.adamw`` the kernel computes, else
   ``(None, why not)``."""
+  if recipe is not None and recipe.name == "bert_adamw":  # BERT's AdamWeightDecayOptimizer
+    a = recipe.args
+    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], 0.0, a["weight_decay"],
+                     a["mask"], bias_correction=False), None
   if recipe is None or recipe.name != "adamw":
     return None, _targets.NOT_ADAMW
   a = recipe.args
@@ -223,6 +228,8 @@ def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any) -> jax.Arra
     max_norm = jnp.asarray(max_norm, jnp.float32)
   count = optax.safe_increment(adam.count)
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
+  if not spec.bias_correction:  # m/1 and v/1 are exact: the uncorrected step.
+    bc1, bc2 = 1.0, 1.0
   lr = spec.learning_rate
   neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
   wd = (spec.weight_decay(wd_state.decay_count) if callable(spec.weight_decay)

@@ -3,7 +3,7 @@
 Three forms are recognised, and nothing else (anything unrecognised takes the pure-JAX
 path, with the same results):
 
-* ``od.adamw(...)`` itself, by the record the alias leaves (``_recipes``), and
+* ``od.adamw(...)`` and ``od.bert_adamw(...)``, by the record the alias leaves (``_recipes``), and
   ``optax.adamw(...)`` (a constant λ), read from its chain, which computes the same step;
 * ``optax.inject_hyperparams(od.adamw)(...)``: its ``update`` builds ``od.adamw`` from the
   injected hyperparameters at every step; the record of *that* build (collected while the
@@ -32,7 +32,8 @@ from optax_decoupled import _recipes
 
 __all__ = ["NOT_ADAMW", "Target", "clipped", "split_clip", "target_of"]
 
-NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr') and optax.adamw without nesterov "
+NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr'), od.bert_adamw and optax.adamw "
+             "without nesterov "
              "(also inside optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
              "transformation is something else")
 

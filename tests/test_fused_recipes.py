@@ -9,7 +9,8 @@ is built, else the pure-JAX chunk loop):
   mid-run by writing the state's hyperparameters;
 * both at once, and the flat-buffer mode with a clip;
 * ``optax.adamw`` itself (the same step; read from its chain), with a mask function and
-  with a learning-rate schedule;
+  with a learning-rate schedule; ``od.bert_adamw`` (no bias correction: the kernel divides
+  by 1, which is exact);
 * a clip in front of a transformation the kernel does not compute (``od.sgdw``): the chunk
   loop after the norm.
 
@@ -95,6 +96,8 @@ CASES = {
     "clip+optax.adamw": (lambda: optax.chain(
         optax.clip_by_global_norm(0.5), optax.adamw(1e-3, weight_decay=0.1)),
         1.0, None, "kernel"),
+    "od.bert_adamw (no bias correction)": (lambda: od.bert_adamw(1e-3, 0.1), 1.0, None,
+                                           "kernel"),
     "clip+sgdw (chunk loop)": (lambda: optax.chain(
         optax.clip_by_global_norm(1.0), od.sgdw(0.1, 0.9, weight_decay=1e-2, mask=MASK)),
         1.0, None, "chunks"),
