@@ -68,6 +68,7 @@ class AdamWSpec:
   nu_dtype: Any = None
   zero_adds_term: bool = False  # optax.add_decayed_weights adds 0·θ unless λ is a Python 0
   bias_correction: bool = True  # od.bert_adamw: m and v are not corrected (bc = 1, exact)
+  l2: bool = False  # od.adam_l2: λθ added to g before the moments (state: decay, adam, lr)
 
 
 def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
@@ -77,6 +78,10 @@ def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]
     a = recipe.args
     return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], 0.0, a["weight_decay"],
                      a["mask"], bias_correction=False), None
+  if recipe is not None and recipe.name == "adam_l2" and not recipe.args["nesterov"]:
+    a = recipe.args  # torch.optim.Adam(weight_decay): g + λθ, then Adam
+    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
+                     a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"], l2=True), None
   if recipe is None or recipe.name != "adamw":
     return None, _targets.NOT_ADAMW
   a = recipe.args
@@ -115,16 +120,28 @@ def unavailable() -> str | None:
   return None
 
 
+def _adam_at(inner: Any) -> int | None:
+  """Where the ``ScaleByAdamState`` is in a three-transform chain's state: 0 (AdamW:
+  adam, decay, lr), 1 (Adam + L2: decay, adam, lr), or None."""
+  if isinstance(inner, tuple) and len(inner) == 3:
+    for i in (0, 1):
+      if isinstance(inner[i], optax.ScaleByAdamState):
+        return i
+  return None
+
+
+def _with_moments(inner: tuple, mu: Any, nu: Any) -> tuple:
+  i = _adam_at(inner)
+  return (*inner[:i], inner[i]._replace(mu=mu, nu=nu), *inner[i + 1:])
+
+
 def _adamw_state(target: _targets.Target, state: Any) -> Any:
-  """The ``od.adamw`` state inside ``state``, or None if ``state`` is not laid out so."""
+  """The Adam chain's state inside ``state``, or None if ``state`` is not laid out so."""
   try:
     inner = target.state_of(state)
   except (AttributeError, IndexError, KeyError, TypeError):
     return None
-  if isinstance(inner, tuple) and len(inner) == 3 and isinstance(inner[0],
-                                                                 optax.ScaleByAdamState):
-    return inner
-  return None
+  return inner if _adam_at(inner) is not None else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -156,6 +173,8 @@ def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: A
   spec, why, new_state = _traced(tx, target, params, grads, state)
   if spec is None:
     return None, why
+  if _adam_at(inner) != (1 if spec.l2 else 0):
+    return None, "the state is not laid out as the chain's (adam, decay, lr) or (decay, adam, lr)"
   why = _unsupported(spec, target, inner, params, grads)
   return (Prepared(target, spec, new_state), None) if why is None else (None, why)
 
@@ -166,11 +185,14 @@ def _unsupported(spec: AdamWSpec, target: _targets.Target, inner: Any, params: A
   # bfloat16 gradients enter the moments widened to float32 only in od.scale_by_adam's
   # mu_dtype/nu_dtype variant; optax.scale_by_adam rounds (1-b1)·g in bfloat16 first.
   # A clip divides g in g's dtype: the kernel clips float32 gradients only.
+  # L2 adds λθ to g in g's dtype: the kernel takes float32 θ and g for it.
   widened = spec.mu_dtype is not None and spec.nu_dtype is not None
-  allowed = {"params": {f32, bf16},
-             "grads": {f32, bf16} if widened and target.max_norm is None else {f32},
+  allowed = {"params": {f32} if spec.l2 else {f32, bf16},
+             "grads": {f32, bf16} if widened and target.max_norm is None and not spec.l2
+             else {f32},
              "mu": {f32}, "nu": {f32}}
-  arrays = {"params": params, "grads": grads, "mu": inner[0].mu, "nu": inner[0].nu}
+  adam = inner[_adam_at(inner)]
+  arrays = {"params": params, "grads": grads, "mu": adam.mu, "nu": adam.nu}
   for name, tree in arrays.items():
     dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
     if dtypes - allowed[name]:
@@ -178,8 +200,8 @@ def _unsupported(spec: AdamWSpec, target: _targets.Target, inner: Any, params: A
               f"{sorted(str(d) for d in dtypes)} (bfloat16 weights: keep the moments in "
               "float32 with mu_dtype=nu_dtype=jnp.float32; a clipped step: float32 grads)")
   mults = {d.multiplier for d in _masks.decisions(params, spec.mask, warn=False)}
-  if mults - {0.0, 1.0}:
-    return f"the kernel takes masks of 0/1 only, and decay_multipliers give {sorted(mults)}"
+  if len(mults - {0.0}) > 127:
+    return f"the kernel takes at most 127 distinct decay multipliers, got {len(mults)}"
   values = {"learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
             "max_norm": target.max_norm}
   for name, value in values.items():  # the kernel takes scalars; (1,) broadcasts.
@@ -203,9 +225,10 @@ def _traced(tx, target, params, grads, state):
   ``optax.inject_hyperparams``), runs the chain's own checks (mask, dtypes) on the real
   paths, and yields the ``od.adamw`` arguments: the alias's record, or the record of the
   ``od.adamw`` that ``tx.update`` builds (with this trace's values)."""
-  adam, *rest = target.state_of(state)
-  standin_adam = adam._replace(mu=_standins(adam.mu), nu=_standins(adam.nu))
-  standin_state = target.with_state(state, (standin_adam, *rest))
+  inner = target.state_of(state)
+  adam = inner[_adam_at(inner)]
+  standin_state = target.with_state(state, _with_moments(inner, _standins(adam.mu),
+                                                         _standins(adam.nu)))
   with warnings.catch_warnings(), _recipes.collecting() as built:
     warnings.simplefilter("ignore")  # a mask judging stand-ins may warn; the real tree decides.
     new_state = tx.update(_standins(grads), standin_state, _standins(params))[1]
@@ -216,11 +239,14 @@ def _traced(tx, target, params, grads, state):
   return spec, why, new_state
 
 
-def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any) -> jax.Array:
+def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any,
+             mults: list[float]) -> jax.Array:
   """The step's scalars as the chain computes them (optax.clip_by_global_norm,
-  optax.scale_by_adam, add_decoupled_decay, optax.scale_by_learning_rate), each rounded to
-  float32 where the chain rounds it. ``state`` is the od.adamw state."""
-  adam, wd_state, lr_state = state
+  optax.scale_by_adam, the decay term of ``_decay.decay``, optax.scale_by_learning_rate),
+  each rounded to float32 where the chain rounds it, then the decay coefficient of each
+  multiplier in ``mults`` (decay index k is ``mults[k - 1]``). ``state`` is the chain's."""
+  i = _adam_at(state)
+  adam, wd_state, lr_state = state[i], state[1 - i], state[2]
   clip, g_norm = 0.0, 1.0
   if max_norm is not None:  # optax/transforms/_clipping.py: g_norm = optax.tree.norm(g)
     g_norm = optax.tree.norm(grads)
@@ -234,17 +260,24 @@ def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any) -> jax.Arra
   neg_lr = -1 * lr(lr_state.count) if callable(lr) else -1 * lr
   wd = (spec.weight_decay(wd_state.decay_count) if callable(spec.weight_decay)
         else spec.weight_decay)
+  # _decay.decay's term: c·θ, or (c·mult)·θ with c·mult rounded first.
+  coefficients = [wd if m == 1.0 else wd * m for m in mults]
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
-      wd, clip, g_norm, 1.0 if max_norm is None else max_norm)])
+      1.0 if spec.l2 else 0.0, clip, g_norm, 1.0 if max_norm is None else max_norm,
+      *coefficients)])
 
 
-def _decay_flags(spec: AdamWSpec, params: Any) -> list[bool]:
-  """Per leaf: whether the chain adds λθ (the same ``resolve_mask``; a constant λ = 0 adds
-  no term at all, as in ``add_decoupled_decay``)."""
+def _decay_indices(spec: AdamWSpec, params: Any) -> tuple[list[int], list[float]]:
+  """Per leaf, 0 (no decay term) or k >= 1, the leaf's multiplier being ``mults[k - 1]``
+  (the same ``_masks.decisions``; a constant λ = 0 adds no term at all, as in
+  ``_decay.decay``, except optax.adamw's array 0)."""
+  decisions = _masks.decisions(params, spec.mask, warn=False)
   if _hyperparams.constant(spec.weight_decay) == 0.0 and not spec.zero_adds_term:
-    return [False] * len(jax.tree.leaves(params))
-  return [d.decay for d in _masks.decisions(params, spec.mask, warn=False)]
+    return [0] * len(decisions), []
+  mults = sorted({d.multiplier for d in decisions if d.multiplier})
+  index = {m: k + 1 for k, m in enumerate(mults)}
+  return [index[d.multiplier] if d.multiplier else 0 for d in decisions], mults
 
 
 def _call(scalars, leaves, segment_sizes, decay, shard=None, shard_size=0):
@@ -350,11 +383,11 @@ def adamw_step(prepared: Prepared, params: Any, grads: Any, state: Any) -> tuple
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   p_leaves, treedef = jax.tree.flatten(params)
   inner = target.state_of(state)
-  adam = inner[0]
+  adam = inner[_adam_at(inner)]
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
-  scalars = _scalars(spec, inner, target.max_norm, grads)
-  decay = _decay_flags(spec, params)
+  decay, mults = _decay_indices(spec, params)
+  scalars = _scalars(spec, inner, target.max_norm, grads, mults)
   # At most _GROUP leaves per call: XLA's compile time grows faster than linearly with the
   # operands of one custom call (with aliasing), and per-call overhead is a few microseconds.
   res = []
@@ -363,11 +396,11 @@ def adamw_step(prepared: Prepared, params: Any, grads: Any, state: Any) -> tuple
     group_decay = decay[a:b]
     res += _per_shard(scalars, leaves[a:b], lambda sc, lv, shard, d=group_decay: _call(
         sc, lv, [int(np.size(leaf[0])) for leaf in lv], d))
-  new_inner = target.state_of(new_state)
-  new_adam = new_inner[0]._replace(mu=treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
-                                   nu=treedef.unflatten([r[2] for r in res]))  # type: ignore[attr-defined]
+  new_inner = _with_moments(target.state_of(new_state),
+                            treedef.unflatten([r[1] for r in res]),  # type: ignore[attr-defined]
+                            treedef.unflatten([r[2] for r in res]))  # type: ignore[attr-defined]
   return (treedef.unflatten([r[0] for r in res]),  # type: ignore[attr-defined]
-          target.with_state(new_state, (new_adam, *new_inner[1:])))
+          target.with_state(new_state, new_inner))
 
 
 def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads: jax.Array,
@@ -376,16 +409,14 @@ def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads
   original leaf, whose path decides its decay (``prepared`` on the unpacked tree)."""
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   inner = target.state_of(state)
-  adam = inner[0]
+  adam = inner[_adam_at(inner)]
   params = layout.unpack(flat)  # slices, used for paths only (dead in the HLO).
   grads = layout.unpack(flat_grads)  # the clip's norm is taken leaf by leaf, as optax does.
-  decay = _decay_flags(spec, params)
+  decay, mults = _decay_indices(spec, params)
 
   def local(scalars, leaves, shard):
     index, size = (None, 0) if shard is None else shard
     return _call(scalars, leaves, layout.sizes, decay, index, size)
-  (theta, m, v), = _per_shard(_scalars(spec, inner, target.max_norm, grads),
+  (theta, m, v), = _per_shard(_scalars(spec, inner, target.max_norm, grads, mults),
                               [(flat, flat_grads, adam.mu, adam.nu)], local, segments=True)
-  new_inner = target.state_of(new_state)
-  return theta, target.with_state(new_state, (new_inner[0]._replace(mu=m, nu=v),
-                                              *new_inner[1:]))
+  return theta, target.with_state(new_state, _with_moments(target.state_of(new_state), m, v))

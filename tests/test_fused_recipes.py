@@ -10,7 +10,9 @@ is built, else the pure-JAX chunk loop):
 * both at once, and the flat-buffer mode with a clip;
 * ``optax.adamw`` itself (the same step; read from its chain), with a mask function and
   with a learning-rate schedule; ``od.bert_adamw`` (no bias correction: the kernel divides
-  by 1, which is exact);
+  by 1, which is exact); ``od.adam_l2`` (λθ added to g before the moments, also behind a
+  clip); ``od.decay_multipliers`` (one coefficient c·mult per distinct multiplier, rounded
+  as ``_decay.decay`` rounds it);
 * a clip in front of a transformation the kernel does not compute (``od.sgdw``): the chunk
   loop after the norm.
 
@@ -32,6 +34,9 @@ from tests.fixtures import assert_kernel_close, plain_step
 from tests.test_kernel import needs_kernel
 
 MASK = od.exclude_names("bias", "LayerNorm")
+# Three distinct multipliers and an excluded leaf (big_vision's rule form).
+MULTS = od.decay_multipliers([(".*kernel", 1.0), ("big", 0.3), (".*LayerNorm.*", 0.0)],
+                             default=2.5)
 
 
 def _tree(seed=0):
@@ -98,6 +103,15 @@ CASES = {
         1.0, None, "kernel"),
     "od.bert_adamw (no bias correction)": (lambda: od.bert_adamw(1e-3, 0.1), 1.0, None,
                                            "kernel"),
+    "od.adam_l2 (λθ added to g)": (lambda: od.adam_l2(1e-3, weight_decay=0.1, mask=MASK), 1.0,
+                                   None, "kernel"),
+    "clip+od.adam_l2": (lambda: optax.chain(optax.clip_by_global_norm(1.0), od.adam_l2(
+        1e-3, weight_decay=0.1)), 1.0, None, "kernel"),
+    "od.adamw, decay_multipliers": (lambda: od.adamw(1e-3, weight_decay=0.1, mask=MULTS), 1.0,
+                                    None, "kernel"),
+    "od.adam_l2, decay_multipliers, schedule": (lambda: od.adam_l2(
+        optax.linear_schedule(1e-3, 1e-4, 5), weight_decay=0.1, mask=MULTS), 1.0, None,
+        "kernel"),
     "clip+sgdw (chunk loop)": (lambda: optax.chain(
         optax.clip_by_global_norm(1.0), od.sgdw(0.1, 0.9, weight_decay=1e-2, mask=MASK)),
         1.0, None, "chunks"),

@@ -4,11 +4,15 @@
 // aliasing); `decay` is per *segment*: the leaves, taken as one sequence, are cut into
 // consecutive segments of `segment_sizes` elements (one segment per leaf for a tree; one per
 // original leaf inside a single packed buffer for od.FlatLayout), none crossing a leaf end.
+// decay[segment] = 0: no decay term; k >= 1: the term's coefficient λ_t is scalars[12 + k]
+// (λ_t itself, or λ_t·mult for od.decay_multipliers, as JAX computed it for the chain).
 // The leaves start at `shard · shard_size` in that sequence of segments (`shard`, an operand:
 // this device's shard of a sharded packed buffer; 0 otherwise). With `clip` set (a global-norm
 // clip before the optimizer, optax.clip_by_global_norm, whose norm JAX computed):
 //
 //   g   = (g / ‖g‖) · max_norm   if clip  optax.clip_by_global_norm (when ‖g‖ >= max_norm)
+//   g   = g + λ_t·θ   if l2 and decayed  optax_decoupled.add_l2_to_grad (od.adam_l2), and
+//                                         then no decay term below
 //   m'  = (1-b1)·g + b1·m                 optax.tree.update_moment
 //   v'  = (1-b2)·(g·g) + b2·v             optax.tree.update_moment_per_elem_norm (order 2)
 //   u   = (m'/bc1) / (sqrt(v'/bc2 + eps_root) + eps)     optax.scale_by_adam, bc = 1 - b**t
@@ -46,9 +50,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Scalars {
-  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, wd, clip, g_norm, max_norm;
+  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, l2, clip, g_norm, max_norm;
 };
-constexpr int64_t kNumScalars = 13;
+constexpr int64_t kNumScalars = 13;  // then one λ_t per decay index
 
 enum class Kind : uint8_t { kF32, kBF16 };
 
@@ -60,6 +64,7 @@ struct Run {
   float* v;
   int64_t n;
   bool decay;
+  float wd;  // λ_t of this segment (used when decay)
   Kind theta_kind, g_kind;
 };
 
@@ -88,21 +93,23 @@ inline void Narrow(float x, uint16_t* out) {  // float32 -> bfloat16, round to n
 #define OD_CLONES
 #endif
 
-template <typename T, typename G, bool kClip>
+template <typename T, typename G, bool kClip, bool kL2>
 inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __restrict g,
                                                 float* __restrict m, float* __restrict v,
-                                                const Scalars& s, bool decay, int64_t lo,
-                                                int64_t hi) {
+                                                const Scalars& s, bool decay, float wd,
+                                                int64_t lo, int64_t hi) {
+  const bool decoupled = decay && !kL2;
   for (int64_t i = lo; i < hi; ++i) {
     float gi = Widen(g[i]);
+    const float ti = Widen(theta[i]);
     if (kClip) gi = (gi / s.g_norm) * s.max_norm;
+    if (kL2) gi = gi + wd * ti;  // only called with kL2 on decayed runs
     const float mi = s.omb1 * gi + s.b1 * m[i];
     const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
     const float m_hat = mi / s.bc1;
     const float v_hat = vi / s.bc2;
     float u = m_hat / (std::sqrt(v_hat + s.eps_root) + s.eps);
-    const float ti = Widen(theta[i]);
-    if (decay) u = u + s.wd * ti;
+    if (decoupled) u = u + wd * ti;
     u = s.neg_lr * u;
     m[i] = mi;
     v[i] = vi;
@@ -110,24 +117,26 @@ inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __
   }
 }
 
-// The clip is a template argument, not a branch in the loop: the loop stays vectorised.
+// The clip and the L2 term are template arguments, not branches in the loop: the loop stays
+// vectorised (a branch there stopped GCC vectorising the bfloat16 loop).
 template <typename T, typename G>
 inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __restrict g,
                                                 float* __restrict m, float* __restrict v,
-                                                const Scalars& s, bool decay, int64_t lo,
-                                                int64_t hi) {
-  if (s.clip != 0.0f) {
-    Loop<T, G, true>(theta, g, m, v, s, decay, lo, hi);
-  } else {
-    Loop<T, G, false>(theta, g, m, v, s, decay, lo, hi);
-  }
+                                                const Scalars& s, bool decay, float wd,
+                                                int64_t lo, int64_t hi) {
+  const bool clip = s.clip != 0.0f, l2 = s.l2 != 0.0f && decay;
+  if (clip && l2) Loop<T, G, true, true>(theta, g, m, v, s, decay, wd, lo, hi);
+  else if (clip) Loop<T, G, true, false>(theta, g, m, v, s, decay, wd, lo, hi);
+  else if (l2) Loop<T, G, false, true>(theta, g, m, v, s, decay, wd, lo, hi);
+  else Loop<T, G, false, false>(theta, g, m, v, s, decay, wd, lo, hi);
 }
 
 // One clone set per (θ, g) dtype pair; each inlines Body for its own instruction set.
 #define OD_UPDATE(NAME, T, G)                                                             \
   OD_CLONES void NAME(void* theta, const void* g, float* m, float* v, const Scalars s,   \
-                      bool decay, int64_t lo, int64_t hi) {                               \
-    Body<T, G>(static_cast<T*>(theta), static_cast<const G*>(g), m, v, s, decay, lo, hi); \
+                      bool decay, float wd, int64_t lo, int64_t hi) {                     \
+    Body<T, G>(static_cast<T*>(theta), static_cast<const G*>(g), m, v, s, decay, wd, lo,  \
+               hi);                                                                       \
   }
 OD_UPDATE(UpdateF32F32, float, float)
 OD_UPDATE(UpdateF32BF16, float, uint16_t)
@@ -139,7 +148,7 @@ void UpdateRun(const Run& r, const Scalars& s, int64_t lo, int64_t hi) {
   const bool t16 = r.theta_kind == Kind::kBF16, g16 = r.g_kind == Kind::kBF16;
   auto* update = t16 ? (g16 ? UpdateBF16BF16 : UpdateBF16F32)
                      : (g16 ? UpdateF32BF16 : UpdateF32F32);
-  update(r.theta, r.g, r.m, r.v, s, r.decay, lo, hi);
+  update(r.theta, r.g, r.m, r.v, s, r.decay, r.wd, lo, hi);
 }
 
 // Shared by the calling thread and the pool tasks; kept alive by shared_ptr until the last
@@ -181,8 +190,10 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
                         ffi::Span<const int8_t> decay, int64_t shard_size, bool whole) {
   const size_t num_leaves = args.size() / 4;
   const int64_t num_segments = static_cast<int64_t>(decay.size());
-  if (scalars.element_count() != kNumScalars) {
-    return ffi::Error::InvalidArgument("od_adam_step: expected 13 scalars");
+  int8_t max_index = 0;
+  for (int8_t k : decay) max_index = std::max(max_index, k);
+  if (scalars.element_count() != kNumScalars + max_index) {
+    return ffi::Error::InvalidArgument("od_adam_step: expected 13 scalars and one per decay index");
   }
   if (shard.element_count() != 1 || shard.typed_data()[0] < 0 || shard_size < 0) {
     return ffi::Error::InvalidArgument("od_adam_step: expected one shard index >= 0");
@@ -256,7 +267,8 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
           static_cast<char*>((*theta_out)->untyped_data()) + start * theta_bytes,
           static_cast<const char*>(g->untyped_data()) + start * g_bytes,
           (*m_out)->typed_data() + start, (*v_out)->typed_data() + start, len,
-          decay[segment] != 0, theta_kind, g_kind});
+          decay[segment] > 0, decay[segment] > 0 ? x[kNumScalars + decay[segment] - 1] : 0.0f,
+          theta_kind, g_kind});
       start += len;
       segment_left -= len;
       work->total += len;
