@@ -1,20 +1,24 @@
-"""The optional CPU kernel behind :func:`optax_decoupled.fused_step` for ``od.adamw``.
+"""The optional CPU kernel behind :func:`optax_decoupled.fused_step` for Adam chains.
 
 ``csrc/adam_step.cc`` is compiled at install time by ``hatch_build.py`` when a C++ compiler
-is present, and registered with XLA here (``jax.ffi``) on first use. It computes the step of
-``od.adamw(..., coupling="lr")`` with the operations and float32 rounding of the optax chain
+is present, and registered with XLA here (``jax.ffi``) on first use. It computes the step
+of the Adam chains ``_targets`` recognises (``od.adamw(coupling="lr")``, ``od.bert_adamw``,
+``od.adam_l2``, ``optax.adamw``; inside ``optax.inject_hyperparams``; behind
+``optax.clip_by_global_norm``) with the operations and float32 rounding of the optax chain
 (see the comment at the top of the C++ file), for up to 32 leaves per call, in place, on all
-of XLA's CPU threads: each array crosses main memory once.
+of XLA's CPU threads: each array crosses main memory once. Sharded arrays are stepped per
+shard (``custom_partitioning``), without collectives.
 
 Only the elementwise arithmetic is in C++. Everything else stays in JAX and in the chain's
-own code: the scalars (bias corrections, η_t, λ_t) are computed from the state exactly as
-the chain computes them, the decay mask is resolved by the same ``resolve_mask``, and the new
-scalar state (step counts) comes from ``tx.update`` itself, called on zero-size stand-ins.
+own code: the scalars (bias corrections, η_t, λ_t, the clip's global norm) are computed from
+the state exactly as the chain computes them, the decay mask and multipliers are resolved by
+the same ``_masks.decisions``, and the new scalar state (step counts, injected
+hyperparameters) comes from ``tx.update`` itself, called on zero-size stand-ins.
 
 Dtypes: float32 moments; θ and g float32 or bfloat16 (bfloat16 gradients only with
 ``mu_dtype=nu_dtype=jnp.float32``, whose ``od.scale_by_adam`` widens g before the moments,
-as the kernel does). When the kernel is not built, cannot be loaded, or does not cover a
-case (other dtypes, another optimizer), ``fused_step`` uses its pure-JAX path;
+as the kernel does; float32 θ and g for L2 and for a clip). When the kernel is not built,
+cannot be loaded, or does not cover a case, ``fused_step`` uses its pure-JAX path;
 :func:`unavailable` and ``step.explain`` say why.
 """
 
@@ -46,51 +50,6 @@ LIBRARY = _DIR / "libod_adam_step.so"
 _BUILD_INFO = _DIR / "build_info.json"
 _TARGET = "optax_decoupled_adam_step"
 _GROUP = 32  # leaves per kernel call (see adamw_step)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AdamWSpec:
-  """The hyperparameters of an ``od.adamw(coupling="lr")`` chain, as the kernel needs them.
-
-  Read from the record the alias left (``_recipes``). The chain's state is
-  ``(ScaleByAdamState, WeightDecayState, lr_state)``, where ``lr_state`` is
-  ``ScaleByScheduleState`` for a schedule, ``EmptyState`` otherwise.
-  """
-
-  learning_rate: Any
-  b1: float
-  b2: float
-  eps: float
-  eps_root: float
-  weight_decay: Any
-  mask: Any
-  mu_dtype: Any = None
-  nu_dtype: Any = None
-  zero_adds_term: bool = False  # optax.add_decayed_weights adds 0·θ unless λ is a Python 0
-  bias_correction: bool = True  # od.bert_adamw: m and v are not corrected (bc = 1, exact)
-  l2: bool = False  # od.adam_l2: λθ added to g before the moments (state: decay, adam, lr)
-
-
-def _spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
-  """``(spec, None)`` for the record of an ``od.adamw`` the kernel computes, else
-  ``(None, why not)``."""
-  if recipe is not None and recipe.name == "bert_adamw":  # BERT's AdamWeightDecayOptimizer
-    a = recipe.args
-    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], 0.0, a["weight_decay"],
-                     a["mask"], bias_correction=False), None
-  if recipe is not None and recipe.name == "adam_l2" and not recipe.args["nesterov"]:
-    a = recipe.args  # torch.optim.Adam(weight_decay): g + λθ, then Adam
-    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
-                     a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"], l2=True), None
-  if recipe is None or recipe.name != "adamw":
-    return None, _targets.NOT_ADAMW
-  a = recipe.args
-  if a["coupling"] != "lr" or a["nesterov"]:
-    return None, (f"the kernel implements od.adamw(coupling='lr') without nesterov; this is "
-                  f"od.adamw(coupling={a['coupling']!r}, nesterov={a['nesterov']})")
-  return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
-                   a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
-                   a.get("zero_adds_term", False)), None
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -156,7 +115,7 @@ class Prepared:
   """
 
   target: _targets.Target
-  spec: AdamWSpec
+  spec: _targets.AdamWSpec
   new_state: Any
 
 
@@ -164,8 +123,8 @@ def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: A
             grads: Any, state: Any) -> tuple[Prepared | None, str | None]:
   """``(prepared, None)`` when the kernel computes this step exactly as ``tx`` would, else
   ``(None, why not)``."""
-  if target.recipe is not None and _spec(target.recipe)[0] is None:
-    return None, _spec(target.recipe)[1]
+  if target.recipe is not None and _targets.adamw_spec(target.recipe)[0] is None:
+    return None, _targets.adamw_spec(target.recipe)[1]
   inner = _adamw_state(target, state)
   if inner is None:
     return None, ("the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, "
@@ -179,7 +138,7 @@ def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: A
   return (Prepared(target, spec, new_state), None) if why is None else (None, why)
 
 
-def _unsupported(spec: AdamWSpec, target: _targets.Target, inner: Any, params: Any,
+def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, params: Any,
                  grads: Any) -> str | None:
   f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
   # bfloat16 gradients enter the moments widened to float32 only in od.scale_by_adam's
@@ -235,11 +194,11 @@ def _traced(tx, target, params, grads, state):
   recipe = target.recipe
   if recipe is None:
     recipe = built[0] if len(built) == 1 else None
-  spec, why = _spec(recipe)
+  spec, why = _targets.adamw_spec(recipe)
   return spec, why, new_state
 
 
-def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any,
+def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
              mults: list[float]) -> jax.Array:
   """The step's scalars as the chain computes them (optax.clip_by_global_norm,
   optax.scale_by_adam, the decay term of ``_decay.decay``, optax.scale_by_learning_rate),
@@ -268,7 +227,7 @@ def _scalars(spec: AdamWSpec, state: Any, max_norm: Any, grads: Any,
       *coefficients)])
 
 
-def _decay_indices(spec: AdamWSpec, params: Any) -> tuple[list[int], list[float]]:
+def _decay_indices(spec: _targets.AdamWSpec, params: Any) -> tuple[list[int], list[float]]:
   """Per leaf, 0 (no decay term) or k >= 1, the leaf's multiplier being ``mults[k - 1]``
   (the same ``_masks.decisions``; a constant λ = 0 adds no term at all, as in
   ``_decay.decay``, except optax.adamw's array 0)."""

@@ -30,12 +30,59 @@ import optax
 
 from optax_decoupled import _recipes
 
-__all__ = ["NOT_ADAMW", "Target", "clipped", "split_clip", "target_of"]
+__all__ = ["NOT_ADAMW", "AdamWSpec", "Target", "adamw_spec", "clipped", "split_clip", "target_of"]
 
 NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr'), od.bert_adamw and optax.adamw "
              "without nesterov "
              "(also inside optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
              "transformation is something else")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdamWSpec:
+  """The hyperparameters of an Adam chain the kernel computes, as it needs them.
+
+  Read from the record the alias left (``_recipes``: ``od.adamw(coupling="lr")``,
+  ``od.bert_adamw``, ``od.adam_l2``) or from ``optax.adamw``'s chain. The chain's state is
+  ``(ScaleByAdamState, decay state, lr_state)`` (``(decay state, ScaleByAdamState,
+  lr_state)`` for ``l2``), where ``lr_state`` is ``ScaleByScheduleState`` for a schedule,
+  ``EmptyState`` otherwise.
+  """
+
+  learning_rate: Any
+  b1: float
+  b2: float
+  eps: float
+  eps_root: float
+  weight_decay: Any
+  mask: Any
+  mu_dtype: Any = None
+  nu_dtype: Any = None
+  zero_adds_term: bool = False  # optax.add_decayed_weights adds 0·θ unless λ is a Python 0
+  bias_correction: bool = True  # od.bert_adamw: m and v are not corrected (bc = 1, exact)
+  l2: bool = False  # od.adam_l2: λθ added to g before the moments (state: decay, adam, lr)
+
+
+def adamw_spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
+  """``(spec, None)`` for the record of an Adam chain the kernel computes, else
+  ``(None, why not)``."""
+  if recipe is not None and recipe.name == "bert_adamw":  # BERT's AdamWeightDecayOptimizer
+    a = recipe.args
+    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], 0.0, a["weight_decay"],
+                     a["mask"], bias_correction=False), None
+  if recipe is not None and recipe.name == "adam_l2" and not recipe.args["nesterov"]:
+    a = recipe.args  # torch.optim.Adam(weight_decay): g + λθ, then Adam
+    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
+                     a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"], l2=True), None
+  if recipe is None or recipe.name != "adamw":
+    return None, NOT_ADAMW
+  a = recipe.args
+  if a["coupling"] != "lr" or a["nesterov"]:
+    return None, (f"the kernel implements od.adamw(coupling='lr') without nesterov; this is "
+                  f"od.adamw(coupling={a['coupling']!r}, nesterov={a['nesterov']})")
+  return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
+                   a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
+                   a.get("zero_adds_term", False)), None
 
 
 def _closure(fn: Any) -> dict[str, Any]:
