@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optax_decoupled import _chunks, _flat, _kernel, _targets
+from optax_decoupled import _chunks, _flat, _kernel, _programs, _step_trace, _targets
 
 __all__ = ["fused_step"]
 
@@ -161,7 +161,7 @@ def fused_step(
                         f"pass on all CPU threads over {where}, per shard when sharded"), prepared
     chunked = chunk_tx(grads)
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
-      _chunks.check_elementwise(jax.make_jaxpr(chunked.update)(grads, state, params).jaxpr)
+      _programs.check_elementwise(_step_trace.whole_program(chunked, params, grads, state).jaxpr)
     if kernel == "require":
       raise ValueError(
           f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
@@ -177,6 +177,10 @@ def fused_step(
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return "plain", f"the state is not laid out like the params; no kernel: {why_not}", None
+    mixed = _chunks.splits_per_leaf(chunked, chunk_size, min_leaf_size, params, grads, state)
+    if mixed is not None:
+      return "plain", (f"the program does not split per leaf ({mixed}); no kernel: "
+                       f"{why_not}"), None
     differs = _chunks.decides_like_the_tree(chunked, chunk_size, min_leaf_size, params, grads,
                                            state)
     if differs is not None:
@@ -187,8 +191,8 @@ def fused_step(
     return "chunks", f"the pure-JAX chunk loop{norm}; no kernel: {why_not}", None
 
   def fallback(params, grads, state):
-    if layout is None:
-      return plain(params, grads, state)
+    if layout is None:  # the same program as the plan's whole-tree trace (traced once).
+      return _step_trace.plain_step(tx, params, grads, state)
     new_params, new_state = plain(*as_tree(params, grads, state))
     return layout.pack(new_params), layout.pack_state(new_state)
 

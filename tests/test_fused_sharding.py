@@ -90,7 +90,7 @@ def _worker() -> None:
     n = flat_args[0].shape[0]
     fp, fg = jax.device_put(flat_args[0], cut), jax.device_put(flat_args[1], cut)
     fs = jax.device_put(flat_args[2], jax.tree.map(
-        lambda x: cut if x.shape == (n,) else rep, flat_args[2]))
+        lambda x, cut=cut, n=n, rep=rep: cut if x.shape == (n,) else rep, flat_args[2]))
     fstep = od.fused_step(tx, layout=layout)
     check_compiled(fstep, (fp, fg, fs), f"flat {axis_type}")
     q, qs = jax.jit(fstep)(fp, fg, fs)

@@ -27,7 +27,7 @@ import optax
 import pytest
 
 import optax_decoupled as od
-from tests.fixtures import plain_step
+from tests.fixtures import assert_fused_equals_plain, plain_step
 
 N = 2**20 + 12_345  # one large leaf with a ragged tail (not a multiple of the chunk size).
 CHUNK = 65_536
@@ -214,19 +214,8 @@ TRANSFORMS = {
 def test_fused_step_equals_update_then_apply_updates(name, kernel):
   tx = TRANSFORMS[name]()
   params = _tree()
-  plain = jax.jit(plain_step(tx))
-  fused = jax.jit(od.fused_step(tx, kernel=kernel, chunk_size=1024, min_leaf_size=1024))
-  p1 = p2 = params
-  s1 = s2 = tx.init(params)
-  for t in range(4):
-    grads = jax.tree.map(lambda x, t=t: jnp.sin(x * (t + 3.0)) * 10.0 ** (t - 2), params)
-    p1, s1 = plain(p1, grads, s1)
-    p2, s2 = fused(p2, grads, s2)
-  assert jax.tree.structure(s1) == jax.tree.structure(s2)
-  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               rtol=2e-6, atol=1e-7)
+  fused = od.fused_step(tx, kernel=kernel, chunk_size=1024, min_leaf_size=1024)
+  assert_fused_equals_plain(tx, fused, params, tx.init(params), steps=4)
 
 
 def test_fused_step_refuses_a_transform_that_is_not_elementwise():
