@@ -163,52 +163,53 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size):
   """Updates one leaf (θ and its state leaves) chunk by chunk, in place, in a ``fori_loop``.
 
   ``theta_call(θ_chunk, g_chunk, state_chunks) -> new θ_chunk`` and ``state_call(...) -> new
-  state_chunks``. (Offsets, slices and reshapes are lax primitives: each jnp operator would
-  cost a cached-jit lookup at trace time, per leaf.)
+  state_chunks``. The chunks are ``[i·c, (i+1)·c)``; a ragged last chunk is moved back to end
+  at n, and keeps the old values of the elements the previous chunk already updated (a
+  select), so every offset is a loop value: a static offset into a reshaped 2-D leaf made
+  XLA copy the whole buffer. (Offsets, slices and reshapes are lax primitives: each jnp
+  operator would cost a cached-jit lookup at trace time, per leaf.)
   """
   n, nd = math.prod(p.shape), p.ndim
   g_flat = lax.reshape(g, (n,))
+  shape = (1,) * (nd - 1) + (chunk_size,)
 
-  def compute(fn, pf, sf, start, size):
+  def sl(x, start):
+    return lax.dynamic_slice(x, (start,), (chunk_size,), **_NONNEGATIVE)
+
+  def compute(fn, pf, sf, start):
     """``fn`` of the chunk (θ, g, state leaves) read from the buffers at ``start``."""
-    shape = (1,) * (nd - 1) + (size,)
-    def sl(x):
-      return lax.reshape(lax.dynamic_slice(x, (start,), (size,), **_NONNEGATIVE), shape)
-    return fn(sl(pf), sl(g_flat), [sl(x) for x in sf])
+    def chunk(x):
+      return lax.reshape(sl(x, start), shape)
+    return fn(chunk(pf), chunk(g_flat), [chunk(x) for x in sf])
 
-  def chunk(pf, sf, start, size, keep=0):
-    """Updates θ and the state in place on [start, start + size) (the last ``keep`` only).
+  ragged = n % chunk_size != 0
+
+  def body(i, carry):
+    """Updates θ and the state in place on chunk i.
 
     θ is written first, by a fusion that reads the old θ, g and state there. The state is
     then recomputed and written at an offset made to depend on the written θ (a zero XLA
     cannot see through), so XLA orders it after those reads and needs no copy; the new state
     must therefore not depend on θ (checked by ``fused_step``).
     """
-    cut = size - keep if keep else 0
+    pf, sf = carry
+    nominal = lax.mul(i, np.asarray(chunk_size, i.dtype))
+    start = lax.min(nominal, np.asarray(n - chunk_size, i.dtype)) if ragged else nominal
+    if ragged:  # the last chunk's first (nominal - start) elements are done already.
+      fresh = lax.ge(lax.iota(i.dtype, chunk_size), lax.sub(nominal, start))
 
-    def kept(y):
-      y = lax.reshape(y, (size,))
-      return lax.slice(y, (cut,), (size,)) if cut else y
+    def write(buf, new, at):
+      new = lax.reshape(new, (chunk_size,))
+      if ragged:
+        new = lax.select(fresh, new, sl(buf, at))
+      return lax.dynamic_update_slice(buf, new, (at,), **_NONNEGATIVE)
 
-    new_p = kept(compute(theta_call, pf, sf, start, size))
-    pf = lax.dynamic_update_slice(pf, new_p, (_plus(start, cut),), **_NONNEGATIVE)
-    last = lax.dynamic_slice(pf, (_plus(start, size - 1),), (1,), **_NONNEGATIVE)
-    index_dtype = np.int32 if isinstance(start, int) else start.dtype
-    after = lax.add(np.asarray(start, index_dtype) if isinstance(start, int) else start,
-                    _zero_depending_on(last, index_dtype))
-    new_s = [kept(x) for x in compute(state_call, pf, sf, after, size)]
-    sf = [lax.dynamic_update_slice(x, y, (_plus(after, cut),), **_NONNEGATIVE)
-          for x, y in zip(sf, new_s)]
+    pf = write(pf, compute(theta_call, pf, sf, start), start)
+    last = lax.dynamic_slice(pf, (_plus(start, chunk_size - 1),), (1,), **_NONNEGATIVE)
+    after = lax.add(start, _zero_depending_on(last, i.dtype))
+    sf = [write(x, y, after) for x, y in zip(sf, compute(state_call, pf, sf, after))]
     return pf, sf
 
-  pf = lax.reshape(p, (n,))
-  sf = [lax.reshape(x, (n,)) for x in s_leaves]
-  n_full, tail = divmod(n, chunk_size)
-  if tail:  # the ragged end first: a full chunk ending at n, of which the last `tail` are kept.
-    pf, sf = chunk(pf, sf, n - chunk_size, chunk_size, keep=tail)
-
-  def body(i, c):
-    return chunk(c[0], c[1], lax.mul(i, np.asarray(chunk_size, i.dtype)), chunk_size)
-
-  pf, sf = lax.fori_loop(0, n_full, body, (pf, sf))
+  pf, sf = lax.fori_loop(0, -(-n // chunk_size), body,
+                         (lax.reshape(p, (n,)), [lax.reshape(x, (n,)) for x in s_leaves]))
   return lax.reshape(pf, p.shape), [lax.reshape(x, y.shape) for x, y in zip(sf, s_leaves)]
