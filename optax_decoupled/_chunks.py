@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from optax_decoupled import _step_trace
+from optax_decoupled import _sharding, _step_trace
 from optax_decoupled._programs import REST
 
 __all__ = ["chunked_step", "decides_like_the_tree", "splits_per_leaf", "state_is_chunkable",
@@ -109,10 +111,60 @@ def _plus(i: Any, c: int) -> Any:
 def chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
   """``tx.update`` + ``optax.apply_updates``, each large float32 leaf chunk by chunk in place.
 
-  The program is traced once (:func:`_analysis`, large leaves as chunks) and split per leaf:
-  the small leaves and the scalar state are evaluated once, each large leaf's operations in
-  its own loop."""
+  The program is traced once (large leaves as chunks) and split per leaf: the small leaves
+  and the scalar state are evaluated once, each large leaf's operations in its own loop.
+  With sharded arrays each device runs this on its own shards (``_sharding.per_shard``),
+  when the program on its shards' shapes is the whole tree's (a mask reading shapes would
+  see the shards'); otherwise the arrays are gathered first (correct, not fast)."""
   tree = _step_trace.StepTree(params, grads, state, min_leaf_size, as_arrays=True)
+  n, n_param = tree.n, len(tree.param_js)
+  leaves = [*range(n), *(k for _ in range(n_param) for k in range(n))]
+  arg_leaf = [*range(n), *leaves] + [None] * len(tree.other_js)
+  out_leaf = leaves + [None] * len(tree.other_js)
+
+  def whole(*inputs):
+    local = _step_trace.StepTree(*tree.rebuild(inputs), min_leaf_size, as_arrays=True)
+    return tuple(_chunked_values(tx, chunk_size, local))
+
+  def plan(mesh, arg_shapes, leaf_shardings):
+    try:
+      local = [jax.ShapeDtypeStruct(x.shape if k is None else
+                                    leaf_shardings[k].shard_shape(tuple(x.shape)), x.dtype)
+               for x, k in zip(arg_shapes, arg_leaf)]
+    except ValueError:  # an uneven cut.
+      return "gather"
+    on_shards = _step_trace.StepTree(*tree.rebuild(local), min_leaf_size)
+    shards = _step_trace.analysis(tx, on_shards, chunk_size)
+    global_tree = _step_trace.StepTree(params, grads, state)
+    whole_tree = _step_trace.analysis(tx, global_tree, None)
+    same = shards.mixes_leaves(on_shards) is None and shards.n_out == whole_tree.n_out and all(
+        shards.program(o) == whole_tree.program(o) for o in range(shards.n_out + 1))
+    return None if same else "gather"
+
+  def run(*inputs):
+    return _sharding.per_shard(whole, list(inputs), arg_leaf, out_leaf, plan)
+
+  # On a mesh of Explicit axes, slicing a sharded array by chunks is a type error: the loop
+  # is traced with the axes made Auto (``auto_axes``), and the outputs given the inputs' types.
+  explicit = [_explicit_sharding(x) for x in tree.inputs]
+  if any(explicit):
+    out_sharding = [explicit[arg_leaf.index(k)] if k is not None else None for k in out_leaf]
+    mesh = next(s for s in explicit if s is not None).mesh
+    out_sharding = [s if s is not None else NamedSharding(mesh, P()) for s in out_sharding]
+    run = jax.sharding.auto_axes(run, out_sharding=out_sharding)
+  return tree.unflatten_outputs(run(*tree.inputs))
+
+
+def _explicit_sharding(x):
+  """``x``'s sharding type when it is split along Explicit mesh axes, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if not isinstance(sharding, NamedSharding) or not any(sharding.spec):
+    return None
+  return sharding
+
+
+def _chunked_values(tx, chunk_size, tree):
+  """The step's flat outputs (``StepTree`` order) computed chunk by chunk."""
   split = _step_trace.analysis(tx, tree, chunk_size)
   assert split.mixes_leaves(tree) is None, "fused_step plans the chunk loop after checking"
   n = tree.n
@@ -136,7 +188,7 @@ def chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
                                 [tree.inputs[i] for i in ins[2:]], [rest_in[i] for i in shared])
     values[outs[0]] = new_p
     values.update(zip(outs[1:], new_s))
-  return tree.unflatten_outputs([values[o] for o in range(split.n_out)])
+  return [values[o] for o in range(split.n_out)]
 
 
 def _leaf_update(split, ins, outs, theta_ops, state_ops, shared, chunk_size):

@@ -39,11 +39,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from optax_decoupled import _flat, _hyperparams, _masks, _recipes, _targets
+from optax_decoupled import _flat, _hyperparams, _masks, _recipes, _sharding, _targets
 
 _DIR = Path(__file__).parent / "csrc"
 LIBRARY = _DIR / "libod_adam_step.so"
@@ -260,19 +258,15 @@ def _call(scalars, leaves, segment_sizes, decay, shard=None, shard_size=0):
 
 
 def _per_shard(scalars, leaves, local_call, segments=False):
-  """``local_call(scalars, leaves, shard)``, run by each device on its shard of the leaves.
+  """``local_call(scalars, leaves, shard)`` on each device's shard of the leaves
+  (``_sharding.per_shard``: θ, g, m and v of a leaf take θ's sharding, no collective).
 
-  A ``custom_partitioning`` of the kernel call. Under ``jax.jit`` with sharded arrays, θ, g,
-  m and v of each leaf take θ's sharding, the scalars are replicated, and each device runs
-  the kernel on its own shard (the step is elementwise): no gather, no collective, and the
-  outputs keep θ's sharding. On one device, and inside ``jax.shard_map``, it is
-  ``local_call`` itself. ``shard`` is None, except with ``segments=True`` (one packed 1-D
-  buffer whose segments decide the decay) sharded evenly along a mesh axis, where it is
-  ``(index, size)`` of this device's shard; a packed buffer sharded any other way is
-  gathered first (correct, not fast).
+  ``shard`` is None, except with ``segments=True`` (one packed 1-D buffer whose segments
+  decide the decay) sharded evenly along mesh axes, where it is ``(index, size)`` of this
+  device's shard; a packed buffer sharded any other way is gathered first (correct, not
+  fast).
   """
   n = len(leaves)
-  flat = [x for leaf in leaves for x in leaf]
 
   def unflatten(arrays):
     return [tuple(arrays[4 * k:4 * k + 4]) for k in range(n)]
@@ -280,60 +274,25 @@ def _per_shard(scalars, leaves, local_call, segments=False):
   def whole(scalars, *arrays):
     return tuple(x for r in local_call(scalars, unflatten(arrays), None) for x in r)
 
-  call = custom_partitioning(whole)
-
-  def shardings(thetas, mesh):
-    return ((NamedSharding(mesh, P()), *(s for s in thetas for _ in range(4))),
-            tuple(s for s in thetas for _ in range(3)))
-
-  def infer(mesh, arg_shapes, result_shape):
-    return shardings([arg_shapes[1 + 4 * k].sharding for k in range(n)], mesh)[1]
-
-  def partition(mesh, arg_shapes, result_shape):
-    thetas = [arg_shapes[1 + 4 * k].sharding for k in range(n)]
-    if not segments or thetas[0].is_fully_replicated:
-      return (mesh, whole, *reversed(shardings(thetas, mesh)))
-    spec = thetas[0].spec if isinstance(thetas[0], NamedSharding) else ()
+  def plan(mesh, arg_shapes, leaf_shardings):
+    if not segments:
+      return None
+    spec = leaf_shardings[0].spec if isinstance(leaf_shardings[0], NamedSharding) else ()
     axes = spec[0] if len(spec) == 1 else None
     axes = axes if isinstance(axes, tuple) or axes is None else (axes,)
     count = int(np.prod([mesh.shape[a] for a in axes])) if axes else 0
     size = arg_shapes[1].shape[0]
-    if not count or size % count:  # not an even cut along mesh axes: gather, then step.
-      return (mesh, whole, *reversed(shardings([NamedSharding(mesh, P())], mesh)))
+    if not count or size % count:  # not an even cut along mesh axes.
+      return "gather"
 
     def lower(scalars, *arrays):
       shard = (jax.lax.axis_index(axes), size // count)
       return tuple(x for r in local_call(scalars, unflatten(arrays), shard) for x in r)
-    return (mesh, lower, *reversed(shardings(thetas, mesh)))
+    return lower
 
-  factors = [" ".join(f"l{k}d{j}" for j in range(np.ndim(leaves[k][0]))) for k in range(n)]
-  rule = ", ".join(["s", *(f for f in factors for _ in range(4))]) + " -> " + ", ".join(
-      f for f in factors for _ in range(3))
-  call.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=rule, need_replication_factors=("s",))
-
-  # custom_partitioning has no batching rule: under jax.vmap, the kernel call itself
-  # (its ffi_call runs the batch sequentially), which is what a sharded vmap would need too.
-  @jax.custom_batching.custom_vmap
-  def partitioned(scalars, *arrays):
-    return call(scalars, *arrays)
-
-  @partitioned.def_vmap
-  def _(axis_size, in_batched, scalars, *arrays):
-    axes = [0 if b else None for b in in_batched]
-    out = jax.vmap(whole, in_axes=axes, axis_size=axis_size)(scalars, *arrays)
-    return out, tuple(True for _ in out)
-
-  res = partitioned(scalars, *flat)
-
-  def vma(x):  # the mesh axes x varies over (jax >= 0.10: manual_axis_type.varying).
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
-  # Inside jax.shard_map the results vary over the mesh axes the inputs vary over.
-  axes = frozenset().union(*(vma(x) for x in (scalars, *flat)))
-  res = [jax.lax.pcast(r, tuple(sorted(axes - vma(r))), to="varying") if axes - vma(r) else r
-         for r in res]
+  res = _sharding.per_shard(whole, [scalars, *(x for leaf in leaves for x in leaf)],
+                            [None, *(k for k in range(n) for _ in range(4))],
+                            [k for k in range(n) for _ in range(3)], plan)
   return [tuple(res[3 * k:3 * k + 3]) for k in range(n)]
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_decoupled import _flat, _programs
 from optax_decoupled._programs import REST
@@ -107,7 +109,12 @@ class StepTree:
     for x, owner in zip(self.inputs, self.in_owner):
       aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.api_util.shaped_abstractify(x)
       if chunk_size is not None and owner != REST:
-        aval = aval.update(shape=(1,) * (aval.ndim - 1) + (chunk_size,))
+        chunk = (1,) * (aval.ndim - 1) + (chunk_size,)
+        sharding = getattr(aval, "sharding", None)
+        if isinstance(sharding, NamedSharding):  # a chunk is one device's (explicit meshes).
+          aval = aval.update(shape=chunk, sharding=NamedSharding(sharding.mesh, P()))
+        else:
+          aval = aval.update(shape=chunk)
       specs.append(aval)
     return specs
 
@@ -137,6 +144,17 @@ class StepTree:
       return [*new_p, *(x for j in param_js for x in items[j]), *(items[j] for j in other_js)]
 
     return fn
+
+  def rebuild(self, inputs):
+    """``(params, grads, state)`` from a flat list like ``inputs`` (e.g. other shapes)."""
+    n = self.n
+    items, at = [None] * len(self.s_items), 2 * n
+    for j in self.param_js:
+      items[j], at = self.treedef.unflatten(inputs[at:at + n]), at + n
+    for j in self.other_js:
+      items[j], at = inputs[at], at + 1
+    return (self.treedef.unflatten(inputs[:n]), self.treedef.unflatten(inputs[n:2 * n]),
+            self.s_def.unflatten(items))
 
   def unflatten_outputs(self, values):
     """(new params, new state) from the flat outputs."""

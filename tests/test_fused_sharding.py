@@ -10,7 +10,11 @@ cut the packed segments, so each shard must find its own decay flags), it assert
 * parameters and moments come back with the shardings they came in with;
 * the result equals, bit for bit, the same kernel step on one device (the kernel rounds
   every operation as written, so the cut into shards cannot change a bit), and the plain
-  step ``tx.update`` + ``optax.apply_updates`` (oracle) to the kernel tests' tolerance.
+  step ``tx.update`` + ``optax.apply_updates`` (oracle) to the kernel tests' tolerance;
+* the same (no collective, shardings kept, equal to the plain step) for the pure-JAX chunk
+  loop, here of ``od.sgdw``, which the kernel does not compute; and when a mask decides
+  otherwise on a shard's shape than on the whole leaf's, the loop gathers first and is still
+  the plain step's result.
 
 And inside ``jax.shard_map`` (default ``check_vma=True``) the kernel step traces, runs the
 kernel and equals the plain step.
@@ -97,6 +101,32 @@ def _worker() -> None:
     assert q.sharding.is_equivalent_to(cut, 1) and qs[0].mu.sharding.is_equivalent_to(cut, 1)
     equal((q, qs), one_flat, f"flat {axis_type} vs one device")
     close(layout.unpack(q), one_plain[0], f"flat {axis_type} vs plain")
+
+    # The pure-JAX chunk loop (od.sgdw: no kernel) runs per shard too.
+    sgdw = od.sgdw(1e-2, 0.9, weight_decay=1e-2, mask=od.exclude_names("bias"))
+    chunks = od.fused_step(sgdw, chunk_size=1024, min_leaf_size=4096)
+    s_state = jax.jit(sgdw.init)(params)
+    assert chunks.explain(params, grads, s_state).startswith("chunks"), axis_type
+    hlo = jax.jit(chunks).lower(params, grads, s_state).compile().as_text()
+    assert not [c for c in COLLECTIVES if c in hlo], f"chunks {axis_type} communicates"
+    got = jax.jit(chunks)(params, grads, s_state)
+    assert got[0]["w"].sharding.is_equivalent_to(shardings["w"], 2)
+    close(got, plain_step(sgdw)(host, host_g, sgdw.init(host)), f"chunks {axis_type}")
+    # A mask reading sizes decides otherwise on a shard than on the whole leaf ("u": 1024
+    # elements, 128 per shard): the chunk loop then gathers first, and stays exact.
+    sizes = od.sgdw(1e-2, 0.9, weight_decay=1e-2,
+                    mask=lambda p: jax.tree.map(lambda x: x.size >= 1000, p))
+    host_u = dict(host, u=np.linspace(-1, 1, 1024, dtype=np.float32))
+    grads_u = dict(host_g, u=np.cos(host_u["u"]))
+    shard_u = dict(shardings, u=NamedSharding(mesh, P("fsdp")))
+    p_u, g_u = jax.device_put(host_u, shard_u), jax.device_put(grads_u, shard_u)
+    s_u = jax.jit(sizes.init)(p_u)
+    gathered = od.fused_step(sizes, chunk_size=1024, min_leaf_size=4096)
+    assert gathered.explain(p_u, g_u, s_u).startswith("chunks"), axis_type
+    hlo = jax.jit(gathered).lower(p_u, g_u, s_u).compile().as_text()
+    assert any(c in hlo for c in COLLECTIVES), f"{axis_type}: expected the gather"
+    close(jax.jit(gathered)(p_u, g_u, s_u),
+          plain_step(sizes)(host_u, grads_u, sizes.init(host_u)), f"gathered {axis_type}")
     print("OK", axis_type.name, flush=True)
 
   # jax.shard_map with its default check_vma=True: the kernel's results vary like its inputs.
