@@ -86,6 +86,8 @@ def summary(tags: list[str]) -> None:
   print("| problem | " + " | ".join(c[0] for c in cols) + " |")
   print("|---|" + "---|" * len(cols))
   for key in runs[0]["tables"]:
+    if key.startswith("recipes"):  # other contenders: their own lines below
+      continue
     cells = []
     for _, fn, fmt in cols:
       vals = []
@@ -104,6 +106,15 @@ def summary(tags: list[str]) -> None:
     vals = [rows_ratio(rows, a, b) for rows in tree]
     print(f"\nTree of 198 leaves: {a} ÷ {b}: "
           + " / ".join("-" if v is None else f"{v:.2f}" for v in vals))
+  recipes = [next((t["rows"] for k, t in run["tables"].items() if k.startswith("recipes")), {})
+             for run in runs]
+  for a, b in [("clip + od.adamw, fused", "torch clip + AdamW fused"),
+               ("inject(od.adamw), fused", torch), ("optax.adamw, fused", torch),
+               ("od.sgdw, fused", "torch SGD foreach"), ("od.sgdw, fused", "od.sgdw, plain")]:
+    vals = [rows_ratio(rows, a, b) for rows in recipes]
+    if any(v is not None for v in vals):
+      print(f"\nRecipes, one leaf of 1e7: {a} ÷ {b}: "
+            + " / ".join("-" if v is None else f"{v:.2f}" for v in vals))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,8 +41,8 @@ from jax.sharding import PartitionSpec as P
 from optax_decoupled import _sharding, _step_trace
 from optax_decoupled._programs import REST
 
-__all__ = ["chunked_step", "decides_like_the_tree", "splits_per_leaf", "state_is_chunkable",
-           "state_reads_params"]
+__all__ = ["chunked_step", "decides_like_the_tree", "has_large_leaves", "splits_per_leaf",
+           "state_is_chunkable"]
 
 def decides_like_the_tree(tx, chunk_size, min_leaf_size, params, grads, state) -> str | None:
   """None when ``tx`` computes each chunked leaf as it does the whole leaf, else which leaf
@@ -68,14 +68,9 @@ def splits_per_leaf(tx, chunk_size, min_leaf_size, params, grads, state) -> str 
   return _step_trace.analysis(tx, tree, chunk_size).mixes_leaves(tree)
 
 
-def state_reads_params(tx, grads, state, params) -> bool:
-  """Whether ``tx.update``'s new state depends on ``params`` (e.g. coupled L2 moments).
-
-  Read from the whole tree's program, the one :func:`decides_like_the_tree` compares (traced
-  once for both)."""
-  tree = _step_trace.StepTree(params, grads, state)
-  whole = _step_trace.analysis(tx, tree, None)
-  return any(i < tree.n for o in range(tree.n, whole.n_out) for i in whole.reads_of[o])
+def has_large_leaves(min_leaf_size, params, grads, state) -> bool:
+  """Whether any leaf is large enough (and float32 throughout) to be chunked."""
+  return bool(_step_trace.StepTree(params, grads, state, min_leaf_size).big)
 
 
 def state_is_chunkable(state, params) -> bool:
@@ -180,12 +175,14 @@ def _chunked_values(tx, chunk_size, tree):
   updates = {}
   for k in tree.big:
     key, theta_ops, state_ops, shared = split.leaf_program(tree, k)
-    if key not in updates:
-      updates[key] = jax.jit(_leaf_update(split, tree.leaf_inputs(k), tree.leaf_outputs(k),
-                                          theta_ops, state_ops, shared, chunk_size))
     ins, outs = tree.leaf_inputs(k), tree.leaf_outputs(k)
+    reads_theta = any(ins[0] in split.reads_of[o] for o in outs[1:])
+    if key not in updates:
+      updates[key] = jax.jit(_leaf_update(split, ins, outs, theta_ops, state_ops, shared,
+                                          chunk_size), static_argnums=4)
     new_p, new_s = updates[key](tree.inputs[k], tree.inputs[n + k],
-                                [tree.inputs[i] for i in ins[2:]], [rest_in[i] for i in shared])
+                                [tree.inputs[i] for i in ins[2:]], [rest_in[i] for i in shared],
+                                reads_theta)
     values[outs[0]] = new_p
     values.update(zip(outs[1:], new_s))
   return [values[o] for o in range(split.n_out)]
@@ -197,7 +194,7 @@ def _leaf_update(split, ins, outs, theta_ops, state_ops, shared, chunk_size):
   leaf's operations. Reads no leaf of its own closure, so one function serves every leaf
   with the same program (:meth:`_programs.Split.leaf_program`)."""
 
-  def chunk_loop(p, g, s_leaves, scalars):
+  def chunk_loop(p, g, s_leaves, scalars, reads_theta):
     base = dict(zip(shared, scalars))
 
     def theta(pc, gc, sc):
@@ -206,20 +203,22 @@ def _leaf_update(split, ins, outs, theta_ops, state_ops, shared, chunk_size):
     def state(pc, gc, sc):
       return split.run(outs[1:], dict(zip(ins, (pc, gc, *sc))), base, state_ops)
 
-    return _leaf_in_chunks(theta, state, p, g, s_leaves, chunk_size)
+    return _leaf_in_chunks(theta, state, p, g, s_leaves, chunk_size, reads_theta)
 
   return chunk_loop
 
 
-def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size):
+def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, reads_theta=False):
   """Updates one leaf (θ and its state leaves) chunk by chunk, in place, in a ``fori_loop``.
 
   ``theta_call(θ_chunk, g_chunk, state_chunks) -> new θ_chunk`` and ``state_call(...) -> new
   state_chunks``. The chunks are ``[i·c, (i+1)·c)``; a ragged last chunk is moved back to end
   at n, and keeps the old values of the elements the previous chunk already updated (a
   select), so every offset is a loop value: a static offset into a reshaped 2-D leaf made
-  XLA copy the whole buffer. (Offsets, slices and reshapes are lax primitives: each jnp
-  operator would cost a cached-jit lookup at trace time, per leaf.)
+  XLA copy the whole buffer. With ``reads_theta`` (the new state depends on θ: coupled L2
+  outside the kernel) the state is computed from the chunk's θ as it was, read at the end
+  of the previous iteration and carried into this one. (Offsets, slices and reshapes are lax
+  primitives: each jnp operator would cost a cached-jit lookup at trace time, per leaf.)
   """
   n, nd = math.prod(p.shape), p.ndim
   g_flat = lax.reshape(g, (n,))
@@ -228,25 +227,32 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size):
   def sl(x, start):
     return lax.dynamic_slice(x, (start,), (chunk_size,), **_NONNEGATIVE)
 
-  def compute(fn, pf, sf, start):
-    """``fn`` of the chunk (θ, g, state leaves) read from the buffers at ``start``."""
+  def compute(fn, pf, sf, start, theta=None):
+    """``fn`` of the chunk (θ, g, state leaves) read from the buffers at ``start`` (θ's
+    chunk given instead when ``theta`` is)."""
     def chunk(x):
       return lax.reshape(sl(x, start), shape)
-    return fn(chunk(pf), chunk(g_flat), [chunk(x) for x in sf])
+    theta = chunk(pf) if theta is None else lax.reshape(theta, shape)
+    return fn(theta, chunk(g_flat), [chunk(x) for x in sf])
 
-  ragged = n % chunk_size != 0
+  ragged, count = n % chunk_size != 0, -(-n // chunk_size)
+
+  def start_of(i):
+    nominal = lax.mul(i, np.asarray(chunk_size, i.dtype))
+    return nominal, (lax.min(nominal, np.asarray(n - chunk_size, i.dtype)) if ragged
+                     else nominal)
 
   def body(i, carry):
     """Updates θ and the state in place on chunk i.
 
     θ is written first, by a fusion that reads the old θ, g and state there. The state is
     then recomputed and written at an offset made to depend on the written θ (a zero XLA
-    cannot see through), so XLA orders it after those reads and needs no copy; the new state
-    must therefore not depend on θ (checked by ``fused_step``).
+    cannot see through), so XLA orders it after those reads and needs no copy. A state that
+    reads θ takes the old θ chunk from the carry: a loop carry is a buffer of its own, which
+    XLA cannot fuse away into a read of the written θ.
     """
-    pf, sf = carry
-    nominal = lax.mul(i, np.asarray(chunk_size, i.dtype))
-    start = lax.min(nominal, np.asarray(n - chunk_size, i.dtype)) if ragged else nominal
+    pf, sf, *old = carry
+    nominal, start = start_of(i)
     if ragged:  # the last chunk's first (nominal - start) elements are done already.
       fresh = lax.ge(lax.iota(i.dtype, chunk_size), lax.sub(nominal, start))
 
@@ -259,9 +265,18 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size):
     pf = write(pf, compute(theta_call, pf, sf, start), start)
     last = lax.dynamic_slice(pf, (_plus(start, chunk_size - 1),), (1,), **_NONNEGATIVE)
     after = lax.add(start, _zero_depending_on(last, i.dtype))
-    sf = [write(x, y, after) for x, y in zip(sf, compute(state_call, pf, sf, after))]
-    return pf, sf
+    new_s = compute(state_call, pf, sf, after, old[0] if reads_theta else None)
+    sf = [write(x, y, after) for x, y in zip(sf, new_s)]
+    if not reads_theta:
+      return pf, sf
+    # The next chunk's θ as it is before that chunk is written (a ragged last chunk re-reads
+    # part of this one: those elements are kept as written by the select).
+    nxt = lax.min(lax.add(i, np.asarray(1, i.dtype)), np.asarray(count - 1, i.dtype))
+    return pf, sf, sl(pf, start_of(nxt)[1])
 
-  pf, sf = lax.fori_loop(0, -(-n // chunk_size), body,
-                         (lax.reshape(p, (n,)), [lax.reshape(x, (n,)) for x in s_leaves]))
+  pf = lax.reshape(p, (n,))
+  carry = (pf, [lax.reshape(x, (n,)) for x in s_leaves])
+  if reads_theta:
+    carry = (*carry, sl(pf, 0))
+  pf, sf, *_ = lax.fori_loop(0, count, body, carry)
   return lax.reshape(pf, p.shape), [lax.reshape(x, y.shape) for x, y in zip(sf, s_leaves)]

@@ -168,11 +168,10 @@ def fused_step(
           "Use kernel='auto' to fall back to the pure-JAX path (same results).")
     if layout is not None:
       return "unpacked", f"tx.update on the unpacked tree, packed again; no kernel: {why_not}", None
-    if _chunks.state_reads_params(chunked, grads, state, params):
-      # Coupled L2 (λθ enters the moments): the in-place chunk order needs the new state to
-      # be computable after θ is written, so this transform takes the plain path.
-      return "plain", ("the new optimizer state depends on θ in tx.update's program, so θ "
-                       f"cannot be written before the state; no kernel: {why_not}"), None
+    if not _chunks.has_large_leaves(min_leaf_size, params, grads, state):
+      return "plain", (f"no float32 leaf has min_leaf_size={min_leaf_size} elements (smaller "
+                       f"ones fit in cache, where the plain step is as fast); no kernel: "
+                       f"{why_not}"), None
     if not _chunks.state_is_chunkable(state, params):
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.

@@ -10,6 +10,7 @@ transformation (weakly, by its update function), structure and avals, so the che
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -199,11 +200,16 @@ def _traced(tx, tree: StepTree, chunk_size: int | None) -> _Traced:
   transformation, structure and avals."""
   specs = tree.specs(chunk_size)
   update: Callable[[], Any]
+  method = tx.update
   try:
-    key = (tree.treedef, tree.s_def, tuple(tree.s_kinds), tuple(specs))
+    key = (tree.treedef, tree.s_def, tuple(tree.s_kinds), tuple(specs),
+           getattr(method, "__func__", None))
     hash(key)
-    update = weakref.ref(tx.update)
-    cache = _TRACES.setdefault(tx.update, {})
+    if inspect.ismethod(method):  # e.g. optax.MultiSteps: a new bound method per access.
+      update, owner = weakref.WeakMethod(method), method.__self__
+    else:
+      update, owner = weakref.ref(method), method
+    cache = _TRACES.setdefault(owner, {})
   except TypeError:  # an unhashable structure or an update that takes no weak reference.
     key, cache, update = None, {}, lambda: tx.update
   traced = cache.get(key)
@@ -226,7 +232,7 @@ def analysis(tx, tree: StepTree, chunk_size: int | None) -> _programs.Split:
 def whole_program(tx, params, grads, state) -> Any:
   """The closed jaxpr of ``tx.update`` + ``optax.apply_updates`` on the whole tree (inputs:
   θ, g, state leaves; outputs: θ, state), traced once and shared with
-  :func:`state_reads_params`, :func:`decides_like_the_tree` and :func:`plain_step`."""
+  :func:`decides_like_the_tree` and :func:`plain_step`."""
   return _traced(tx, StepTree(params, grads, state), None).closed
 
 

@@ -68,6 +68,12 @@ TRANSFORMS = {
     "od.adamw, decay multipliers": lambda: od.adamw(
         1e-2, weight_decay=1e-1,
         mask=od.decay_multipliers([(".*head/kernel", 2.0), (".*/kernel", 1.0)], default=0.0)),
+    # The new state reads θ (λθ enters the momentum / the moments): the loop carries each
+    # chunk's θ as it was before the chunk is written.
+    "od.sgd_l2, momentum (state reads θ)": lambda: od.sgd_l2(
+        1e-2, momentum=0.9, weight_decay=1e-2, mask=od.min_ndim(2)),
+    "od.adam_l2, Nesterov (state reads θ)": lambda: od.adam_l2(
+        1e-3, nesterov=True, weight_decay=1e-2),
 }
 
 
