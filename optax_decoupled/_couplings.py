@@ -90,7 +90,9 @@ class CoupledWeightDecay:
       return None
     # Python floats only: concrete jax arrays (inject_hyperparams' state) would be staged
     # into the surrounding trace by the arithmetic.
-    return float(dataclasses.replace(self, weight_decay=wd, **values)(0))
+    return float(dataclasses.replace(self, weight_decay=wd,
+                                     learning_rate=values["learning_rate"],
+                                     peak_learning_rate=values["peak_learning_rate"])(0))
 
 
 def build(weight_decay: Any, coupling: str, learning_rate: Any, peak_learning_rate: Any,

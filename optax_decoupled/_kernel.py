@@ -89,6 +89,7 @@ def _adam_at(inner: Any) -> int | None:
 
 def _with_moments(inner: tuple, mu: Any, nu: Any) -> tuple:
   i = _adam_at(inner)
+  assert i is not None, "checked by prepare"
   return (*inner[:i], inner[i]._replace(mu=mu, nu=nu), *inner[i + 1:])
 
 
@@ -203,8 +204,10 @@ def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
   each rounded to float32 where the chain rounds it, then the decay coefficient of each
   multiplier in ``mults`` (decay index k is ``mults[k - 1]``). ``state`` is the chain's."""
   i = _adam_at(state)
+  assert i is not None, "checked by prepare"
   adam, wd_state, lr_state = state[i], state[1 - i], state[2]
-  clip, g_norm = 0.0, 1.0
+  clip: Any = 0.0
+  g_norm: Any = 1.0
   if max_norm is not None:  # optax/transforms/_clipping.py: g_norm = optax.tree.norm(g)
     g_norm = optax.tree.norm(grads)
     clip = jnp.where(jnp.squeeze(g_norm < max_norm), 0.0, 1.0)

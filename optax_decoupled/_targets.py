@@ -98,7 +98,7 @@ def _qualname(fn: Any) -> str:
 
 def _unwrap(update: Any) -> Any:
   """``optax.with_extra_args_support`` wraps a plain transformation's update; unwrap it."""
-  inner = _closure(update).get("tx")
+  inner: Any = _closure(update).get("tx")
   if "with_extra_args_support" in _qualname(update) and hasattr(inner, "update"):
     return inner.update
   return update
@@ -214,7 +214,8 @@ class Target:
 def target_of(tx: Any) -> tuple[Target | None, str | None]:
   """``(target, None)`` when ``tx`` holds a step the kernel may compute, else
   ``(None, why not)``. Hyperparameters, dtypes and masks are checked per call."""
-  max_norm, path, update = None, (), getattr(tx, "update", None)
+  max_norm, update = None, getattr(tx, "update", None)
+  path: tuple[Any, ...] = ()
   split = split_clip(tx)
   if split is not None:
     (max_norm, update), path = split, (1,)
