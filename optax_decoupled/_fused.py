@@ -157,8 +157,9 @@ def fused_step(
     if prepared is not None:
       where = "one flat buffer, decay decided per original leaf" if layout else "all leaves"
       clipped = ", the global-norm clip applied as g is read" if clip else ""
-      return "kernel", (f"the C++ kernel: lr-coupled AdamW with float32 moments{clipped}, one "
-                        f"pass on all CPU threads over {where}, per shard when sharded"), prepared
+      return "kernel", (f"the C++ kernel: the Adam step and its decay term with float32 "
+                        f"moments{clipped}, one pass on all CPU threads over {where}, per shard "
+                        "when sharded"), prepared
     chunked = chunk_tx(grads)
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
       _programs.check_elementwise(_step_trace.whole_program(chunked, params, grads, state).jaxpr)

@@ -77,20 +77,40 @@ def unavailable() -> str | None:
   return None
 
 
-def _adam_at(inner: Any) -> int | None:
-  """Where the ``ScaleByAdamState`` is in a three-transform chain's state: 0 (AdamW:
-  adam, decay, lr), 1 (Adam + L2: decay, adam, lr), or None."""
+def _adam_path(inner: Any) -> tuple[int, ...] | None:
+  """Where the ``ScaleByAdamState`` is in the chain's state: (0,) for AdamW (adam, decay,
+  lr), (1,) for Adam + L2 (decay, adam, lr), (0, 0) for the other couplings ((adam, lr),
+  decay); None for anything else."""
   if isinstance(inner, tuple) and len(inner) == 3:
     for i in (0, 1):
       if isinstance(inner[i], optax.ScaleByAdamState):
-        return i
+        return (i,)
+  if (isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], tuple)
+      and len(inner[0]) == 2 and isinstance(inner[0][0], optax.ScaleByAdamState)):
+    return (0, 0)
   return None
 
 
-def _with_moments(inner: tuple, mu: Any, nu: Any) -> tuple:
-  i = _adam_at(inner)
-  assert i is not None, "checked by prepare"
-  return (*inner[:i], inner[i]._replace(mu=mu, nu=nu), *inner[i + 1:])
+def _parts(inner: Any) -> tuple[Any, Any, Any]:
+  """(Adam state, decay state, learning-rate state) of a chain state :func:`_adam_path`
+  recognises."""
+  path = _adam_path(inner)
+  assert path is not None, "checked by prepare"
+  if path == (0, 0):
+    return inner[0][0], inner[1], inner[0][1]
+  return inner[path[0]], inner[1 - path[0]], inner[2]
+
+
+def _with_moments(inner: Any, mu: Any, nu: Any, path: tuple[int, ...] | None = None) -> Any:
+  """``inner`` with the Adam state's moments replaced (the state's tuples rebuilt)."""
+  path = _adam_path(inner) if path is None else path
+  assert path, "checked by prepare"
+  i, rest = path[0], path[1:]
+  new = inner[i]._replace(mu=mu, nu=nu) if not rest else _with_moments(inner[i], mu, nu, rest)
+  return (*inner[:i], new, *inner[i + 1:])
+
+
+_LAYOUT = {"adamw": (0,), "l2": (1,), "after": (0, 0)}
 
 
 def _adamw_state(target: _targets.Target, state: Any) -> Any:
@@ -99,7 +119,7 @@ def _adamw_state(target: _targets.Target, state: Any) -> Any:
     inner = target.state_of(state)
   except (AttributeError, IndexError, KeyError, TypeError):
     return None
-  return inner if _adam_at(inner) is not None else None
+  return inner if _adam_path(inner) is not None else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,8 +151,8 @@ def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: A
   spec, why, new_state = _traced(tx, target, params, grads, state)
   if spec is None:
     return None, why
-  if _adam_at(inner) != (1 if spec.l2 else 0):
-    return None, "the state is not laid out as the chain's (adam, decay, lr) or (decay, adam, lr)"
+  if _adam_path(inner) != _LAYOUT[spec.layout]:
+    return None, "the state is not laid out as the chain's (adam, decay, lr), (decay, adam, lr) or ((adam, lr), decay)"
   why = _unsupported(spec, target, inner, params, grads)
   return (Prepared(target, spec, new_state), None) if why is None else (None, why)
 
@@ -145,11 +165,12 @@ def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, 
   # A clip divides g in g's dtype: the kernel clips float32 gradients only.
   # L2 adds λθ to g in g's dtype: the kernel takes float32 θ and g for it.
   widened = spec.mu_dtype is not None and spec.nu_dtype is not None
-  allowed = {"params": {f32} if spec.l2 else {f32, bf16},
-             "grads": {f32, bf16} if widened and target.max_norm is None and not spec.l2
+  l2 = spec.layout == "l2"
+  allowed = {"params": {f32} if l2 else {f32, bf16},
+             "grads": {f32, bf16} if widened and target.max_norm is None and not l2
              else {f32},
              "mu": {f32}, "nu": {f32}}
-  adam = inner[_adam_at(inner)]
+  adam = _parts(inner)[0]
   arrays = {"params": params, "grads": grads, "mu": adam.mu, "nu": adam.nu}
   for name, tree in arrays.items():
     dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
@@ -184,7 +205,7 @@ def _traced(tx, target, params, grads, state):
   paths, and yields the ``od.adamw`` arguments: the alias's record, or the record of the
   ``od.adamw`` that ``tx.update`` builds (with this trace's values)."""
   inner = target.state_of(state)
-  adam = inner[_adam_at(inner)]
+  adam = _parts(inner)[0]
   standin_state = target.with_state(state, _with_moments(inner, _standins(adam.mu),
                                                          _standins(adam.nu)))
   with warnings.catch_warnings(), _recipes.collecting() as built:
@@ -203,9 +224,7 @@ def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
   optax.scale_by_adam, the decay term of ``_decay.decay``, optax.scale_by_learning_rate),
   each rounded to float32 where the chain rounds it, then the decay coefficient of each
   multiplier in ``mults`` (decay index k is ``mults[k - 1]``). ``state`` is the chain's."""
-  i = _adam_at(state)
-  assert i is not None, "checked by prepare"
-  adam, wd_state, lr_state = state[i], state[1 - i], state[2]
+  adam, wd_state, lr_state = _parts(state)
   clip: Any = 0.0
   g_norm: Any = 1.0
   if max_norm is not None:  # optax/transforms/_clipping.py: g_norm = optax.tree.norm(g)
@@ -224,7 +243,8 @@ def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
   coefficients = [wd if m == 1.0 else wd * m for m in mults]
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
-      1.0 if spec.l2 else 0.0, clip, g_norm, 1.0 if max_norm is None else max_norm,
+      float(("adamw", "l2", "after").index(spec.layout)), clip, g_norm,
+      1.0 if max_norm is None else max_norm,
       *coefficients)])
 
 
@@ -304,7 +324,7 @@ def adamw_step(prepared: Prepared, params: Any, grads: Any, state: Any) -> tuple
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   p_leaves, treedef = jax.tree.flatten(params)
   inner = target.state_of(state)
-  adam = inner[_adam_at(inner)]
+  adam = _parts(inner)[0]
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
   decay, mults = _decay_indices(spec, params)
@@ -330,7 +350,7 @@ def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads
   original leaf, whose path decides its decay (``prepared`` on the unpacked tree)."""
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   inner = target.state_of(state)
-  adam = inner[_adam_at(inner)]
+  adam = _parts(inner)[0]
   params = layout.unpack(flat)  # slices, used for paths only (dead in the HLO).
   grads = layout.unpack(flat_grads)  # the clip's norm is taken leaf by leaf, as optax does.
   decay, mults = _decay_indices(spec, params)

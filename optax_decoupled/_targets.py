@@ -60,7 +60,9 @@ class AdamWSpec:
   nu_dtype: Any = None
   zero_adds_term: bool = False  # optax.add_decayed_weights adds 0·θ unless λ is a Python 0
   bias_correction: bool = True  # od.bert_adamw: m and v are not corrected (bc = 1, exact)
-  l2: bool = False  # od.adam_l2: λθ added to g before the moments (state: decay, adam, lr)
+  # "adamw": u + λθ inside the lr scaling; "l2" (od.adam_l2): g + λθ before the moments;
+  # "after" (od.adamw's other couplings): θ shrinks by c_t after the finished step.
+  layout: str = "adamw"
 
 
 def adamw_spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
@@ -73,13 +75,17 @@ def adamw_spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | 
   if recipe is not None and recipe.name == "adam_l2" and not recipe.args["nesterov"]:
     a = recipe.args  # torch.optim.Adam(weight_decay): g + λθ, then Adam
     return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
-                     a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"], l2=True), None
+                     a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
+                     layout="l2"), None
   if recipe is None or recipe.name != "adamw":
     return None, NOT_ADAMW
   a = recipe.args
-  if a["coupling"] != "lr" or a["nesterov"]:
-    return None, (f"the kernel implements od.adamw(coupling='lr') without nesterov; this is "
-                  f"od.adamw(coupling={a['coupling']!r}, nesterov={a['nesterov']})")
+  if a["nesterov"]:
+    return None, "the kernel implements od.adamw without nesterov; this is od.adamw(nesterov=True)"
+  if a["coupling"] != "lr":  # θ ← θ − η_t·u − c_t·θ, c_t the coupling's shrink.
+    return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
+                     a["shrink"], a["mask"], a["mu_dtype"], a["nu_dtype"],
+                     layout="after"), None
   return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
                    a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
                    a.get("zero_adds_term", False)), None

@@ -12,7 +12,8 @@ is built, else the pure-JAX chunk loop):
   with a learning-rate schedule; ``od.bert_adamw`` (no bias correction: the kernel divides
   by 1, which is exact); ``od.adam_l2`` (λθ added to g before the moments, also behind a
   clip); ``od.decay_multipliers`` (one coefficient c·mult per distinct multiplier, rounded
-  as ``_decay.decay`` rounds it);
+  as ``_decay.decay`` rounds it); ``od.adamw``'s other couplings (θ shrinks by c_t after the
+  finished step: ``"schedule"``, ``"none"``, ``"corrected"``);
 * a clip in front of a transformation the kernel does not compute (``od.sgdw``): the chunk
   loop after the norm.
 
@@ -111,6 +112,16 @@ CASES = {
                                     None, "kernel"),
     "od.adam_l2, decay_multipliers, schedule": (lambda: od.adam_l2(
         optax.linear_schedule(1e-3, 1e-4, 5), weight_decay=0.1, mask=MULTS), 1.0, None,
+        "kernel"),
+    "od.adamw, coupling='schedule'": (lambda: od.adamw(
+        optax.cosine_decay_schedule(1e-3, 5), weight_decay=0.05, coupling="schedule",
+        peak_learning_rate=1e-3, mask=MASK), 1.0, None, "kernel"),
+    "od.adamw, coupling='none', multipliers": (lambda: od.adamw(
+        1e-3, weight_decay=1e-3, coupling="none", mask=MULTS), 1.0, None, "kernel"),
+    "clip+od.adamw, coupling='corrected'": (lambda: optax.chain(
+        optax.clip_by_global_norm(1.0), od.adamw(optax.linear_schedule(1e-2, 1e-3, 5),
+                                                 weight_decay=0.1, coupling="corrected",
+                                                 peak_learning_rate=1e-2)), 1.0, None,
         "kernel"),
     "clip+sgdw (chunk loop)": (lambda: optax.chain(
         optax.clip_by_global_norm(1.0), od.sgdw(0.1, 0.9, weight_decay=1e-2, mask=MASK)),

@@ -151,7 +151,7 @@ def test_kernel_equals_the_plain_step(name):
     (optax.adam(1e-3), _tree(), "od.adamw"),
     (optax.adamw(1e-3, nesterov=True), _tree(), "without nesterov"),
     (od.adamw(1e-3, nesterov=True), _tree(), "od.adamw"),
-    (od.adamw(1e-3, coupling="schedule"), _tree(), "od.adamw"),
+    (od.sgdw(1e-3, 0.9, weight_decay=1e-4), _tree(), "od.adamw"),
     (od.adamw(1e-3), jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree()), "takes grads"),
     (od.adamw(1e-3, mu_dtype=jnp.bfloat16), _tree(), "takes mu"),
     (od.adamw(1e-3, mu_dtype=jnp.float32, nu_dtype=jnp.float16),

@@ -11,13 +11,15 @@
 // clip before the optimizer, optax.clip_by_global_norm, whose norm JAX computed):
 //
 //   g   = (g / ‖g‖) · max_norm   if clip  optax.clip_by_global_norm (when ‖g‖ >= max_norm)
-//   g   = g + λ_t·θ   if l2 and decayed  optax_decoupled.add_l2_to_grad (od.adam_l2), and
-//                                         then no decay term below
+//   g   = g + λ_t·θ   if mode 1 (L2)     optax_decoupled.add_l2_to_grad (od.adam_l2)
 //   m'  = (1-b1)·g + b1·m                 optax.tree.update_moment
 //   v'  = (1-b2)·(g·g) + b2·v             optax.tree.update_moment_per_elem_norm (order 2)
 //   u   = (m'/bc1) / (sqrt(v'/bc2 + eps_root) + eps)     optax.scale_by_adam, bc = 1 - b**t
-//   u   = u + λ_t·θ   if decay[segment]  optax_decoupled.add_decoupled_decay (lr-coupled)
+//   u   = u + λ_t·θ   if mode 0          optax_decoupled.add_decoupled_decay (lr-coupled)
 //   u   = (-η_t)·u                        optax.scale_by_learning_rate
+//   u   = u - c_t·θ   if mode 2          the other couplings of od.adamw: θ shrinks by c_t
+//                                         after the finished step (each term only on the
+//                                         segments decay[] selects)
 //   θ'  = θ + u                           optax.apply_updates
 //
 // θ and g may be float32 or bfloat16 (m and v are float32): a bfloat16 value is widened to
@@ -50,7 +52,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Scalars {
-  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, l2, clip, g_norm, max_norm;
+  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, mode, clip, g_norm, max_norm;
 };
 constexpr int64_t kNumScalars = 13;  // then one λ_t per decay index
 
@@ -93,42 +95,54 @@ inline void Narrow(float x, uint16_t* out) {  // float32 -> bfloat16, round to n
 #define OD_CLONES
 #endif
 
-template <typename T, typename G, bool kClip, bool kL2>
+template <typename T, typename G, bool kClip, int kMode>
 inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __restrict g,
                                                 float* __restrict m, float* __restrict v,
-                                                const Scalars& s, bool decay, float wd,
-                                                int64_t lo, int64_t hi) {
-  const bool decoupled = decay && !kL2;
+                                                const Scalars& s, float wd, int64_t lo,
+                                                int64_t hi) {
   for (int64_t i = lo; i < hi; ++i) {
     float gi = Widen(g[i]);
     const float ti = Widen(theta[i]);
     if (kClip) gi = (gi / s.g_norm) * s.max_norm;
-    if (kL2) gi = gi + wd * ti;  // only called with kL2 on decayed runs
+    if (kMode == 1) gi = gi + wd * ti;
     const float mi = s.omb1 * gi + s.b1 * m[i];
     const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
     const float m_hat = mi / s.bc1;
     const float v_hat = vi / s.bc2;
     float u = m_hat / (std::sqrt(v_hat + s.eps_root) + s.eps);
-    if (decoupled) u = u + wd * ti;
+    if (kMode == 0) u = u + wd * ti;
     u = s.neg_lr * u;
+    if (kMode == 2) u = u - wd * ti;
     m[i] = mi;
     v[i] = vi;
     Narrow(ti + u, &theta[i]);
   }
 }
 
-// The clip and the L2 term are template arguments, not branches in the loop: the loop stays
-// vectorised (a branch there stopped GCC vectorising the bfloat16 loop).
+// The clip and the decay term are template arguments, not branches in the loop: the loop
+// stays vectorised (a branch there stopped GCC vectorising the bfloat16 loop). Mode -1: a
+// segment without decay.
+template <typename T, typename G, bool kClip>
+inline __attribute__((always_inline)) void Modes(T* __restrict theta, const G* __restrict g,
+                                                 float* __restrict m, float* __restrict v,
+                                                 const Scalars& s, int mode, float wd,
+                                                 int64_t lo, int64_t hi) {
+  switch (mode) {
+    case 0: Loop<T, G, kClip, 0>(theta, g, m, v, s, wd, lo, hi); break;
+    case 1: Loop<T, G, kClip, 1>(theta, g, m, v, s, wd, lo, hi); break;
+    case 2: Loop<T, G, kClip, 2>(theta, g, m, v, s, wd, lo, hi); break;
+    default: Loop<T, G, kClip, -1>(theta, g, m, v, s, wd, lo, hi); break;
+  }
+}
+
 template <typename T, typename G>
 inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __restrict g,
                                                 float* __restrict m, float* __restrict v,
                                                 const Scalars& s, bool decay, float wd,
                                                 int64_t lo, int64_t hi) {
-  const bool clip = s.clip != 0.0f, l2 = s.l2 != 0.0f && decay;
-  if (clip && l2) Loop<T, G, true, true>(theta, g, m, v, s, decay, wd, lo, hi);
-  else if (clip) Loop<T, G, true, false>(theta, g, m, v, s, decay, wd, lo, hi);
-  else if (l2) Loop<T, G, false, true>(theta, g, m, v, s, decay, wd, lo, hi);
-  else Loop<T, G, false, false>(theta, g, m, v, s, decay, wd, lo, hi);
+  const int mode = decay ? static_cast<int>(s.mode) : -1;
+  if (s.clip != 0.0f) Modes<T, G, true>(theta, g, m, v, s, mode, wd, lo, hi);
+  else Modes<T, G, false>(theta, g, m, v, s, mode, wd, lo, hi);
 }
 
 // One clone set per (θ, g) dtype pair; each inlines Body for its own instruction set.
@@ -208,6 +222,9 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   const float* x = scalars.typed_data();
   work->s = Scalars{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x[10], x[11],
                     x[12]};
+  if (work->s.mode != 0.0f && work->s.mode != 1.0f && work->s.mode != 2.0f) {
+    return ffi::Error::InvalidArgument("od_adam_step: mode must be 0, 1 or 2");
+  }
   const int64_t* sizes = segment_sizes.begin();
   int64_t segment = 0, segment_left = num_segments ? sizes[0] : 0;
   for (int64_t skip = shard.typed_data()[0] * shard_size; skip > 0;) {  // segments before this shard.
