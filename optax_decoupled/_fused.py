@@ -48,7 +48,8 @@ def fused_step(
   plain step can be swapped at any time (and checkpoints do not change). Decay convention: the
   one of ``tx`` (this only changes how the step is scheduled on the hardware).
 
-  For ``od.adamw`` (``coupling="lr"``, no Nesterov) with float32 moments and float32 or
+  For ``od.adamw`` (any coupling, no Nesterov), ``od.bert_adamw``, ``od.adam_l2`` and
+  ``optax.adamw``, with any mask or ``od.decay_multipliers``, float32 moments and float32 or
   bfloat16 parameters (bfloat16 weights: ``mu_dtype=nu_dtype=jnp.float32``), also as
   ``optax.inject_hyperparams(od.adamw)`` and behind ``optax.clip_by_global_norm`` (in an
   ``optax.chain`` of two; float32 gradients), the CPU step is a C++ kernel
@@ -56,10 +57,11 @@ def fused_step(
   called through ``jax.ffi``): one call per 32 leaves, in place, on all of XLA's CPU
   threads. With sharded arrays (FSDP) each device runs it on its own shard
   (``custom_partitioning``): no gather, no collective, shardings kept; inside
-  ``jax.shard_map`` it runs on the local blocks. It rounds each operation of the chain as written (XLA fuses
-  some multiply-adds), so it equals the pure-JAX step to a few ulp. Every other
-  transformation, or a machine where the kernel was not built, takes the pure-JAX chunk loop
-  below; ``step.explain(params, grads, state)`` says which path is taken and why.
+  ``jax.shard_map`` it runs on the local blocks. It rounds each operation of the chain as
+  written (XLA fuses some multiply-adds), so it equals the pure-JAX step to a few ulp.
+  Every other transformation, or a machine where the kernel was not built, takes the
+  pure-JAX chunk loop below; ``step.explain(params, grads, state)`` says which path is taken
+  and why.
 
   Use it inside your jitted train step and donate params and state
   (``jax.jit(step, donate_argnums=(0, 2))``): the buffers are then updated in place and the

@@ -2,7 +2,7 @@
 
 ``csrc/adam_step.cc`` is compiled at install time by ``hatch_build.py`` when a C++ compiler
 is present, and registered with XLA here (``jax.ffi``) on first use. It computes the step
-of the Adam chains ``_targets`` recognises (``od.adamw(coupling="lr")``, ``od.bert_adamw``,
+of the Adam chains ``_targets`` recognises (``od.adamw`` with any coupling, ``od.bert_adamw``,
 ``od.adam_l2``, ``optax.adamw``; inside ``optax.inject_hyperparams``; behind
 ``optax.clip_by_global_norm``) with the operations and float32 rounding of the optax chain
 (see the comment at the top of the C++ file), for up to 32 leaves per call, in place, on all

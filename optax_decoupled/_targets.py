@@ -1,10 +1,10 @@
-"""Where an ``od.adamw`` step sits inside a transformation, for ``od.fused_step``'s kernel.
+"""Where an Adam chain's step sits inside a transformation, for ``od.fused_step``'s kernel.
 
 Three forms are recognised, and nothing else (anything unrecognised takes the pure-JAX
 path, with the same results):
 
-* ``od.adamw(...)`` and ``od.bert_adamw(...)``, by the record the alias leaves (``_recipes``), and
-  ``optax.adamw(...)`` (a constant λ), read from its chain, which computes the same step;
+* ``od.adamw`` (any coupling), ``od.bert_adamw`` and ``od.adam_l2``, by the record the alias
+  leaves (``_recipes``), and ``optax.adamw`` (a constant λ), read from its chain;
 * ``optax.inject_hyperparams(od.adamw)(...)``: its ``update`` builds ``od.adamw`` from the
   injected hyperparameters at every step; the record of *that* build (collected while the
   step is traced) gives the arguments, traced values included;
