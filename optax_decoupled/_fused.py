@@ -48,7 +48,7 @@ def fused_step(
   plain step can be swapped at any time (and checkpoints do not change). Decay convention: the
   one of ``tx`` (this only changes how the step is scheduled on the hardware).
 
-  For ``od.adamw`` (any coupling, no Nesterov), ``od.bert_adamw``, ``od.adam_l2`` and
+  For ``od.adamw`` (any coupling, Nesterov too), ``od.bert_adamw``, ``od.adam_l2`` and
   ``optax.adamw``, with any mask or ``od.decay_multipliers``, float32 moments and float32 or
   bfloat16 parameters (bfloat16 weights: ``mu_dtype=nu_dtype=jnp.float32``), also as
   ``optax.inject_hyperparams(od.adamw)`` and behind ``optax.clip_by_global_norm`` (in an

@@ -233,6 +233,7 @@ def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
     max_norm = jnp.asarray(max_norm, jnp.float32)
   count = optax.safe_increment(adam.count)
   bc1, bc2 = 1 - spec.b1**count, 1 - spec.b2**count  # optax.tree.bias_correction
+  bc1_next = 1 - spec.b1**optax.safe_increment(count)  # Nesterov's m'/(1 - b1^(t+1))
   if not spec.bias_correction:  # m/1 and v/1 are exact: the uncorrected step.
     bc1, bc2 = 1.0, 1.0
   lr = spec.learning_rate
@@ -244,7 +245,7 @@ def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
   return jnp.stack([jnp.asarray(x, jnp.float32) for x in (
       neg_lr, 1 - spec.b1, spec.b1, 1 - spec.b2, spec.b2, bc1, bc2, spec.eps, spec.eps_root,
       float(("adamw", "l2", "after").index(spec.layout)), clip, g_norm,
-      1.0 if max_norm is None else max_norm,
+      1.0 if max_norm is None else max_norm, 1.0 if spec.nesterov else 0.0, bc1_next,
       *coefficients)])
 
 

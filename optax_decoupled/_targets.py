@@ -32,8 +32,7 @@ from optax_decoupled import _recipes
 
 __all__ = ["NOT_ADAMW", "AdamWSpec", "Target", "adamw_spec", "clipped", "split_clip", "target_of"]
 
-NOT_ADAMW = ("the kernel implements od.adamw(coupling='lr'), od.bert_adamw and optax.adamw "
-             "without nesterov "
+NOT_ADAMW = ("the kernel implements od.adamw, od.adam_l2, od.bert_adamw and optax.adamw "
              "(also inside optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
              "transformation is something else")
 
@@ -63,6 +62,7 @@ class AdamWSpec:
   # "adamw": u + λθ inside the lr scaling; "l2" (od.adam_l2): g + λθ before the moments;
   # "after" (od.adamw's other couplings): θ shrinks by c_t after the finished step.
   layout: str = "adamw"
+  nesterov: bool = False  # optax.scale_by_adam(nesterov=True): NAdam's m̂
 
 
 def adamw_spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | None]:
@@ -72,23 +72,21 @@ def adamw_spec(recipe: _recipes.Recipe | None) -> tuple[AdamWSpec | None, str | 
     a = recipe.args
     return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], 0.0, a["weight_decay"],
                      a["mask"], bias_correction=False), None
-  if recipe is not None and recipe.name == "adam_l2" and not recipe.args["nesterov"]:
+  if recipe is not None and recipe.name == "adam_l2":
     a = recipe.args  # torch.optim.Adam(weight_decay): g + λθ, then Adam
     return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
                      a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
-                     layout="l2"), None
+                     layout="l2", nesterov=a["nesterov"]), None
   if recipe is None or recipe.name != "adamw":
     return None, NOT_ADAMW
   a = recipe.args
-  if a["nesterov"]:
-    return None, "the kernel implements od.adamw without nesterov; this is od.adamw(nesterov=True)"
   if a["coupling"] != "lr":  # θ ← θ − η_t·u − c_t·θ, c_t the coupling's shrink.
     return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
                      a["shrink"], a["mask"], a["mu_dtype"], a["nu_dtype"],
-                     layout="after"), None
+                     layout="after", nesterov=a["nesterov"]), None
   return AdamWSpec(a["learning_rate"], a["b1"], a["b2"], a["eps"], a["eps_root"],
                    a["weight_decay"], a["mask"], a["mu_dtype"], a["nu_dtype"],
-                   a.get("zero_adds_term", False)), None
+                   a.get("zero_adds_term", False), nesterov=a["nesterov"]), None
 
 
 def _closure(fn: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ is built, else the pure-JAX chunk loop):
   by 1, which is exact); ``od.adam_l2`` (λθ added to g before the moments, also behind a
   clip); ``od.decay_multipliers`` (one coefficient c·mult per distinct multiplier, rounded
   as ``_decay.decay`` rounds it); ``od.adamw``'s other couplings (θ shrinks by c_t after the
-  finished step: ``"schedule"``, ``"none"``, ``"corrected"``);
+  finished step: ``"schedule"``, ``"none"``, ``"corrected"``); Nesterov (optax's NAdam m̂);
 * a clip in front of a transformation the kernel does not compute (``od.sgdw``): the chunk
   loop after the norm.
 
@@ -123,6 +123,15 @@ CASES = {
                                                  weight_decay=0.1, coupling="corrected",
                                                  peak_learning_rate=1e-2)), 1.0, None,
         "kernel"),
+    "od.adamw, Nesterov (= optax.nadamw)": (lambda: od.adamw(
+        1e-3, weight_decay=0.1, nesterov=True, mask=MASK), 1.0, None, "kernel"),
+    "optax.adamw, Nesterov": (lambda: optax.adamw(1e-3, weight_decay=0.1, nesterov=True), 1.0,
+                              None, "kernel"),
+    "clip+od.adam_l2, Nesterov": (lambda: optax.chain(optax.clip_by_global_norm(1.0), od.adam_l2(
+        1e-3, weight_decay=0.1, nesterov=True)), 1.0, None, "kernel"),
+    "od.adamw, Nesterov, coupling='schedule'": (lambda: od.adamw(
+        optax.cosine_decay_schedule(1e-3, 5), weight_decay=0.05, nesterov=True,
+        coupling="schedule", peak_learning_rate=1e-3), 1.0, None, "kernel"),
     "clip+sgdw (chunk loop)": (lambda: optax.chain(
         optax.clip_by_global_norm(1.0), od.sgdw(0.1, 0.9, weight_decay=1e-2, mask=MASK)),
         1.0, None, "chunks"),

@@ -4,7 +4,7 @@
 // aliasing); `decay` is per *segment*: the leaves, taken as one sequence, are cut into
 // consecutive segments of `segment_sizes` elements (one segment per leaf for a tree; one per
 // original leaf inside a single packed buffer for od.FlatLayout), none crossing a leaf end.
-// decay[segment] = 0: no decay term; k >= 1: the term's coefficient λ_t is scalars[12 + k]
+// decay[segment] = 0: no decay term; k >= 1: the term's coefficient λ_t is scalars[14 + k]
 // (λ_t itself, or λ_t·mult for od.decay_multipliers, as JAX computed it for the chain).
 // The leaves start at `shard · shard_size` in that sequence of segments (`shard`, an operand:
 // this device's shard of a sharded packed buffer; 0 otherwise). With `clip` set (a global-norm
@@ -15,6 +15,7 @@
 //   m'  = (1-b1)·g + b1·m                 optax.tree.update_moment
 //   v'  = (1-b2)·(g·g) + b2·v             optax.tree.update_moment_per_elem_norm (order 2)
 //   u   = (m'/bc1) / (sqrt(v'/bc2 + eps_root) + eps)     optax.scale_by_adam, bc = 1 - b**t
+//         with nesterov, m'/bc1 is b1·(m'/bc1_next) + (1-b1)·(g/bc1), bc1_next = 1 - b1**(t+1)
 //   u   = u + λ_t·θ   if mode 0          optax_decoupled.add_decoupled_decay (lr-coupled)
 //   u   = (-η_t)·u                        optax.scale_by_learning_rate
 //   u   = u - c_t·θ   if mode 2          the other couplings of od.adamw: θ shrinks by c_t
@@ -52,9 +53,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Scalars {
-  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, mode, clip, g_norm, max_norm;
+  float neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, mode, clip, g_norm, max_norm,
+      nesterov, bc1_next;
 };
-constexpr int64_t kNumScalars = 13;  // then one λ_t per decay index
+constexpr int64_t kNumScalars = 15;  // then one λ_t per decay index
 
 enum class Kind : uint8_t { kF32, kBF16 };
 
@@ -95,7 +97,7 @@ inline void Narrow(float x, uint16_t* out) {  // float32 -> bfloat16, round to n
 #define OD_CLONES
 #endif
 
-template <typename T, typename G, bool kClip, int kMode>
+template <typename T, typename G, bool kClip, int kMode, bool kNesterov>
 inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __restrict g,
                                                 float* __restrict m, float* __restrict v,
                                                 const Scalars& s, float wd, int64_t lo,
@@ -107,7 +109,8 @@ inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __
     if (kMode == 1) gi = gi + wd * ti;
     const float mi = s.omb1 * gi + s.b1 * m[i];
     const float vi = s.omb2 * (gi * gi) + s.b2 * v[i];
-    const float m_hat = mi / s.bc1;
+    const float m_hat = kNesterov ? s.b1 * (mi / s.bc1_next) + s.omb1 * (gi / s.bc1)
+                                  : mi / s.bc1;
     const float v_hat = vi / s.bc2;
     float u = m_hat / (std::sqrt(v_hat + s.eps_root) + s.eps);
     if (kMode == 0) u = u + wd * ti;
@@ -122,16 +125,16 @@ inline __attribute__((always_inline)) void Loop(T* __restrict theta, const G* __
 // The clip and the decay term are template arguments, not branches in the loop: the loop
 // stays vectorised (a branch there stopped GCC vectorising the bfloat16 loop). Mode -1: a
 // segment without decay.
-template <typename T, typename G, bool kClip>
+template <typename T, typename G, bool kClip, bool kNesterov>
 inline __attribute__((always_inline)) void Modes(T* __restrict theta, const G* __restrict g,
                                                  float* __restrict m, float* __restrict v,
                                                  const Scalars& s, int mode, float wd,
                                                  int64_t lo, int64_t hi) {
   switch (mode) {
-    case 0: Loop<T, G, kClip, 0>(theta, g, m, v, s, wd, lo, hi); break;
-    case 1: Loop<T, G, kClip, 1>(theta, g, m, v, s, wd, lo, hi); break;
-    case 2: Loop<T, G, kClip, 2>(theta, g, m, v, s, wd, lo, hi); break;
-    default: Loop<T, G, kClip, -1>(theta, g, m, v, s, wd, lo, hi); break;
+    case 0: Loop<T, G, kClip, 0, kNesterov>(theta, g, m, v, s, wd, lo, hi); break;
+    case 1: Loop<T, G, kClip, 1, kNesterov>(theta, g, m, v, s, wd, lo, hi); break;
+    case 2: Loop<T, G, kClip, 2, kNesterov>(theta, g, m, v, s, wd, lo, hi); break;
+    default: Loop<T, G, kClip, -1, kNesterov>(theta, g, m, v, s, wd, lo, hi); break;
   }
 }
 
@@ -141,8 +144,11 @@ inline __attribute__((always_inline)) void Body(T* __restrict theta, const G* __
                                                 const Scalars& s, bool decay, float wd,
                                                 int64_t lo, int64_t hi) {
   const int mode = decay ? static_cast<int>(s.mode) : -1;
-  if (s.clip != 0.0f) Modes<T, G, true>(theta, g, m, v, s, mode, wd, lo, hi);
-  else Modes<T, G, false>(theta, g, m, v, s, mode, wd, lo, hi);
+  const bool clip = s.clip != 0.0f, nesterov = s.nesterov != 0.0f;
+  if (clip && nesterov) Modes<T, G, true, true>(theta, g, m, v, s, mode, wd, lo, hi);
+  else if (clip) Modes<T, G, true, false>(theta, g, m, v, s, mode, wd, lo, hi);
+  else if (nesterov) Modes<T, G, false, true>(theta, g, m, v, s, mode, wd, lo, hi);
+  else Modes<T, G, false, false>(theta, g, m, v, s, mode, wd, lo, hi);
 }
 
 // One clone set per (θ, g) dtype pair; each inlines Body for its own instruction set.
@@ -207,7 +213,7 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   int8_t max_index = 0;
   for (int8_t k : decay) max_index = std::max(max_index, k);
   if (scalars.element_count() != kNumScalars + max_index) {
-    return ffi::Error::InvalidArgument("od_adam_step: expected 13 scalars and one per decay index");
+    return ffi::Error::InvalidArgument("od_adam_step: expected 15 scalars and one per decay index");
   }
   if (shard.element_count() != 1 || shard.typed_data()[0] < 0 || shard_size < 0) {
     return ffi::Error::InvalidArgument("od_adam_step: expected one shard index >= 0");
@@ -221,7 +227,7 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars,
   auto work = std::make_shared<Work>();
   const float* x = scalars.typed_data();
   work->s = Scalars{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x[10], x[11],
-                    x[12]};
+                    x[12], x[13], x[14]};
   if (work->s.mode != 0.0f && work->s.mode != 1.0f && work->s.mode != 2.0f) {
     return ffi::Error::InvalidArgument("od_adam_step: mode must be 0, 1 or 2");
   }
