@@ -176,13 +176,15 @@ def _chunked_values(tx, chunk_size, tree):
   for k in tree.big:
     key, theta_ops, state_ops, shared = split.leaf_program(tree, k)
     ins, outs = tree.leaf_inputs(k), tree.leaf_outputs(k)
-    reads_theta = any(ins[0] in split.reads_of[o] for o in outs[1:])
+    # A new state leaf that reads θ or another state leaf needs the old chunks carried.
+    prefetch = any(i in split.reads_of[o] for pos, o in enumerate(outs[1:])
+                   for i in (ins[0], *ins[2:]) if i != ins[2 + pos])
     if key not in updates:
       updates[key] = jax.jit(_leaf_update(split, ins, outs, theta_ops, state_ops, shared,
                                           chunk_size), static_argnums=4)
     new_p, new_s = updates[key](tree.inputs[k], tree.inputs[n + k],
                                 [tree.inputs[i] for i in ins[2:]], [rest_in[i] for i in shared],
-                                reads_theta)
+                                prefetch)
     values[outs[0]] = new_p
     values.update(zip(outs[1:], new_s))
   return [values[o] for o in range(split.n_out)]
@@ -194,7 +196,7 @@ def _leaf_update(split, ins, outs, theta_ops, state_ops, shared, chunk_size):
   leaf's operations. Reads no leaf of its own closure, so one function serves every leaf
   with the same program (:meth:`_programs.Split.leaf_program`)."""
 
-  def chunk_loop(p, g, s_leaves, scalars, reads_theta):
+  def chunk_loop(p, g, s_leaves, scalars, prefetch):
     base = dict(zip(shared, scalars))
 
     def theta(pc, gc, sc):
@@ -203,22 +205,24 @@ def _leaf_update(split, ins, outs, theta_ops, state_ops, shared, chunk_size):
     def state(pc, gc, sc):
       return split.run(outs[1:], dict(zip(ins, (pc, gc, *sc))), base, state_ops)
 
-    return _leaf_in_chunks(theta, state, p, g, s_leaves, chunk_size, reads_theta)
+    return _leaf_in_chunks(theta, state, p, g, s_leaves, chunk_size, prefetch)
 
   return chunk_loop
 
 
-def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, reads_theta=False):
+def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, prefetch=False):
   """Updates one leaf (θ and its state leaves) chunk by chunk, in place, in a ``fori_loop``.
 
   ``theta_call(θ_chunk, g_chunk, state_chunks) -> new θ_chunk`` and ``state_call(...) -> new
   state_chunks``. The chunks are ``[i·c, (i+1)·c)``; a ragged last chunk is moved back to end
   at n, and keeps the old values of the elements the previous chunk already updated (a
   select), so every offset is a loop value: a static offset into a reshaped 2-D leaf made
-  XLA copy the whole buffer. With ``reads_theta`` (the new state depends on θ: coupled L2
-  outside the kernel) the state is computed from the chunk's θ as it was, read at the end
-  of the previous iteration and carried into this one. (Offsets, slices and reshapes are lax
-  primitives: each jnp operator would cost a cached-jit lookup at trace time, per leaf.)
+  XLA copy the whole buffer. With ``prefetch`` (a new state leaf reads θ, as coupled L2
+  outside the kernel, or another state leaf, as ``optax.MultiSteps``'s moments read its
+  accumulated gradient) the state is computed from the chunk's θ and state as they were,
+  read at the end of the previous iteration and carried into this one. (Offsets, slices and
+  reshapes are lax primitives: each jnp operator would cost a cached-jit lookup at trace
+  time, per leaf.)
   """
   n, nd = math.prod(p.shape), p.ndim
   g_flat = lax.reshape(g, (n,))
@@ -227,13 +231,15 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, reads_th
   def sl(x, start):
     return lax.dynamic_slice(x, (start,), (chunk_size,), **_NONNEGATIVE)
 
-  def compute(fn, pf, sf, start, theta=None):
-    """``fn`` of the chunk (θ, g, state leaves) read from the buffers at ``start`` (θ's
-    chunk given instead when ``theta`` is)."""
+  def compute(fn, pf, sf, start, given=None):
+    """``fn`` of the chunk (θ, g, state leaves) read from the buffers at ``start`` (θ's and
+    the state's chunks ``given`` instead, when they are)."""
     def chunk(x):
       return lax.reshape(sl(x, start), shape)
-    theta = chunk(pf) if theta is None else lax.reshape(theta, shape)
-    return fn(theta, chunk(g_flat), [chunk(x) for x in sf])
+    if given is None:
+      return fn(chunk(pf), chunk(g_flat), [chunk(x) for x in sf])
+    theta, states = given
+    return fn(lax.reshape(theta, shape), chunk(g_flat), [lax.reshape(x, shape) for x in states])
 
   ragged, count = n % chunk_size != 0, -(-n // chunk_size)
 
@@ -248,8 +254,8 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, reads_th
     θ is written first, by a fusion that reads the old θ, g and state there. The state is
     then recomputed and written at an offset made to depend on the written θ (a zero XLA
     cannot see through), so XLA orders it after those reads and needs no copy. A state that
-    reads θ takes the old θ chunk from the carry: a loop carry is a buffer of its own, which
-    XLA cannot fuse away into a read of the written θ.
+    reads θ or another state leaf takes the old chunks from the carry: a loop carry is a
+    buffer of its own, which XLA cannot fuse away into a read of a written buffer.
     """
     pf, sf, *old = carry
     nominal, start = start_of(i)
@@ -265,18 +271,19 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, reads_th
     pf = write(pf, compute(theta_call, pf, sf, start), start)
     last = lax.dynamic_slice(pf, (_plus(start, chunk_size - 1),), (1,), **_NONNEGATIVE)
     after = lax.add(start, _zero_depending_on(last, i.dtype))
-    new_s = compute(state_call, pf, sf, after, old[0] if reads_theta else None)
+    new_s = compute(state_call, pf, sf, after, old if prefetch else None)
     sf = [write(x, y, after) for x, y in zip(sf, new_s)]
-    if not reads_theta:
+    if not prefetch:
       return pf, sf
-    # The next chunk's θ as it is before that chunk is written (a ragged last chunk re-reads
-    # part of this one: those elements are kept as written by the select).
-    nxt = lax.min(lax.add(i, np.asarray(1, i.dtype)), np.asarray(count - 1, i.dtype))
-    return pf, sf, sl(pf, start_of(nxt)[1])
+    # The next chunk's θ and state as they are before that chunk is written (a ragged last
+    # chunk re-reads part of this one: those elements are kept as written by the select).
+    last_i = np.asarray(count - 1, i.dtype)
+    nxt = start_of(lax.min(lax.add(i, np.asarray(1, i.dtype)), last_i))[1]
+    return pf, sf, sl(pf, nxt), [sl(x, nxt) for x in sf]
 
   pf = lax.reshape(p, (n,))
   carry = (pf, [lax.reshape(x, (n,)) for x in s_leaves])
-  if reads_theta:
-    carry = (*carry, sl(pf, 0))
+  if prefetch:
+    carry = (*carry, sl(pf, 0), [sl(x, 0) for x in carry[1]])
   pf, sf, *_ = lax.fori_loop(0, count, body, carry)
   return lax.reshape(pf, p.shape), [lax.reshape(x, y.shape) for x, y in zip(sf, s_leaves)]

@@ -3,7 +3,8 @@
 * :func:`check_elementwise`: whether every operation of ``tx.update`` acts element by
   element (or on scalars only), so that it can be applied to one chunk of a leaf at a time.
 * :class:`Split`: one traced step as a list of operations on numbered values (plain ``jit``
-  calls inlined), each labelled, by one backward pass, with the outputs it feeds. It says
+  calls inlined; a ``cond`` without effects inlined as both branches and a ``select_n`` per
+  output, the same values), each labelled, by one backward pass, with the outputs it feeds. It says
   whether the program splits per leaf (:meth:`Split.mixes_leaves`), evaluates the operations
   of chosen outputs (:meth:`Split.run`), gives a large leaf's own program with a key equal
   for leaves that run the same operations (:meth:`Split.leaf_program`), and gives each
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import itertools
 import struct
+import types
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 try:
   from jax.extend.core import Literal as _Literal
@@ -110,6 +113,19 @@ def _plain_call(eqn) -> Any:
         type(s).__name__ == "UnspecifiedValue" for s in shardings):
       inner = params.get("jaxpr")
   return inner if hasattr(inner, "consts") and hasattr(inner, "jaxpr") else None
+
+
+class _Selection:
+  """``lax.select_n(index, *cases)`` standing for one output of an inlined ``cond``: what
+  :class:`Split` reads of an equation (primitive, params, effects, context, outputs)."""
+
+  primitive = lax.select_n_p
+  params: types.MappingProxyType = types.MappingProxyType({})
+  effects: frozenset = frozenset()
+  ctx = None
+
+  def __init__(self, aval: Any) -> None:
+    self.outvars = [types.SimpleNamespace(aval=aval)]
 
 
 def _sub_jaxprs(eqn) -> list[Any]:
@@ -209,6 +225,13 @@ class Split:
       inner = _plain_call(eqn)
       if inner is not None:
         outs = self._inline(inner.jaxpr, inner.consts, ins)
+      elif eqn.primitive.name == "cond" and not eqn.effects:
+        # Both branches, then a select per output: the same values for pure branches, and
+        # each leaf's part splits off (optax.MultiSteps's cond takes every leaf).
+        cases = [self._inline(b.jaxpr, b.consts, list(ins[1:])) for b in eqn.params["branches"]]
+        outs = tuple(next(self._numbers) for _ in eqn.outvars)
+        for j, (v, out) in enumerate(zip(eqn.outvars, outs)):
+          self.ops.append((_Selection(v.aval), (ins[0], *(c[j] for c in cases)), (out,)))
       else:
         outs = tuple(next(self._numbers) for _ in eqn.outvars)
         self.ops.append((eqn, ins, outs))
@@ -251,7 +274,7 @@ class Split:
     try:
       for i in ops:
         eqn, ins, outs = self.ops[i]
-        if getattr(eqn, "ctx", None) is not ctx:  # e.g. compute_on, threefry, a mesh.
+        if getattr(eqn, "ctx", None) not in (None, ctx):  # e.g. compute_on, threefry, a mesh.
           if manager is not None:
             manager.__exit__(None, None, None)
           ctx, manager = eqn.ctx, eqn.ctx.manager

@@ -74,6 +74,10 @@ TRANSFORMS = {
         1e-2, momentum=0.9, weight_decay=1e-2, mask=od.min_ndim(2)),
     "od.adam_l2, Nesterov (state reads θ)": lambda: od.adam_l2(
         1e-3, nesterov=True, weight_decay=1e-2),
+    # A cond over every leaf, inlined as a select per output; the new moments read the
+    # accumulated gradient, another state leaf. Three steps: the third is a boundary step.
+    "optax.MultiSteps(od.adamw, 3)": lambda: optax.MultiSteps(
+        od.adamw(1e-2, weight_decay=1e-1), 3),
 }
 
 

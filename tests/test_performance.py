@@ -80,15 +80,18 @@ def test_plain_step_has_as_many_full_size_passes_as_optax():
   assert counts["od"] == counts["optax"] == 3
 
 
-@pytest.mark.parametrize("shape, reads_theta", [
-    ((N,), False), ((N // 239, 239), False), ((23, 193, 239), False), ((N,), True),
-    ((23, 193, 239), True)])  # N = 23·193·239
-def test_fused_step_is_one_in_place_chunk_loop(shape, reads_theta):
+@pytest.mark.parametrize("shape, tx_name", [
+    ((N,), "adamw"), ((N // 239, 239), "adamw"), ((23, 193, 239), "adamw"), ((N,), "adam_l2"),
+    ((23, 193, 239), "adam_l2"), ((23, 193, 239), "multisteps")])  # N = 23·193·239
+def test_fused_step_is_one_in_place_chunk_loop(shape, tx_name):
   # A ragged last chunk (N is not a multiple of CHUNK) on a 1-, 2- and 3-D leaf: a static
   # offset into the reshaped 2-D buffer once made XLA copy it whole. With coupled L2 the new
-  # moments read θ: the loop carries each chunk's old θ, still without a full-size copy.
+  # moments read θ, with optax.MultiSteps the accumulated gradient: the loop carries each
+  # chunk's old values, still without a full-size copy.
   params, grads = jax.tree.map(lambda x: x.reshape(shape), _problem())
-  tx = od.adam_l2(1e-3, weight_decay=1e-2) if reads_theta else od.adamw(1e-3, weight_decay=1e-2)
+  tx = {"adamw": lambda: od.adamw(1e-3, weight_decay=1e-2),
+        "adam_l2": lambda: od.adam_l2(1e-3, weight_decay=1e-2),
+        "multisteps": lambda: optax.MultiSteps(od.adamw(1e-3, weight_decay=1e-2), 3)}[tx_name]()
   step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=CHUNK)
   hlo = _compile(step, params, grads, tx.init(params)).as_text()
   comps = _computations(hlo)
@@ -97,10 +100,11 @@ def test_fused_step_is_one_in_place_chunk_loop(shape, reads_theta):
   bodies = [b for name, b in comps.items()
             if re.search(r"while\(.*body=%" + re.escape(name) + r"\b", hlo)]
   assert len(bodies) == 1
-  # θ, m and v are each written once per chunk, in place (a dynamic-update-slice fusion of
-  # the full buffer); nothing else in the loop touches a full-size array.
+  # θ and each state array (m and v; and the accumulated gradient for MultiSteps) are each
+  # written once per chunk, in place (a dynamic-update-slice fusion of the full buffer);
+  # nothing else in the loop touches a full-size array.
   body_fusions = _full_size_ops(bodies[0], "fusion")
-  assert len(body_fusions) == 3
+  assert len(body_fusions) == (4 if tx_name == "multisteps" else 3)
   assert all("dynamic-update-slice" in line for line in body_fusions)
   # Outside the loop nothing touches the full buffers (the ragged chunk is in the loop).
   assert not _full_size_ops(comps["ENTRY"], "fusion")
