@@ -131,11 +131,15 @@ class Prepared:
     spec: its arguments (traced values included, for ``optax.inject_hyperparams``).
     new_state: the transformation's new state with zero-size moments (``tx.update`` on
       zero-size stand-ins: the chain's own step counts and hyperparameters).
+    decay: per leaf, 0 (no decay term) or the index k >= 1 of its multiplier in ``mults``.
+    mults: the distinct decay multipliers (:func:`_decay_indices`).
   """
 
   target: _targets.Target
   spec: _targets.AdamWSpec
   new_state: Any
+  decay: tuple[int, ...]
+  mults: tuple[float, ...]
 
 
 def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: Any,
@@ -146,19 +150,22 @@ def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: A
     return None, _targets.adamw_spec(target.recipe)[1]
   inner = _adamw_state(target, state)
   if inner is None:
-    return None, ("the state is not that of od.adamw (ScaleByAdamState, WeightDecayState, "
-                  "lr state)")
+    return None, "the state is not that of an Adam chain (ScaleByAdamState, decay, lr states)"
   spec, why, new_state = _traced(tx, target, params, grads, state)
   if spec is None:
     return None, why
   if _adam_path(inner) != _LAYOUT[spec.layout]:
-    return None, "the state is not laid out as the chain's (adam, decay, lr), (decay, adam, lr) or ((adam, lr), decay)"
-  why = _unsupported(spec, target, inner, params, grads)
-  return (Prepared(target, spec, new_state), None) if why is None else (None, why)
+    return None, ("the state is not laid out as the chain's (adam, decay, lr), (decay, adam, "
+                  "lr) or ((adam, lr), decay)")
+  decay, mults = _decay_indices(spec, params)  # the mask, resolved once per trace
+  why = _unsupported(spec, target, inner, params, grads, mults)
+  if why is not None:
+    return None, why
+  return Prepared(target, spec, new_state, tuple(decay), tuple(mults)), None
 
 
 def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, params: Any,
-                 grads: Any) -> str | None:
+                 grads: Any, mults: list[float]) -> str | None:
   f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
   # bfloat16 gradients enter the moments widened to float32 only in od.scale_by_adam's
   # mu_dtype/nu_dtype variant; optax.scale_by_adam rounds (1-b1)·g in bfloat16 first.
@@ -178,8 +185,7 @@ def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, 
       return (f"the kernel takes {name} in {sorted(str(d) for d in allowed[name])}, got "
               f"{sorted(str(d) for d in dtypes)} (bfloat16 weights: keep the moments in "
               "float32 with mu_dtype=nu_dtype=jnp.float32; a clipped step: float32 grads)")
-  mults = {d.multiplier for d in _masks.decisions(params, spec.mask, warn=False)}
-  if len(mults - {0.0}) > 127:
+  if len(mults) > 127:  # decay indices are int8
     return f"the kernel takes at most 127 distinct decay multipliers, got {len(mults)}"
   values = {"learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
             "max_norm": target.max_norm}
@@ -328,7 +334,7 @@ def adamw_step(prepared: Prepared, params: Any, grads: Any, state: Any) -> tuple
   adam = _parts(inner)[0]
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
-  decay, mults = _decay_indices(spec, params)
+  decay, mults = prepared.decay, list(prepared.mults)
   scalars = _scalars(spec, inner, target.max_norm, grads, mults)
   # At most _GROUP leaves per call: XLA's compile time grows faster than linearly with the
   # operands of one custom call (with aliasing), and per-call overhead is a few microseconds.
@@ -352,9 +358,8 @@ def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   inner = target.state_of(state)
   adam = _parts(inner)[0]
-  params = layout.unpack(flat)  # slices, used for paths only (dead in the HLO).
   grads = layout.unpack(flat_grads)  # the clip's norm is taken leaf by leaf, as optax does.
-  decay, mults = _decay_indices(spec, params)
+  decay, mults = prepared.decay, list(prepared.mults)
 
   def local(scalars, leaves, shard):
     index, size = (None, 0) if shard is None else shard
