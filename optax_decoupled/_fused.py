@@ -127,13 +127,15 @@ def fused_step(
   target, not_recognised = _targets.target_of(tx)
   clip = _targets.split_clip(tx)
 
-  def chunk_tx(grads, g_norm=None):
-    """``tx`` for the chunk loop: a global-norm clip in front is split off, its norm taken
-    from the whole gradient (``g_norm``; a stand-in when only planning)."""
+  # The chunk loop's transformation and state: a global-norm clip in front is split off,
+  # its norm (taken from the whole gradient; a stand-in when only planning) given in the
+  # state, so planning and the step trace the same program.
+  chunked = tx if clip is None else _targets.clipped(*clip)
+
+  def chunk_state(state, g_norm=None):
     if clip is None:
-      return tx
-    g_norm = jnp.float32(1.0) if g_norm is None else g_norm
-    return _targets.clipped(*clip, g_norm)
+      return state
+    return (jnp.ones([], jnp.float32) if g_norm is None else g_norm, state[1])
 
   def plain(params, grads, state):
     updates, state = tx.update(grads, state, params)
@@ -162,7 +164,7 @@ def fused_step(
       return "kernel", (f"the C++ kernel: the Adam step and its decay term with float32 "
                         f"moments{clipped}, one pass on all CPU threads over {where}, per shard "
                         "when sharded"), prepared
-    chunked = chunk_tx(grads)
+    state = chunk_state(state)
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
       _programs.check_elementwise(_step_trace.whole_program(chunked, params, grads, state).jaxpr)
     if kernel == "require":
@@ -203,8 +205,12 @@ def fused_step(
     is the kernel's ``prepared.new_state``, passed as an argument (not closed over) so that
     the step stays a function of its inputs under ``custom_jvp``."""
     if path == "chunks":
-      return lambda p, g, s, _: _chunks.chunked_step(
-          chunk_tx(g, optax.tree.norm(g) if clip else None), chunk_size, min_leaf_size, p, g, s)
+      def chunk_step(p, g, s, _):
+        norm = optax.tree.norm(g) if clip else None  # optax.clip_by_global_norm's norm
+        p, new = _chunks.chunked_step(chunked, chunk_size, min_leaf_size, p, g,
+                                      chunk_state(s, norm))
+        return p, new if clip is None else (s[0], new[1])
+      return chunk_step
 
     def kernel_step(p, g, s, new_state):
       ready = dataclasses.replace(prepared, new_state=new_state)

@@ -166,12 +166,14 @@ def split_clip(tx: Any) -> tuple[Any, Any] | None:
   return max_norm, _unwrap(fns[1])
 
 
-def clipped(max_norm: Any, rest_update: Any, g_norm: jax.Array) -> Any:
+def clipped(max_norm: Any, rest_update: Any) -> Any:
   """The update of ``chain(clip_by_global_norm(max_norm), rest)`` with the global norm
-  given: elementwise, so it can be applied chunk by chunk. The clip is optax's
-  (``optax/transforms/_clipping.py``), written with its operations."""
+  given in the state, ``(‖g‖, rest's state)``: elementwise, so it can be applied chunk by
+  chunk. The clip is optax's (``optax/transforms/_clipping.py``), written with its
+  operations."""
 
   def update(updates, state, params=None, **extra):
+    g_norm = state[0]
     trigger = jnp.squeeze(g_norm < max_norm)
     updates = jax.tree.map(
         lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
