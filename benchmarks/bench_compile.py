@@ -9,13 +9,16 @@ compile time grows linearly with the leaves, as the plain step's does.
 ``python benchmarks/bench_compile.py --chunks [--sizes 10 100 200 1000]`` measures the trace
 time of the pure-JAX chunk path (``od.fused_step(tx, kernel="off")``) on that many large
 leaves of shape (2048, 1100) plus a bias each (excluded from decay by name), against the
-plain step's: inputs are ``jax.ShapeDtypeStruct`` (nothing allocated), best of three, each
-with a new transformation (no cache hits).
+plain step's: inputs are ``jax.ShapeDtypeStruct`` (nothing allocated), best of five, each
+with a new transformation and the chunk loops' cache emptied (cold: every trace and loop
+body is traced again), a full garbage collection before each timed trace (the collector
+stays on), plain and fused interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import jax
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_decoupled as od
+from optax_decoupled import _chunks
 
 
 def measure(n: int) -> dict[str, float]:
@@ -45,7 +49,7 @@ def measure(n: int) -> dict[str, float]:
   return out
 
 
-def chunk_trace(n: int, reps: int = 3) -> dict[str, float]:
+def chunk_trace(n: int, reps: int = 5) -> dict[str, float]:
   """Best-of-``reps`` trace time of the plain and the chunk-loop step on n large leaves."""
   params = {f"layer{i:04d}": {"kernel": jax.ShapeDtypeStruct((2048, 1100), jnp.float32),
                               "bias": jax.ShapeDtypeStruct((1100,), jnp.float32)}
@@ -59,7 +63,9 @@ def chunk_trace(n: int, reps: int = 3) -> dict[str, float]:
       updates, s = tx.update(g, s, p)
       return optax.apply_updates(p, updates), s
 
+    _chunks._BODIES.clear()
     for name, fn in (("plain", plain), ("fused", od.fused_step(tx, kernel="off"))):
+      gc.collect()
       t0 = time.perf_counter()
       jax.jit(fn).trace(params, params, state)
       best[name] = min(best[name], time.perf_counter() - t0)

@@ -3,30 +3,28 @@
 An Adam-type step is a streaming computation (read θ, g, m, v; write θ, m, v: 28 bytes per
 float32 parameter). XLA:CPU cannot emit a multi-output loop fusion, so a jitted
 ``tx.update`` + ``optax.apply_updates`` becomes three passes over memory (one each for m, v
-and θ: ten array streams instead of seven). Here the *same* transformation is applied to one
+and θ: ten array streams instead of seven). Here the *same* program is applied to one
 cache-sized chunk of each large leaf at a time inside a ``fori_loop``: the three passes then
 run over a chunk that is still in L2 cache, so main memory sees each array once, and the
 buffers are updated in place (donate them).
 
-Exactness by construction: each chunk goes through ``tx.update``'s own program (not a
-re-written formula), traced on the tree with every leaf at its path and of its ndim, so name
-and ndim masks make the same decisions. ``fused_step`` takes this path only for an
-*elementwise* transformation (``_programs.check_elementwise``) whose program splits per leaf
-(:func:`splits_per_leaf`) and computes every output on chunks as on the whole tree
-(:func:`decides_like_the_tree`: a mask reading shapes fails this).
+Exactness by construction: ``tx.update`` + ``optax.apply_updates`` is traced once, on the
+real tree, so every mask and rule decides on the real leaves (names, shapes, sizes), and
+that program is split per leaf (``_programs.Split``). Each large leaf's loop body evaluates
+the leaf's own operations of that program on chunks (``_chunk_programs``: elementwise
+operations unchanged, broadcasts and reshapes given the chunk's shape); the small leaves and
+the scalar state are evaluated once, outside the loops, as the program has them.
+``fused_step`` takes this path only for an *elementwise* transformation
+(``_programs.check_elementwise``) whose program splits per leaf (:func:`splits_per_leaf`).
 
-Trace once, split per leaf (trace time linear in the number of leaves): ``tx.update`` +
-``optax.apply_updates`` is traced once on the tree in which every large leaf is one chunk
-(shape ``(1,) * (ndim - 1) + (chunk_size,)``) and every other leaf is itself, and split by
-``_programs.Split``: each large leaf's loop body evaluates only the operations of its own
-outputs (plus the scalar operations it shares, step counts and schedules), one jitted body
-per distinct leaf program; the small leaves and the scalar state are evaluated once, outside
-the loops. That trace and the one on the whole tree are cached per transformation and shared
-by the checks, :func:`chunked_step` and :func:`plain_step`.
+One trace: the chunk path, its checks and ``fused_step``'s plain fallback share the trace
+of the whole tree (cached per transformation in ``_step_trace``), and one jitted loop body
+serves every leaf whose program is the same (200 layers of one shape and mask: one body).
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 from typing import Any
@@ -38,34 +36,26 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optax_decoupled import _sharding, _step_trace
+from optax_decoupled import _chunk_programs, _sharding, _step_trace
 from optax_decoupled._programs import REST
 
-__all__ = ["chunked_step", "decides_like_the_tree", "has_large_leaves", "splits_per_leaf",
-           "state_is_chunkable"]
-
-def decides_like_the_tree(tx, chunk_size, min_leaf_size, params, grads, state) -> str | None:
-  """None when ``tx`` computes each chunked leaf as it does the whole leaf, else which leaf
-  differs: a mask or rule that reads shapes sees chunks in the chunk loop.
-
-  Compares, for every output (each leaf's new θ and state, the scalar state), the program of
-  the whole tree with the one :func:`chunked_step` evaluates (large leaves as chunks):
-  primitive names, scalar literals, sub-programs and which inputs are read. Two traces.
-  """
-  tree = _step_trace.StepTree(params, grads, state, min_leaf_size)
-  whole = _step_trace.analysis(tx, tree, None)  # first: the whole tree's trace warns as tx.update does.
-  chunks = _step_trace.analysis(tx, tree, chunk_size)
-  for o, name in tree.outputs_in_order(chunks.n_out):
-    if whole.n_out != chunks.n_out or whole.program(o) != chunks.program(o):
-      return name
-  return None
+__all__ = ["chunked_step", "has_large_leaves", "splits_per_leaf", "state_is_chunkable"]
 
 
 def splits_per_leaf(tx, chunk_size, min_leaf_size, params, grads, state) -> str | None:
-  """None when the program on chunks splits per leaf (every array operation and array input
-  serves one large leaf, or the rest), else why not (the step then takes the plain path)."""
+  """None when the step's program splits per leaf (every array operation and array input
+  serves one large leaf, or the rest) and each large leaf's part runs on chunks, else why
+  not (the step then takes the plain path)."""
   tree = _step_trace.StepTree(params, grads, state, min_leaf_size)
-  return _step_trace.analysis(tx, tree, chunk_size).mixes_leaves(tree)
+  split = _step_trace.analysis(tx, tree)
+  mixed = split.mixes_leaves(tree)
+  if mixed is not None:
+    return f"the program does not split per leaf ({mixed})"
+  for k in tree.big:
+    program = _chunk_programs.leaf_program(split, tree, k, chunk_size)
+    if isinstance(program, str):
+      return f"the program cannot run chunk by chunk: {program}"
+  return None
 
 
 def has_large_leaves(min_leaf_size, params, grads, state) -> bool:
@@ -106,48 +96,81 @@ def _plus(i: Any, c: int) -> Any:
 def chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
   """``tx.update`` + ``optax.apply_updates``, each large float32 leaf chunk by chunk in place.
 
-  The program is traced once (large leaves as chunks) and split per leaf: the small leaves
-  and the scalar state are evaluated once, each large leaf's operations in its own loop.
-  With sharded arrays each device runs this on its own shards (``_sharding.per_shard``),
-  when the program on its shards' shapes is the whole tree's (a mask reading shapes would
-  see the shards'); otherwise the arrays are gathered first (correct, not fast)."""
+  The small leaves and the scalar state are evaluated once, as the whole tree's program has
+  them; each large leaf's operations run in its own loop. With sharded arrays each device
+  runs the loops on its own shards (``_sharding.per_shard``): the program is elementwise
+  and decided on the whole tree, so a shard's elements get what the whole leaf's get. An
+  uneven cut gathers first (correct, not fast)."""
   tree = _step_trace.StepTree(params, grads, state, min_leaf_size, as_arrays=True)
-  n, n_param = tree.n, len(tree.param_js)
-  leaves = [*range(n), *(k for _ in range(n_param) for k in range(n))]
-  arg_leaf = [*range(n), *leaves] + [None] * len(tree.other_js)
-  out_leaf = leaves + [None] * len(tree.other_js)
+  split = _step_trace.analysis(tx, tree)
+  assert split.mixes_leaves(tree) is None, "fused_step plans the chunk loop after checking"
+  # Leaves below min_leaf_size, and the scalar state (counts), once, outside the loops. So are
+  # leaves with any non-float32 array (θ, g or state): with dtype conversions in the chunk's
+  # fusions XLA no longer keeps the writes in place and copies the full buffer on every
+  # iteration (measured: a bfloat16 leaf of 1e7 took 1.5 s instead of 5 ms).
+  # They are the whole program's outputs (one call of its jitted trace, whose operations for
+  # the large leaves XLA removes, unused); its effects run there, once.
+  rest_in = {i: x for i, x in enumerate(tree.inputs) if tree.in_owner[i] == REST}
+  whole = _step_trace.whole_values(tx, tree)
+  values = {o: whole[o] for o in range(split.n_out) if tree.out_owner[o] == REST}
 
-  def whole(*inputs):
-    local = _step_trace.StepTree(*tree.rebuild(inputs), min_leaf_size, as_arrays=True)
-    return tuple(_chunked_values(tx, chunk_size, local))
+  # The loops' arguments: per large leaf θ, g, its state leaves and its leaf-sized
+  # constants (leaf j of the call), then every leaf's scalars (replicated).
+  leaves = []
+  args: list[Any] = []
+  arg_leaf: list[int | None] = []
+  for j, k in enumerate(tree.big):
+    program = _chunk_programs.leaf_program(split, tree, k, chunk_size)
+    assert isinstance(program, _chunk_programs.LeafProgram), program
+    arrays = [tree.inputs[i] for i in tree.leaf_inputs(k)] + list(program.leaf_consts)
+    leaves.append((k, program, len(args), len(arrays)))
+    args += arrays
+    arg_leaf += [j] * len(arrays)
+  scalar_at = []
+  for k, program, _, _ in leaves:
+    scalar_at.append(len(args))
+    args += [rest_in[v] if kind == "input" else v for kind, v in program.scalars]
+    arg_leaf += [None] * len(program.scalars)
+  out_leaf = [j for j, k in enumerate(tree.big) for _ in tree.leaf_outputs(k)]
+
+  def loops(*xs):
+    out = []
+    for (k, program, at, count), s_at in zip(leaves, scalar_at):
+      ins, outs = tree.leaf_inputs(k), tree.leaf_outputs(k)
+      theta, g, s_leaves = xs[at], xs[at + 1], list(xs[at + 2:at + len(ins)])
+      consts = list(xs[at + len(ins):at + count])
+      # A new state leaf that reads θ or another state leaf needs the old chunks carried.
+      prefetch = any(i in split.reads_of[o] for pos, o in enumerate(outs[1:])
+                     for i in (ins[0], *ins[2:]) if i != ins[2 + pos])
+      new_p, new_s = _loop_body(program, chunk_size)(
+          theta, [g, *consts], s_leaves, list(xs[s_at:s_at + len(program.scalars)]), prefetch)
+      out += [new_p, *new_s]
+    return tuple(out)
 
   def plan(mesh, arg_shapes, leaf_shardings):
     try:
-      local = [jax.ShapeDtypeStruct(x.shape if k is None else
-                                    leaf_shardings[k].shard_shape(tuple(x.shape)), x.dtype)
-               for x, k in zip(arg_shapes, arg_leaf)]
+      for x, j in zip(arg_shapes, arg_leaf):
+        if j is not None:
+          leaf_shardings[j].shard_shape(tuple(x.shape))
     except ValueError:  # an uneven cut.
       return "gather"
-    on_shards = _step_trace.StepTree(*tree.rebuild(local), min_leaf_size)
-    shards = _step_trace.analysis(tx, on_shards, chunk_size)
-    global_tree = _step_trace.StepTree(params, grads, state)
-    whole_tree = _step_trace.analysis(tx, global_tree, None)
-    same = shards.mixes_leaves(on_shards) is None and shards.n_out == whole_tree.n_out and all(
-        shards.program(o) == whole_tree.program(o) for o in range(shards.n_out + 1))
-    return None if same else "gather"
+    return None
 
-  def run(*inputs):
-    return _sharding.per_shard(whole, list(inputs), arg_leaf, out_leaf, plan)
+  def run(*xs):
+    return _sharding.per_shard(loops, list(xs), arg_leaf, out_leaf, plan)
 
-  # On a mesh of Explicit axes, slicing a sharded array by chunks is a type error: the loop
-  # is traced with the axes made Auto (``auto_axes``), and the outputs given the inputs' types.
-  explicit = [_explicit_sharding(x) for x in tree.inputs]
+  # On a mesh of Explicit axes, slicing a sharded array by chunks is a type error: the loops
+  # are traced with the axes made Auto (``auto_axes``), and the outputs given θ's types.
+  explicit = [_explicit_sharding(x) for x in args]
   if any(explicit):
-    out_sharding = [explicit[arg_leaf.index(k)] if k is not None else None for k in out_leaf]
     mesh = next(s for s in explicit if s is not None).mesh
-    out_sharding = [s if s is not None else NamedSharding(mesh, P()) for s in out_sharding]
-    run = jax.sharding.auto_axes(run, out_sharding=out_sharding)
-  return tree.unflatten_outputs(run(*tree.inputs))
+    firsts = [explicit[arg_leaf.index(j)] for j in out_leaf]
+    run = jax.sharding.auto_axes(run, out_sharding=[
+        s if s is not None else NamedSharding(mesh, P()) for s in firsts])
+  results = iter(run(*args))
+  for k in tree.big:
+    values.update(zip(tree.leaf_outputs(k), results))
+  return tree.unflatten_outputs([values[o] for o in range(split.n_out)])
 
 
 def _explicit_sharding(x):
@@ -158,63 +181,48 @@ def _explicit_sharding(x):
   return sharding
 
 
-def _chunked_values(tx, chunk_size, tree):
-  """The step's flat outputs (``StepTree`` order) computed chunk by chunk."""
-  split = _step_trace.analysis(tx, tree, chunk_size)
-  assert split.mixes_leaves(tree) is None, "fused_step plans the chunk loop after checking"
-  n = tree.n
-  # Leaves below min_leaf_size, and the scalar state (counts), once, outside the loops. So are
-  # leaves with any non-float32 array (θ, g or state): with dtype conversions in the chunk's
-  # fusions XLA no longer keeps the writes in place and copies the full buffer on every
-  # iteration (measured: a bfloat16 leaf of 1e7 took 1.5 s instead of 5 ms).
-  rest_in = {i: x for i, x in enumerate(tree.inputs) if tree.in_owner[i] == REST}
-  rest_out = [o for o in range(split.n_out) if tree.out_owner[o] == REST]
-  values = dict(zip(rest_out, split.run([*rest_out, split.n_out], rest_in)))
-  # One jitted update per distinct leaf program (200 layers of the same shape and mask: one
-  # trace, then cache hits), so the trace time does not grow with the leaves' operations.
-  updates = {}
-  for k in tree.big:
-    key, theta_ops, state_ops, shared = split.leaf_program(tree, k)
-    ins, outs = tree.leaf_inputs(k), tree.leaf_outputs(k)
-    # A new state leaf that reads θ or another state leaf needs the old chunks carried.
-    prefetch = any(i in split.reads_of[o] for pos, o in enumerate(outs[1:])
-                   for i in (ins[0], *ins[2:]) if i != ins[2 + pos])
-    if key not in updates:
-      updates[key] = jax.jit(_leaf_update(split, ins, outs, theta_ops, state_ops, shared,
-                                          chunk_size), static_argnums=4)
-    new_p, new_s = updates[key](tree.inputs[k], tree.inputs[n + k],
-                                [tree.inputs[i] for i in ins[2:]], [rest_in[i] for i in shared],
-                                prefetch)
-    values[outs[0]] = new_p
-    values.update(zip(outs[1:], new_s))
-  return [values[o] for o in range(split.n_out)]
+# Jitted loops by (leaf program, chunk size): leaves, steps and transformations that run the
+# same program share one (jax.jit then traces it once per shape). An entry holds its program,
+# so the objects whose identities its key holds stay alive with it.
+_BODIES: collections.OrderedDict = collections.OrderedDict()
+_BODIES_KEPT = 64
 
 
-def _leaf_update(split, ins, outs, theta_ops, state_ops, shared, chunk_size):
-  """``(θ, g, state leaves, shared scalars) -> (new θ, new state leaves)`` for a large leaf
-  whose inputs in ``split`` are ``ins`` and outputs ``outs``: the chunk loop evaluating the
-  leaf's operations. Reads no leaf of its own closure, so one function serves every leaf
-  with the same program (:meth:`_programs.Split.leaf_program`)."""
+def _loop_body(program, chunk_size):
+  key = (program.key, chunk_size)
+  body = _BODIES.get(key)
+  if body is None:
+    body = _BODIES[key] = jax.jit(_leaf_update(program.runner(), chunk_size), static_argnums=4)
+    while len(_BODIES) > _BODIES_KEPT:
+      _BODIES.popitem(last=False)
+  else:
+    _BODIES.move_to_end(key)
+  return body
 
-  def chunk_loop(p, g, s_leaves, scalars, prefetch):
-    base = dict(zip(shared, scalars))
 
-    def theta(pc, gc, sc):
-      return split.run(outs[:1], dict(zip(ins, (pc, gc, *sc))), base, theta_ops)[0]
+def _leaf_update(program, chunk_size):
+  """``(θ, [g, leaf constants], state leaves, scalars, prefetch) -> (new θ, new state
+  leaves)``: the chunk loop evaluating ``program`` (a ``LeafProgram.runner()``).
+  Reads no leaf of its own closure, so one function serves every leaf with the same
+  program."""
 
-    def state(pc, gc, sc):
-      return split.run(outs[1:], dict(zip(ins, (pc, gc, *sc))), base, state_ops)
+  def chunk_loop(p, reads, s_leaves, scalars, prefetch):
+    def theta(pc, rc, sc):
+      return program.run(False, [pc, rc[0], *sc, *rc[1:]], scalars)[0]
 
-    return _leaf_in_chunks(theta, state, p, g, s_leaves, chunk_size, prefetch)
+    def state(pc, rc, sc):
+      return program.run(True, [pc, rc[0], *sc, *rc[1:]], scalars)
+
+    return _leaf_in_chunks(theta, state, p, reads, s_leaves, chunk_size, prefetch)
 
   return chunk_loop
 
 
-def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, prefetch=False):
+def _leaf_in_chunks(theta_call, state_call, p, reads, s_leaves, chunk_size, prefetch=False):
   """Updates one leaf (θ and its state leaves) chunk by chunk, in place, in a ``fori_loop``.
 
-  ``theta_call(θ_chunk, g_chunk, state_chunks) -> new θ_chunk`` and ``state_call(...) -> new
-  state_chunks``. The chunks are ``[i·c, (i+1)·c)``; a ragged last chunk is moved back to end
+  ``theta_call(θ_chunk, read_chunks, state_chunks) -> new θ_chunk`` and ``state_call(...) ->
+  new state_chunks``; ``reads`` are arrays of θ's size read only (g, constants). The chunks are ``[i·c, (i+1)·c)``; a ragged last chunk is moved back to end
   at n, and keeps the old values of the elements the previous chunk already updated (a
   select), so every offset is a loop value: a static offset into a reshaped 2-D leaf made
   XLA copy the whole buffer. With ``prefetch`` (a new state leaf reads θ, as coupled L2
@@ -225,21 +233,23 @@ def _leaf_in_chunks(theta_call, state_call, p, g, s_leaves, chunk_size, prefetch
   time, per leaf.)
   """
   n, nd = math.prod(p.shape), p.ndim
-  g_flat = lax.reshape(g, (n,))
+  reads_flat = [lax.reshape(x, (n,)) for x in reads]
   shape = (1,) * (nd - 1) + (chunk_size,)
+  read_shapes = [(1,) * (np.ndim(x) - 1) + (chunk_size,) for x in reads]
 
   def sl(x, start):
     return lax.dynamic_slice(x, (start,), (chunk_size,), **_NONNEGATIVE)
 
   def compute(fn, pf, sf, start, given=None):
-    """``fn`` of the chunk (θ, g, state leaves) read from the buffers at ``start`` (θ's and
-    the state's chunks ``given`` instead, when they are)."""
-    def chunk(x):
-      return lax.reshape(sl(x, start), shape)
+    """``fn`` of the chunk (θ, reads, state leaves) read from the buffers at ``start`` (θ's
+    and the state's chunks ``given`` instead, when they are)."""
+    def chunk(x, to=shape):
+      return lax.reshape(sl(x, start), to)
+    read = [chunk(x, to) for x, to in zip(reads_flat, read_shapes)]
     if given is None:
-      return fn(chunk(pf), chunk(g_flat), [chunk(x) for x in sf])
+      return fn(chunk(pf), read, [chunk(x) for x in sf])
     theta, states = given
-    return fn(lax.reshape(theta, shape), chunk(g_flat), [lax.reshape(x, shape) for x in states])
+    return fn(lax.reshape(theta, shape), read, [lax.reshape(x, shape) for x in states])
 
   ragged, count = n % chunk_size != 0, -(-n // chunk_size)
 

@@ -181,16 +181,9 @@ def fused_step(
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return "plain", f"the state is not laid out like the params; no kernel: {why_not}", None
-    mixed = _chunks.splits_per_leaf(chunked, chunk_size, min_leaf_size, params, grads, state)
-    if mixed is not None:
-      return "plain", (f"the program does not split per leaf ({mixed}); no kernel: "
-                       f"{why_not}"), None
-    differs = _chunks.decides_like_the_tree(chunked, chunk_size, min_leaf_size, params, grads,
-                                           state)
-    if differs is not None:
-      return "plain", (f"the transformation computes leaf {differs} differently on a chunk than "
-                       "on the whole leaf (a mask or rule that reads shapes), so chunking would "
-                       f"change the result; no kernel: {why_not}"), None
+    refused = _chunks.splits_per_leaf(chunked, chunk_size, min_leaf_size, params, grads, state)
+    if refused is not None:
+      return "plain", f"{refused}; no kernel: {why_not}", None
     norm = " after one pass for the clip's global norm" if clip else ""
     return "chunks", f"the pure-JAX chunk loop{norm}; no kernel: {why_not}", None
 
@@ -229,9 +222,10 @@ def fused_step(
       return lax.platform_dependent(p, g, s, new_state, cpu=cpu,
                                     default=lambda p, g, s, _: fallback(p, g, s))
 
-    if path == "kernel":  # the FFI call has no derivative: differentiate the plain step.
-      fast = jax.custom_jvp(fast)
-      fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
+    # The FFI call has no derivative, and the chunk loop runs custom-derivative calls as
+    # their primal programs: differentiate the plain step.
+    fast = jax.custom_jvp(fast)
+    fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
     return fast(params, grads, state, prepared.new_state if prepared else None)
 
   def explain(params, grads, state) -> str:

@@ -2,15 +2,13 @@
 
 * :func:`check_elementwise`: whether every operation of ``tx.update`` acts element by
   element (or on scalars only), so that it can be applied to one chunk of a leaf at a time.
-* :class:`Split`: one traced step as a list of operations on numbered values (plain ``jit``
-  calls inlined; a ``cond`` without effects inlined as both branches and a ``select_n`` per
-  output, the same values), each labelled, by one backward pass, with the outputs it feeds. It says
-  whether the program splits per leaf (:meth:`Split.mixes_leaves`), evaluates the operations
-  of chosen outputs (:meth:`Split.run`), gives a large leaf's own program with a key equal
-  for leaves that run the same operations (:meth:`Split.leaf_program`), and gives each
-  output's program as a comparable value (:meth:`Split.program`: primitive names, exact
-  literals and scalar constants, sub-programs, the inputs read; shapes left out), so the
-  program on chunks can be compared with the program on the whole tree.
+* :class:`Split`: the step traced on the whole tree, as a list of operations on numbered
+  values (plain ``jit`` calls inlined, custom-derivative calls as their primal program, a
+  ``cond`` without effects as both branches and a ``select_n`` per output: the same
+  values), each labelled, by one backward pass, with the outputs it feeds. It says whether
+  the program splits per leaf (:meth:`Split.mixes_leaves`) and gives a large leaf's part
+  rewritten for one chunk (``_chunk_programs.leaf_program``). The masks and rules were decided on the
+  real leaves when the step was traced, so the chunks get the whole tree's decisions.
 
 Everything here is linear in the size of the program.
 """
@@ -22,8 +20,6 @@ import struct
 import types
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -32,13 +28,14 @@ try:
 except ImportError:  # older jax
   from jax.core import Literal as _Literal  # type: ignore[attr-defined,no-redef]
 
-__all__ = ["REST", "Split", "check_elementwise"]
+__all__ = ["ELEMENTWISE", "REST", "Split", "check_elementwise", "literal_key",
+           "params_key", "sub_jaxprs"]
 
 REST = -1  # owner of what is computed outside the chunk loops: small leaves, scalar state.
 
 # Primitives that act element by element (or on scalars). Anything else in the jaxpr of
 # ``tx.update`` (reductions, dots, gathers, sorts, collectives...) makes chunking unsafe.
-_ELEMENTWISE = frozenset([
+ELEMENTWISE = frozenset([
     "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh",
     "broadcast_in_dim", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
     "cos", "cosh", "div", "eq", "erf", "erf_inv", "exp", "exp2", "expm1", "floor", "ge", "gt",
@@ -47,8 +44,12 @@ _ELEMENTWISE = frozenset([
     "rem", "reshape", "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic",
     "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square", "squeeze", "stop_gradient",
     "sub", "tan", "tanh", "xor",
+    "pvary",  # inside jax.shard_map: marks a value as varying over mesh axes (same values).
 ])
 
+
+# Calls with a custom derivative, inlined as their primal program.
+_CUSTOM_DERIVATIVES = frozenset(["custom_jvp_call", "custom_vjp_call"])
 
 # Primitives that generate arrays from scalars (a key, a seed, a shape): chunk by chunk they
 # would repeat the same values in every chunk.
@@ -66,7 +67,7 @@ def check_elementwise(jaxpr: Any) -> None:
       for sub in subs:
         check_elementwise(getattr(sub, "jaxpr", sub))
       continue
-    if name in _ELEMENTWISE:
+    if name in ELEMENTWISE:
       continue
     # Ops on scalars only (schedules, step counts) cannot mix parameter elements, unless they
     # make new values per element: a random draw or an iota would repeat in every chunk.
@@ -81,27 +82,9 @@ def check_elementwise(jaxpr: Any) -> None:
     )
 
 
-def _program(jaxpr: Any, out_index: int) -> list[tuple[Any, ...]]:
-  """The equations that output ``out_index`` depends on: primitive names and scalar literals
-  (shapes left out), recursively into sub-programs, as a comparable list."""
-  needed = {jaxpr.outvars[out_index]}
-  program: list[tuple[Any, ...]] = []
-  for eqn in reversed(jaxpr.eqns):
-    if not any(v in needed for v in eqn.outvars):
-      continue
-    needed.update(v for v in eqn.invars if not hasattr(v, "val"))
-    literals = tuple(repr(v.val) for v in eqn.invars if hasattr(v, "val"))
-    inner = [getattr(b, "jaxpr", b) for b in eqn.params.values()
-             if hasattr(b, "jaxpr") or hasattr(b, "eqns")]
-    program.append((eqn.primitive.name, literals,
-                    tuple(tuple(_program(j, i) for i in range(len(j.outvars))) for j in inner)))
-  reads = tuple(i for i, v in enumerate(jaxpr.invars) if v in needed)
-  return [*program, ("reads", reads)]
-
-
 def _plain_call(eqn) -> Any:
   """The closed jaxpr of a plain call (``jit`` or ``closed_call`` without shardings, layouts
-  or compiler options), which :class:`_Split` inlines; None for any other equation."""
+  or compiler options), which :class:`Split` inlines; None for any other equation."""
   params, name = eqn.params, eqn.primitive.name
   inner = None
   if name == "closed_call":
@@ -115,7 +98,7 @@ def _plain_call(eqn) -> Any:
   return inner if hasattr(inner, "consts") and hasattr(inner, "jaxpr") else None
 
 
-class _Selection:
+class Selection:
   """``lax.select_n(index, *cases)`` standing for one output of an inlined ``cond``: what
   :class:`Split` reads of an equation (primitive, params, effects, context, outputs)."""
 
@@ -128,7 +111,7 @@ class _Selection:
     self.outvars = [types.SimpleNamespace(aval=aval)]
 
 
-def _sub_jaxprs(eqn) -> list[Any]:
+def sub_jaxprs(eqn) -> list[Any]:
   params = eqn.params.values()
   subs = [v for v in params if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
   subs += [b for v in params if isinstance(v, (tuple, list)) for b in v
@@ -136,7 +119,7 @@ def _sub_jaxprs(eqn) -> list[Any]:
   return [getattr(s, "jaxpr", s) for s in subs]
 
 
-def _literal_key(literal) -> tuple[Any, ...]:
+def literal_key(literal) -> tuple[Any, ...]:
   """A literal as a hashable value, exact (a float by its bytes: 0.0 is not -0.0) and with
   its type (``repr`` is slow)."""
   value, aval = literal.val, getattr(literal, "aval", None)
@@ -149,8 +132,10 @@ def _literal_key(literal) -> tuple[Any, ...]:
   return ("array", value.dtype.str, value.shape, value.tobytes(), typed)
 
 
-def _params_key(params: dict[str, Any]) -> tuple[Any, ...]:
+def params_key(params: dict[str, Any]) -> tuple[Any, ...]:
   """An equation's parameters as a hashable value (an unhashable one by identity)."""
+  if not params:
+    return ()
   out = []
   for k in sorted(params):
     v = params[k]
@@ -176,31 +161,40 @@ class Split:
     self.ops: list[tuple[Any, tuple, tuple]] = []  # (equation, input atoms, output numbers)
     self.consts: dict[int, Any] = {}
     self.n_in = len(closed.jaxpr.invars)
+    self.avals: dict[int, Any] = {i: v.aval for i, v in enumerate(closed.jaxpr.invars)}
     self._numbers = itertools.count(self.n_in)
     self.outs = self._inline(closed.jaxpr, closed.consts, list(range(self.n_in)))
     self.n_out = sink = len(self.outs)
-    feeds: dict[int, set[int]] = {}
+    # Backward: an operation feeds what its results feed. The sets are shared between values
+    # (most feed one output) and replaced, never changed, when they grow.
+    feeds: dict[int, frozenset[int]] = {}
+
+    def join(a, fed):
+      old = feeds.get(a)
+      if old is None:
+        feeds[a] = fed
+      elif old is not fed and not fed <= old:
+        feeds[a] = old | fed
+
     for o, a in enumerate(self.outs):
       if isinstance(a, int):
-        feeds.setdefault(a, set()).add(o)
-    # Backward: an operation feeds what its results feed. (A result's set is final once its
-    # operation is reached, so a one-result operation shares it.)
-    self.feeds: list[set[int] | None] = [None] * len(self.ops)
+        join(a, frozenset((o,)))
+    self.feeds: list[frozenset[int] | None] = [None] * len(self.ops)
     for i in range(len(self.ops) - 1, -1, -1):
       eqn, ins, outs = self.ops[i]
       if len(outs) == 1:
         fed = feeds.get(outs[0])
       else:
-        fed = set().union(*(feeds.get(v, ()) for v in outs))
+        fed = frozenset().union(*(feeds.get(v, ()) for v in outs))
       if eqn.effects:
-        fed = {*(fed or ()), sink}
+        fed = frozenset((*(fed or ()), sink))
       if not fed:
         continue
       self.feeds[i] = fed
       for a in ins:
         if isinstance(a, int):
-          feeds.setdefault(a, set()).update(fed)
-    self.input_feeds = [feeds.get(i, set()) for i in range(self.n_in)]
+          join(a, fed)
+    self.input_feeds = [feeds.get(i, frozenset()) for i in range(self.n_in)]
     self.ops_of: list[list[int]] = [[] for _ in range(sink + 1)]
     for i, fed in enumerate(self.feeds):
       for o in fed or ():
@@ -209,13 +203,16 @@ class Split:
     for i, fed in enumerate(self.input_feeds):
       for o in fed:
         self.reads_of[o].append(i)
-    self._signatures: dict[int, tuple[Any, ...]] = {}
+    self.leaf_programs: dict[tuple[int, int], Any] = {}  # ``_chunk_programs``' cache
+    self.intern: dict[Any, Any] = {}  # hash-consed parts of the leaf programs
+    self.literals: dict[Any, Any] = {}  # a literal's key (``literal_key``): its value
 
   def _inline(self, jaxpr, consts, in_atoms):
     env = dict(zip(jaxpr.invars, in_atoms))
     for v, c in zip(jaxpr.constvars, consts):
       env[v] = number = next(self._numbers)
       self.consts[number] = c
+      self.avals[number] = v.aval
 
     def atom(v):
       return v if isinstance(v, _Literal) else env[v]  # a Literal stays itself
@@ -225,16 +222,23 @@ class Split:
       inner = _plain_call(eqn)
       if inner is not None:
         outs = self._inline(inner.jaxpr, inner.consts, ins)
+      elif eqn.primitive.name in _CUSTOM_DERIVATIVES:
+        # The primal program: the same values. (A chunked step differentiates the plain
+        # step, so the custom rule is not needed here.)
+        inner = eqn.params["call_jaxpr"]
+        outs = self._inline(inner.jaxpr, inner.consts, ins)
       elif eqn.primitive.name == "cond" and not eqn.effects:
         # Both branches, then a select per output: the same values for pure branches, and
         # each leaf's part splits off (optax.MultiSteps's cond takes every leaf).
         cases = [self._inline(b.jaxpr, b.consts, list(ins[1:])) for b in eqn.params["branches"]]
         outs = tuple(next(self._numbers) for _ in eqn.outvars)
         for j, (v, out) in enumerate(zip(eqn.outvars, outs)):
-          self.ops.append((_Selection(v.aval), (ins[0], *(c[j] for c in cases)), (out,)))
+          self.ops.append((Selection(v.aval), (ins[0], *(c[j] for c in cases)), (out,)))
+          self.avals[out] = v.aval
       else:
         outs = tuple(next(self._numbers) for _ in eqn.outvars)
         self.ops.append((eqn, ins, outs))
+        self.avals.update(zip(outs, (v.aval for v in eqn.outvars)))
       env.update(zip(eqn.outvars, outs))
     return [atom(v) for v in jaxpr.outvars]
 
@@ -254,103 +258,3 @@ class Split:
       if fed and not tree.in_scalar[i] and any(owner[o] != tree.in_owner[i] for o in fed):
         return f"input {i} is read by another leaf"
     return None
-
-  def run(self, outputs, values, base=None, ops=None) -> list[Any]:
-    """The values of ``outputs`` (the sink adds nothing), binding only the operations they
-    need (or ``ops``, indices in program order), from ``values`` and ``base`` ({input index:
-    value}) and the constants."""
-    if ops is None:
-      ops = sorted(set().union(*(self.ops_of[o] for o in outputs)))
-    env, base, consts = dict(values), base or {}, self.consts
-
-    def read(a):
-      if not isinstance(a, int):
-        return a.val
-      if a in env:
-        return env[a]
-      return base[a] if a in base else consts[a]
-
-    ctx = manager = None
-    try:
-      for i in ops:
-        eqn, ins, outs = self.ops[i]
-        if getattr(eqn, "ctx", None) not in (None, ctx):  # e.g. compute_on, threefry, a mesh.
-          if manager is not None:
-            manager.__exit__(None, None, None)
-          ctx, manager = eqn.ctx, eqn.ctx.manager
-          manager.__enter__()
-        params = eqn.primitive.get_bind_params(eqn.params)
-        subfuns, params = params if isinstance(params, tuple) else ((), params)
-        ans = eqn.primitive.bind(*subfuns, *map(read, ins), **params)
-        env.update(zip(outs, ans if eqn.primitive.multiple_results else (ans,)))
-    finally:
-      if manager is not None:
-        manager.__exit__(None, None, None)
-    return [read(self.outs[o]) for o in outputs if o < self.n_out]
-
-  def leaf_program(self, tree: Any, k: int):
-    """Large leaf k's program: (key, operations of its new θ, operations of its new state,
-    the other inputs it reads). Two leaves have equal keys exactly when they run the same
-    operations (primitives, parameters, literals, constants) on their own arrays and on the
-    same other inputs (scalars: step counts, hyperparameters)."""
-    ins, outs = tree.leaf_inputs(k), tree.leaf_outputs(k)
-    theta = self.ops_of[outs[0]]
-    state = sorted(set().union(*(self.ops_of[o] for o in outs[1:])))
-    in_theta, in_state = set(theta), set(state)
-    names: dict[int, Any] = {a: ("leaf", pos) for pos, a in enumerate(ins)}
-    shared: list[int] = []
-
-    def name(a):
-      if not isinstance(a, int):
-        return _literal_key(a)
-      got = names.get(a)
-      if got is None:
-        if a < self.n_in:
-          shared.append(a)
-          got = ("input", a)
-        else:
-          got = ("const", id(self.consts[a]))
-        names[a] = got
-      return got
-
-    key: list[Any] = []
-    for i in sorted(in_theta | in_state):
-      eqn, op_ins, op_outs = self.ops[i]
-      key.append((eqn.primitive, getattr(eqn, "ctx", None), tuple(map(name, op_ins)),
-                  _params_key(eqn.params), i in in_theta, i in in_state))
-      for pos, v in enumerate(op_outs):
-        names[v] = ("value", len(key), pos)
-    key.append(tuple(name(self.outs[o]) for o in outs))
-    return tuple(key), theta, state, shared
-
-  def _constant_key(self, number):
-    """A constant (a value closed over) by shape and dtype, and by value when a scalar: an
-    array constant made from a leaf's shape is a chunk's shape in the chunk program."""
-    value = self.consts[number]
-    shape, dtype = tuple(np.shape(value)), str(jnp.result_type(value))
-    if shape or isinstance(value, jax.core.Tracer):
-      return ("constant", shape, dtype)
-    return ("constant", shape, dtype, np.asarray(value).tobytes())
-
-  def _signature(self, i):
-    sig = self._signatures.get(i)
-    if sig is None:
-      eqn, ins, _ = self.ops[i]
-      literals = tuple(_literal_key(a) if not isinstance(a, int) else self._constant_key(a)
-                       for a in ins if not isinstance(a, int) or a in self.consts)
-      subs = tuple(tuple(_program(j, k) for k in range(len(j.outvars)))
-                   for j in _sub_jaxprs(eqn))
-      sig = self._signatures[i] = (eqn.primitive.name, literals, subs)
-    return sig
-
-  def program(self, o):
-    """Output ``o``'s program as a comparable value: its operations (names, scalar
-    literals, constants, sub-programs; shapes of values left out), how the output is given,
-    the inputs it reads."""
-    a = self.outs[o] if o < self.n_out else None
-    given = (("none",) if a is None else _literal_key(a) if not isinstance(a, int)
-             else ("input", a) if a < self.n_in
-             else self._constant_key(a) if a in self.consts else ("computed",))
-    return [self._signature(i) for i in self.ops_of[o]], given, tuple(self.reads_of[o])
-
-

@@ -2,17 +2,16 @@
 
 ``StepTree`` lays ``(params, grads, state)`` out as one flat list of inputs and says which
 large leaf owns each input and each output of ``tx.update`` + ``optax.apply_updates``.
-:func:`analysis` traces that step (large leaves as chunks, for the chunk loop, or the whole
-tree) through ``jax.jit`` and splits it (``_programs.Split``); the traces are cached per
-transformation (weakly, by its update function), structure and avals, so the checks of
-``fused_step``, its chunk loop and its plain fallback (:func:`plain_step`) share them.
+:func:`analysis` traces that step on the tree through ``jax.jit`` and splits it
+(``_programs.Split``); the trace is cached per transformation (weakly, by its update
+function), structure and avals, so the checks of ``fused_step``, its chunk loop and its
+plain fallback (:func:`plain_step`) share one trace.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -21,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from optax_decoupled import _flat, _programs
 from optax_decoupled._programs import REST
 
-__all__ = ["StepTree", "analysis", "plain_step", "split_state", "whole_program"]
+__all__ = ["StepTree", "analysis", "plain_step", "split_state", "whole_program",
+           "whole_values"]
 
 
 def split_state(state: Any, treedef: Any, shapes: list[tuple[int, ...]]):
@@ -68,6 +66,7 @@ class StepTree:
     self.inputs = [*p_leaves, *g_leaves, *(x for j in self.param_js for x in self.s_items[j]),
                    *(self.s_items[j] for j in self.other_js)]
     self._params = params  # for the leaves' paths, when a message needs them
+    self._paths: list[str] | None = None
 
     def float32_only(k):
       arrays = [p_leaves[k], g_leaves[k], *(self.s_items[j][k] for j in self.param_js)]
@@ -93,31 +92,17 @@ class StepTree:
     """Output indices of leaf k: new θ, then its new state leaves."""
     return [k, *(self.n + pos * self.n + k for pos in range(len(self.param_js)))]
 
-  def outputs_in_order(self, n_out):
-    """(output index, what it is) leaf by leaf, then the other state items and the effects."""
-    paths = [jax.tree_util.keystr(k)
-             for k, _ in jax.tree_util.tree_flatten_with_path(self._params)[0]]
-    for k in range(self.n):
-      for o in self.leaf_outputs(k):
-        yield o, paths[k]
-    for o in range(self.n * (1 + len(self.param_js)), n_out + 1):
-      yield o, "(the optimizer state's other entries)"
+  def specs(self):
+    """The avals traced: every input's own (with its varying axes inside ``shard_map``)."""
+    return [jax.typeof(x) if hasattr(jax, "typeof") else jax.api_util.shaped_abstractify(x)
+            for x in self.inputs]
 
-  def specs(self, chunk_size):
-    """The avals traced: every input's own (with its varying axes inside ``shard_map``), or
-    (``chunk_size`` given) each large leaf's arrays as one chunk."""
-    specs = []
-    for x, owner in zip(self.inputs, self.in_owner):
-      aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.api_util.shaped_abstractify(x)
-      if chunk_size is not None and owner != REST:
-        chunk = (1,) * (aval.ndim - 1) + (chunk_size,)
-        sharding = getattr(aval, "sharding", None)
-        if isinstance(sharding, NamedSharding):  # a chunk is one device's (explicit meshes).
-          aval = aval.update(shape=chunk, sharding=NamedSharding(sharding.mesh, P()))
-        else:
-          aval = aval.update(shape=chunk)
-      specs.append(aval)
-    return specs
+  def path(self, k):
+    """Leaf k's path, as ``jax.tree_util.keystr`` writes it."""
+    if self._paths is None:
+      self._paths = [jax.tree_util.keystr(p)
+                     for p, _ in jax.tree_util.tree_flatten_with_path(self._params)[0]]
+    return self._paths[k]
 
   def function(self, update: Any, same_state: list):
     """``inputs -> outputs`` (θ and state), i.e. ``tx.update`` + ``optax.apply_updates``, for
@@ -172,13 +157,10 @@ class _Traced:
   """One trace of the step (:meth:`StepTree.function`) through ``jax.jit``: calling ``jitted``
   on arguments of the same avals reuses it (no second trace); ``split`` is made on first use."""
 
-  def __init__(self, fn: Callable[[list], Any], specs: list[Any], chunks: bool) -> None:
+  def __init__(self, fn: Callable[[list], Any], specs: list[Any]) -> None:
     same_state: list[bool] = []
     self.jitted = jax.jit(fn(same_state))
-    with warnings.catch_warnings():
-      if chunks:  # masks judging chunks may warn; the whole tree's trace warns as tx does.
-        warnings.simplefilter("ignore")
-      self.closed = self.jitted.trace(*specs).jaxpr
+    self.closed = self.jitted.trace(*specs).jaxpr
     self.same_state = same_state[-1]
     self._split: _programs.Split | None = None
 
@@ -195,10 +177,9 @@ _TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CACHED_PER_TX = 8
 
 
-def _traced(tx, tree: StepTree, chunk_size: int | None) -> _Traced:
-  """The step on ``tree`` (large leaves as chunks if ``chunk_size``), traced once per
-  transformation, structure and avals."""
-  specs = tree.specs(chunk_size)
+def _traced(tx, tree: StepTree) -> _Traced:
+  """The step on ``tree``, traced once per transformation, structure and avals."""
+  specs = tree.specs()
   update: Callable[[], Any]
   method = tx.update
   try:
@@ -214,8 +195,7 @@ def _traced(tx, tree: StepTree, chunk_size: int | None) -> _Traced:
     key, cache, update = None, {}, lambda: tx.update
   traced = cache.get(key)
   if traced is None:
-    traced = _Traced(lambda same_state: tree.function(update, same_state), specs,
-                     chunk_size is not None)
+    traced = _Traced(lambda same_state: tree.function(update, same_state), specs)
     # Not kept when the program closes over a tracer (a transformation built inside a trace).
     if key is not None and not any(isinstance(c, jax.core.Tracer) for c in traced.closed.consts):
       cache[key] = traced
@@ -224,26 +204,30 @@ def _traced(tx, tree: StepTree, chunk_size: int | None) -> _Traced:
   return traced
 
 
-def analysis(tx, tree: StepTree, chunk_size: int | None) -> _programs.Split:
-  """The split program of the step on ``tree`` (large leaves as chunks if ``chunk_size``)."""
-  return _traced(tx, tree, chunk_size).split
+def analysis(tx, tree: StepTree) -> _programs.Split:
+  """The split program of the step on ``tree``."""
+  return _traced(tx, tree).split
 
 
 def whole_program(tx, params, grads, state) -> Any:
   """The closed jaxpr of ``tx.update`` + ``optax.apply_updates`` on the whole tree (inputs:
   θ, g, state leaves; outputs: θ, state), traced once and shared with
-  :func:`decides_like_the_tree` and :func:`plain_step`."""
-  return _traced(tx, StepTree(params, grads, state), None).closed
+  :func:`analysis` and :func:`plain_step`."""
+  return _traced(tx, StepTree(params, grads, state)).closed
+
+
+def whole_values(tx, tree: StepTree) -> list[Any]:
+  """The step's flat outputs (``StepTree`` order) as one nested ``jit`` call of the program
+  :func:`analysis` split (no new trace). Outputs left unused cost nothing: XLA removes the
+  operations that only they need."""
+  return list(_traced(tx, tree).jitted(*tree.inputs))
 
 
 def plain_step(tx, params, grads, state) -> tuple[Any, Any]:
   """``tx.update`` + ``optax.apply_updates`` (the same operations, as one nested ``jit``
   call), reusing the trace of :func:`whole_program` when the avals are the same."""
   tree = StepTree(params, grads, state)
-  traced = _traced(tx, tree, None)
-  if not traced.same_state:  # the outputs cannot be put back in the state's layout.
+  if not _traced(tx, tree).same_state:  # the outputs cannot be put back in the state's layout.
     updates, new_state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), new_state
-  return tree.unflatten_outputs(traced.jitted(*tree.inputs))
-
-
+  return tree.unflatten_outputs(whole_values(tx, tree))

@@ -1,14 +1,14 @@
-"""The chunk loop of ``od.fused_step(tx, kernel="off")`` is traced once, not once per leaf.
+"""The chunk loop of ``od.fused_step(tx, kernel="off")`` runs the whole tree's one trace.
 
-Claim: the pure-JAX chunk path traces ``tx.update`` a fixed number of times whatever the
-number of large leaves (the whole tree once, the all-chunks tree once, plus what
-``fused_step`` itself traces: its elementwise check and its plain fallback), splits that one
-all-chunks program per leaf, and still computes exactly what ``tx.update`` +
-``optax.apply_updates`` computes: with name, ndim and multiplier masks, schedules, Nesterov,
-``optax.inject_hyperparams``, inside ``jax.shard_map``. What cannot be split per leaf (an
-array shared by several leaves), and what differs between the chunks' and the whole tree's
-programs (a small leaf's mask reading the large leaves' shapes, a constant array made from a
-shape), takes the plain step.
+Claim: the pure-JAX chunk path traces ``tx.update`` once, on the real tree, whatever the
+number of large leaves (its checks, its loops and its plain fallback share that trace),
+splits that program per leaf and runs each large leaf's part on chunks, and still computes
+exactly what ``tx.update`` + ``optax.apply_updates`` computes: with name, ndim and
+multiplier masks, masks that read shapes and sizes (they decide on the real leaves),
+constant arrays of a leaf's size (read chunk by chunk), custom-derivative functions,
+schedules, Nesterov, ``optax.inject_hyperparams``, inside ``jax.shard_map``. What cannot be
+split per leaf (an array shared by several leaves) or is not elementwise on a large leaf
+takes the plain step, and ``explain`` says why.
 
 Oracles:
 * the plain step, ``tx.update`` + ``optax.apply_updates`` of the same transformation (optax's
@@ -88,10 +88,10 @@ def test_chunk_path_with_many_large_leaves_equals_the_plain_step(name):
   state = tx.init(params)
   step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
   assert step.explain(params, params, state).startswith("chunks")
-  # ... from the one all-chunks program, split per leaf (not the per-leaf traces).
+  # ... from the whole tree's one program, split per leaf (not the per-leaf traces).
   tree = _step_trace.StepTree(params, params, state, MIN_LEAF)
   assert len(tree.big) == 10
-  assert _step_trace.analysis(tx, tree, CHUNK).mixes_leaves(tree) is None
+  assert _step_trace.analysis(tx, tree).mixes_leaves(tree) is None
   _assert_equals_the_plain_step(tx, step, params, state)
 
 
@@ -112,48 +112,102 @@ def test_an_array_shared_by_several_leaves_takes_the_plain_path():
   params = _tree(layers=3)
   state = tx.init(params)
   tree = _step_trace.StepTree(params, params, state, MIN_LEAF)
-  assert "feeds several leaves" in _step_trace.analysis(tx, tree, CHUNK).mixes_leaves(tree)
+  assert "feeds several leaves" in _step_trace.analysis(tx, tree).mixes_leaves(tree)
   step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
   why = step.explain(params, params, state)
   assert why.startswith("plain") and "does not split per leaf" in why
   _assert_equals_the_plain_step(tx, step, params, state)
 
 
-def test_a_small_leaf_whose_mask_reads_the_large_leaves_shapes_takes_the_plain_path():
-  # Decay a leaf when it is five times smaller than the largest leaf: on the real tree the
-  # 1100-element leaves are (largest: 9000 elements), among chunks of 1024 they are not. The
-  # small leaves' programs are compared too (the first in leaf order is LayerNorm's scale),
-  # so the step is the plain one (oracle: the plain step).
-  def mask(params):
-    largest = max(x.size for x in jax.tree.leaves(params))
-    return jax.tree.map(lambda x: x.size * 5 < largest, params)
+MASKS_READING_SHAPES = {
+    # Decay a leaf when it is five times smaller than the largest leaf: on the real tree the
+    # 1100-element leaves are (largest: 9000 elements); among chunks of 1024 they would not be.
+    "size against the largest leaf": lambda params: jax.tree.map(
+        lambda x, largest=max(x.size for x in jax.tree.leaves(params)): x.size * 5 < largest,
+        params),
+    # The large kernels are (4, 1100 + i): a chunk is (1, 1024), so a chunk would not decay.
+    "a large leaf's first axis": lambda params: jax.tree.map(
+        lambda x: x.ndim == 2 and x.shape[0] == 4, params),
+}
 
-  tx = od.adamw(1e-2, weight_decay=1e-1, mask=mask)
+
+@pytest.mark.parametrize("name", list(MASKS_READING_SHAPES))
+def test_a_mask_reading_shapes_decides_on_the_real_leaves(name):
+  # The program is traced on the real tree, so the mask sees the real shapes and sizes; the
+  # chunk loop runs its decisions (oracle: the plain step, which runs the same mask).
+  tx = od.adamw(1e-2, weight_decay=1e-1, mask=MASKS_READING_SHAPES[name])
   params = _tree(layers=3)
   state = tx.init(params)
   step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
-  why = step.explain(params, params, state)
-  assert why.startswith("plain") and "['LayerNorm']['scale']" in why
+  assert step.explain(params, params, state).startswith("chunks")
   _assert_equals_the_plain_step(tx, step, params, state)
 
 
-def test_a_constant_array_made_from_a_leaf_shape_takes_the_plain_path():
-  # A ramp over the leaf's elements, made with numpy from x.shape, is a constant of the
-  # traced program: of the leaf's shape on the whole tree, of a chunk's in the chunk program,
-  # where every chunk would get the same ramp (the per-leaf traces did that, silently).
-  # Constants are compared by shape: plain path, the plain step's numbers (oracle).
-  def ramp():
-    def update(updates, state, params=None):
-      return jax.tree.map(lambda x: x * np.linspace(0.5, 1.5, x.size, dtype=np.float32)
-                          .reshape(x.shape), updates), state
-    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+def _ramp(flat):
+  """Multiplies each leaf by a ramp over its elements made with numpy from its shape: a
+  constant of the traced program (of the leaf's shape, or flat and reshaped in the trace)."""
+  def update(updates, state, params=None):
+    def one(x):
+      ramp = np.linspace(0.5, 1.5, x.size, dtype=np.float32)
+      return x * (jnp.reshape(ramp, x.shape) if flat else ramp.reshape(x.shape))
+    return jax.tree.map(one, updates), state
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
-  tx = optax.chain(ramp(), optax.sgd(0.1))
+
+@pytest.mark.parametrize("flat", [False, True], ids=["leaf-shaped", "flat, reshaped"])
+def test_a_constant_array_of_a_leaf_size_is_read_chunk_by_chunk(flat):
+  # Each chunk reads its own part of the ramp (the per-leaf traces once gave every chunk
+  # the same ramp, silently). Oracle: the plain step.
+  tx = optax.chain(_ramp(flat), optax.sgd(0.1, momentum=0.9))
   params = _tree(layers=2)
   state = tx.init(params)
   step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
-  assert step.explain(params, params, state).startswith("plain")
+  assert step.explain(params, params, state).startswith("chunks")
   _assert_equals_the_plain_step(tx, step, params, state)
+
+
+def test_a_constant_of_another_size_on_a_large_leaf_takes_the_plain_path():
+  # A row broadcast over a (4, 1100) kernel is not elementwise over the leaf's elements:
+  # plain path, and explain says which leaf (oracle: the plain step).
+  def row_scale():
+    def update(updates, state, params=None):
+      return jax.tree.map(
+          lambda x: x * np.linspace(0.5, 1.5, x.shape[-1], dtype=np.float32)
+          if x.ndim == 2 else x, updates), state
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+  tx = optax.chain(row_scale(), optax.sgd(0.1))
+  params = _tree(layers=2)
+  state = tx.init(params)
+  step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
+  why = step.explain(params, params, state)
+  assert why.startswith("plain") and "chunk by chunk" in why and "['layer_0']" in why, why
+  _assert_equals_the_plain_step(tx, step, params, state)
+
+
+def _softplus_scaled():
+  """Scales each update by softplus(θ): jax.nn.softplus is a custom-derivative call."""
+  def update(updates, state, params):
+    return jax.tree.map(lambda u, p: u * jax.nn.softplus(p), updates, params), state
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def test_custom_derivative_calls_run_on_chunks_and_the_step_differentiates_the_plain_one():
+  # The loop runs a custom_jvp call's primal program; the step's derivative is the plain
+  # step's (oracle: jax.jvp of the plain step, here through softplus's custom rule).
+  tx = optax.chain(_softplus_scaled(), od.adamw(1e-2, weight_decay=1e-1))
+  params = _tree(layers=2)
+  state = tx.init(params)
+  step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
+  assert step.explain(params, params, state).startswith("chunks")
+  _assert_equals_the_plain_step(tx, step, params, state)
+  tangent = jax.tree.map(jnp.ones_like, params)
+  got = jax.jit(lambda p, t: jax.jvp(lambda q: step(q, params, state)[0], (p,), (t,)))(
+      params, tangent)
+  want = jax.jit(lambda p, t: jax.jvp(lambda q: plain_step(tx)(q, params, state)[0], (p,),
+                                      (t,)))(params, tangent)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def _counting(tx, calls):
@@ -195,9 +249,9 @@ def test_trace_work_does_not_grow_faster_than_the_leaves():
     warnings.simplefilter("ignore", od.LowPrecisionDecayWarning)
     small = _traced(10, small_calls)
     big = _traced(40, big_calls)
-  # tx.update is traced a fixed number of times (plan: elementwise check, whole tree, all
-  # chunks; the plain fallback), not per large leaf (was 3 per large leaf and more).
-  assert len(small_calls) == len(big_calls) <= 4
+  # tx.update is traced once, on the whole tree: the plan's checks, the loops and the plain
+  # fallback share that trace (not per large leaf, which was 3 per large leaf and more).
+  assert len(small_calls) == len(big_calls) == 1
   # The traced step grows at most linearly: 4x the leaves, at most 4x the equations (each
   # leaf's loop body reads only its own slice, not a tree of stand-ins for every other leaf).
   assert _equations(big.jaxpr) <= 4 * _equations(small.jaxpr)

@@ -12,9 +12,8 @@ cut the packed segments, so each shard must find its own decay flags), it assert
   every operation as written, so the cut into shards cannot change a bit), and the plain
   step ``tx.update`` + ``optax.apply_updates`` (oracle) to the kernel tests' tolerance;
 * the same (no collective, shardings kept, equal to the plain step) for the pure-JAX chunk
-  loop, here of ``od.sgdw``, which the kernel does not compute; and when a mask decides
-  otherwise on a shard's shape than on the whole leaf's, the loop gathers first and is still
-  the plain step's result.
+  loop, here of ``od.sgdw``, which the kernel does not compute, also with a mask that reads
+  sizes: it decides on the whole leaves (a shard alone would decide otherwise).
 
 And inside ``jax.shard_map`` (default ``check_vma=True``) the kernel step traces, runs the
 kernel and equals the plain step.
@@ -112,21 +111,26 @@ def _worker() -> None:
     got = jax.jit(chunks)(params, grads, s_state)
     assert got[0]["w"].sharding.is_equivalent_to(shardings["w"], 2)
     close(got, plain_step(sgdw)(host, host_g, sgdw.init(host)), f"chunks {axis_type}")
-    # A mask reading sizes decides otherwise on a shard than on the whole leaf ("u": 1024
-    # elements, 128 per shard): the chunk loop then gathers first, and stays exact.
+    # A mask reading sizes decides on the whole leaves, where the step is traced: "w" (262144
+    # elements, 32768 per shard) is decayed, though a shard alone would not be; "u" (1024
+    # elements, a small leaf) is not. Still per shard, no collective, the plain step's result.
     sizes = od.sgdw(1e-2, 0.9, weight_decay=1e-2,
-                    mask=lambda p: jax.tree.map(lambda x: x.size >= 1000, p))
+                    mask=lambda p: jax.tree.map(lambda x: x.size >= 100_000, p))
     host_u = dict(host, u=np.linspace(-1, 1, 1024, dtype=np.float32))
     grads_u = dict(host_g, u=np.cos(host_u["u"]))
     shard_u = dict(shardings, u=NamedSharding(mesh, P("fsdp")))
     p_u, g_u = jax.device_put(host_u, shard_u), jax.device_put(grads_u, shard_u)
     s_u = jax.jit(sizes.init)(p_u)
-    gathered = od.fused_step(sizes, chunk_size=1024, min_leaf_size=4096)
-    assert gathered.explain(p_u, g_u, s_u).startswith("chunks"), axis_type
-    hlo = jax.jit(gathered).lower(p_u, g_u, s_u).compile().as_text()
-    assert any(c in hlo for c in COLLECTIVES), f"{axis_type}: expected the gather"
-    close(jax.jit(gathered)(p_u, g_u, s_u),
-          plain_step(sizes)(host_u, grads_u, sizes.init(host_u)), f"gathered {axis_type}")
+    by_size = od.fused_step(sizes, chunk_size=1024, min_leaf_size=4096)
+    assert by_size.explain(p_u, g_u, s_u).startswith("chunks"), axis_type
+    hlo = jax.jit(by_size).lower(p_u, g_u, s_u).compile().as_text()
+    assert not [c for c in COLLECTIVES if c in hlo], f"{axis_type}: sizes mask communicates"
+    got = jax.jit(by_size)(p_u, g_u, s_u)
+    want = plain_step(sizes)(host_u, grads_u, sizes.init(host_u))
+    close(got, want, f"sizes mask {axis_type}")
+    undecayed = plain_step(od.sgdw(1e-2, 0.9, weight_decay=0.0))(host_u, grads_u,
+                                                                 sizes.init(host_u))
+    assert np.abs(np.asarray(got[0]["w"]) - undecayed[0]["w"]).max() > 1e-6, "w not decayed"
     print("OK", axis_type.name, flush=True)
 
   # jax.shard_map with its default check_vma=True: the kernel's results vary like its inputs.
