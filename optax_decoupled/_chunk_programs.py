@@ -88,7 +88,7 @@ def _leaf_program(split: Any, tree: Any, k: int, chunk_size: int) -> LeafProgram
   # tuples, so what is kept per leaf is a list of references.
   try:
     for i in sorted(theta | state):
-      eqn, op_ins, op_outs = split.ops[i]
+      eqn, op_ins, op_outs = split.eqns[i], split.ins[i], split.outs_of(i)
       prim, subfuns, params = _on_chunks(
           eqn, [avals[a] if isinstance(a, int) else a.aval for a in op_ins],
           [avals[v] for v in op_outs], n, chunk_size, path)

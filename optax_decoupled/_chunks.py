@@ -39,14 +39,13 @@ from jax.sharding import PartitionSpec as P
 from optax_decoupled import _chunk_programs, _sharding, _step_trace
 from optax_decoupled._programs import REST
 
-__all__ = ["chunked_step", "has_large_leaves", "splits_per_leaf", "state_is_chunkable"]
+__all__ = ["chunked_step", "splits_per_leaf", "state_is_chunkable"]
 
 
-def splits_per_leaf(tx, chunk_size, min_leaf_size, params, grads, state) -> str | None:
-  """None when the step's program splits per leaf (every array operation and array input
-  serves one large leaf, or the rest) and each large leaf's part runs on chunks, else why
-  not (the step then takes the plain path)."""
-  tree = _step_trace.StepTree(params, grads, state, min_leaf_size)
+def splits_per_leaf(tx, chunk_size, tree) -> str | None:
+  """None when the step's program on ``tree`` (a ``_step_trace.StepTree``) splits per leaf
+  (every array operation and array input serves one large leaf, or the rest) and each large
+  leaf's part runs on chunks, else why not (the step then takes the plain path)."""
   split = _step_trace.analysis(tx, tree)
   mixed = split.mixes_leaves(tree)
   if mixed is not None:
@@ -58,16 +57,10 @@ def splits_per_leaf(tx, chunk_size, min_leaf_size, params, grads, state) -> str 
   return None
 
 
-def has_large_leaves(min_leaf_size, params, grads, state) -> bool:
-  """Whether any leaf is large enough (and float32 throughout) to be chunked."""
-  return bool(_step_trace.StepTree(params, grads, state, min_leaf_size).big)
-
-
-def state_is_chunkable(state, params) -> bool:
-  """Every non-scalar state array sits in a subtree laid out exactly like ``params``."""
-  p_leaves, treedef = jax.tree.flatten(params)
-  items, kinds, _ = _step_trace.split_state(state, treedef, [tuple(np.shape(p)) for p in p_leaves])
-  return all(kind or np.ndim(item) == 0 for item, kind in zip(items, kinds))
+def state_is_chunkable(tree) -> bool:
+  """Every non-scalar state array of ``tree`` (a ``_step_trace.StepTree``) sits in a subtree
+  laid out exactly like the params."""
+  return all(kind or np.ndim(item) == 0 for item, kind in zip(tree.s_items, tree.s_kinds))
 
 
 def _zero_depending_on(x: jax.Array, dtype: Any) -> jax.Array:

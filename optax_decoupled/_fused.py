@@ -165,23 +165,25 @@ def fused_step(
                         f"moments{clipped}, one pass on all CPU threads over {where}, per shard "
                         "when sharded"), prepared
     state = chunk_state(state)
+    tree = None
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
-      _programs.check_elementwise(_step_trace.whole_program(chunked, params, grads, state).jaxpr)
+      tree = _step_trace.StepTree(params, grads, state, min_leaf_size)
+      _programs.check_elementwise(_step_trace.whole_program(chunked, tree).jaxpr)
     if kernel == "require":
       raise ValueError(
           f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
           "Use kernel='auto' to fall back to the pure-JAX path (same results).")
-    if layout is not None:
+    if tree is None:
       return "unpacked", f"tx.update on the unpacked tree, packed again; no kernel: {why_not}", None
-    if not _chunks.has_large_leaves(min_leaf_size, params, grads, state):
+    if not tree.big:
       return "plain", (f"no float32 leaf has min_leaf_size={min_leaf_size} elements (smaller "
                        f"ones fit in cache, where the plain step is as fast); no kernel: "
                        f"{why_not}"), None
-    if not _chunks.state_is_chunkable(state, params):
+    if not _chunks.state_is_chunkable(tree):
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return "plain", f"the state is not laid out like the params; no kernel: {why_not}", None
-    refused = _chunks.splits_per_leaf(chunked, chunk_size, min_leaf_size, params, grads, state)
+    refused = _chunks.splits_per_leaf(chunked, chunk_size, tree)
     if refused is not None:
       return "plain", f"{refused}; no kernel: {why_not}", None
     norm = " after one pass for the clip's global norm" if clip else ""

@@ -15,7 +15,6 @@ Everything here is linear in the size of the program.
 
 from __future__ import annotations
 
-import itertools
 import struct
 import types
 from typing import Any
@@ -152,17 +151,21 @@ class Split:
   calls inlined), each labelled by one backward pass with the outputs it feeds.
 
   Output ``n_out`` is a sink for the operations with effects (evaluated with the scalar
-  state, once). ``ops_of[o]``: the operations output ``o`` needs, in program order;
-  ``reads_of[o]``: the inputs it reads.
+  state, once). Operation i is ``eqns[i]`` on the atoms ``ins[i]`` (numbers, or literals),
+  giving the numbers ``outs(i)``. ``ops_of[o]``: the operations output ``o`` needs, in
+  program order; ``reads_of[o]``: the inputs it reads.
   """
 
   def __init__(self, closed, same_state: bool):
     self.same_state = same_state
-    self.ops: list[tuple[Any, tuple, tuple]] = []  # (equation, input atoms, output numbers)
+    # Kept as parallel lists (no tuple per operation: the split lives with its trace).
+    self.eqns: list[Any] = []
+    self.ins: list[tuple[Any, ...]] = []
+    self._first_out: list[int] = []
     self.consts: dict[int, Any] = {}
     self.n_in = len(closed.jaxpr.invars)
     self.avals: dict[int, Any] = {i: v.aval for i, v in enumerate(closed.jaxpr.invars)}
-    self._numbers = itertools.count(self.n_in)
+    self._next = self.n_in
     self.outs = self._inline(closed.jaxpr, closed.consts, list(range(self.n_in)))
     self.n_out = sink = len(self.outs)
     # Backward: an operation feeds what its results feed. The sets are shared between values
@@ -179,13 +182,13 @@ class Split:
     for o, a in enumerate(self.outs):
       if isinstance(a, int):
         join(a, frozenset((o,)))
-    self.feeds: list[frozenset[int] | None] = [None] * len(self.ops)
-    for i in range(len(self.ops) - 1, -1, -1):
-      eqn, ins, outs = self.ops[i]
-      if len(outs) == 1:
-        fed = feeds.get(outs[0])
+    self.feeds: list[frozenset[int] | None] = [None] * len(self.eqns)
+    for i in range(len(self.eqns) - 1, -1, -1):
+      eqn, ins = self.eqns[i], self.ins[i]
+      if len(eqn.outvars) == 1:
+        fed = feeds.get(self._first_out[i])
       else:
-        fed = frozenset().union(*(feeds.get(v, ()) for v in outs))
+        fed = frozenset().union(*(feeds.get(v, ()) for v in self.outs_of(i)))
       if eqn.effects:
         fed = frozenset((*(fed or ()), sink))
       if not fed:
@@ -207,12 +210,30 @@ class Split:
     self.intern: dict[Any, Any] = {}  # hash-consed parts of the leaf programs
     self.literals: dict[Any, Any] = {}  # a literal's key (``literal_key``): its value
 
+  def outs_of(self, i: int) -> range:
+    """The numbers of operation i's results."""
+    first = self._first_out[i]
+    return range(first, first + len(self.eqns[i].outvars))
+
+  def _number(self, aval: Any) -> int:
+    number = self._next
+    self._next += 1
+    self.avals[number] = aval
+    return number
+
+  def _add(self, eqn: Any, ins: tuple[Any, ...]) -> range:
+    self.eqns.append(eqn)
+    self.ins.append(ins)
+    self._first_out.append(self._next)
+    for v in eqn.outvars:
+      self._number(v.aval)
+    return self.outs_of(len(self.eqns) - 1)
+
   def _inline(self, jaxpr, consts, in_atoms):
     env = dict(zip(jaxpr.invars, in_atoms))
     for v, c in zip(jaxpr.constvars, consts):
-      env[v] = number = next(self._numbers)
+      env[v] = number = self._number(v.aval)
       self.consts[number] = c
-      self.avals[number] = v.aval
 
     def atom(v):
       return v if isinstance(v, _Literal) else env[v]  # a Literal stays itself
@@ -231,14 +252,10 @@ class Split:
         # Both branches, then a select per output: the same values for pure branches, and
         # each leaf's part splits off (optax.MultiSteps's cond takes every leaf).
         cases = [self._inline(b.jaxpr, b.consts, list(ins[1:])) for b in eqn.params["branches"]]
-        outs = tuple(next(self._numbers) for _ in eqn.outvars)
-        for j, (v, out) in enumerate(zip(eqn.outvars, outs)):
-          self.ops.append((Selection(v.aval), (ins[0], *(c[j] for c in cases)), (out,)))
-          self.avals[out] = v.aval
+        outs = [self._add(Selection(v.aval), (ins[0], *(c[j] for c in cases)))[0]
+                for j, v in enumerate(eqn.outvars)]
       else:
-        outs = tuple(next(self._numbers) for _ in eqn.outvars)
-        self.ops.append((eqn, ins, outs))
-        self.avals.update(zip(outs, (v.aval for v in eqn.outvars)))
+        outs = self._add(eqn, ins)
       env.update(zip(eqn.outvars, outs))
     return [atom(v) for v in jaxpr.outvars]
 
@@ -248,7 +265,7 @@ class Split:
     if not self.same_state or self.n_out != len(tree.out_owner):
       return "the new state is not laid out like the old one"
     owner = [*tree.out_owner, REST]  # the effects sink is evaluated with the rest.
-    for (eqn, _, _), fed in zip(self.ops, self.feeds):
+    for eqn, fed in zip(self.eqns, self.feeds):
       if fed is None or len(fed) == 1 or all(
           getattr(v.aval, "shape", ()) == () for v in eqn.outvars):
         continue

@@ -64,7 +64,10 @@ def per_shard(fn: Callable[..., tuple], args: list[Any], arg_leaf: list[int | No
   ``"gather"`` (every array replicated first: correct, not fast). On one device, and inside
   ``jax.shard_map`` (whose results then vary over the same mesh axes as the arguments),
   it is ``fn`` itself; under ``jax.vmap`` too (``custom_partitioning`` has no batching).
+  With a single device in the process nothing can be sharded: ``fn`` is called directly.
   """
+  if jax.device_count() == 1:
+    return list(fn(*args))
   n_leaves = 1 + max((k for k in (*arg_leaf, *out_leaf) if k is not None), default=-1)
   first = {k: arg_leaf.index(k) for k in range(n_leaves)}
 

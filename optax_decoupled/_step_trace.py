@@ -209,11 +209,11 @@ def analysis(tx, tree: StepTree) -> _programs.Split:
   return _traced(tx, tree).split
 
 
-def whole_program(tx, params, grads, state) -> Any:
-  """The closed jaxpr of ``tx.update`` + ``optax.apply_updates`` on the whole tree (inputs:
-  θ, g, state leaves; outputs: θ, state), traced once and shared with
-  :func:`analysis` and :func:`plain_step`."""
-  return _traced(tx, StepTree(params, grads, state)).closed
+def whole_program(tx, tree: StepTree) -> Any:
+  """The closed jaxpr of ``tx.update`` + ``optax.apply_updates`` on ``tree`` (inputs: θ, g,
+  state leaves; outputs: θ, state), traced once and shared with :func:`analysis` and
+  :func:`plain_step`."""
+  return _traced(tx, tree).closed
 
 
 def whole_values(tx, tree: StepTree) -> list[Any]:

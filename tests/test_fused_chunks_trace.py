@@ -265,7 +265,7 @@ def test_plain_step_reuses_the_whole_tree_trace():
   tx = _counting(od.sgdw(1e-2, momentum=0.9, weight_decay=1e-3), calls)
   params = _tree(layers=2)
   state = tx.init(params)
-  _step_trace.whole_program(tx, params, params, state)
+  _step_trace.whole_program(tx, _step_trace.StepTree(params, params, state))
   assert len(calls) == 1
   jax.make_jaxpr(lambda p, g, s: _step_trace.plain_step(tx, p, g, s))(params, params, state)
   assert len(calls) == 1
