@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from optax_decoupled import _chunk_programs, _sharding, _step_trace
 from optax_decoupled._programs import REST
 
-__all__ = ["chunked_step", "splits_per_leaf", "state_is_chunkable"]
+__all__ = ["chunked_step", "has_custom_derivatives", "splits_per_leaf", "state_is_chunkable"]
 
 
 def splits_per_leaf(tx, chunk_size, tree) -> str | None:
@@ -55,6 +55,12 @@ def splits_per_leaf(tx, chunk_size, tree) -> str | None:
     if isinstance(program, str):
       return f"the program cannot run chunk by chunk: {program}"
   return None
+
+
+def has_custom_derivatives(tx, params, grads, state) -> bool:
+  """Whether the chunk loop of ``tx`` runs a custom-derivative call as its primal program
+  (its derivative would then differ from the plain step's: differentiate that instead)."""
+  return _step_trace.analysis(tx, _step_trace.StepTree(params, grads, state)).custom_derivatives
 
 
 def state_is_chunkable(tree) -> bool:

@@ -67,8 +67,11 @@ def fused_step(
   (``jax.jit(step, donate_argnums=(0, 2))``): the buffers are then updated in place and the
   step needs no full-size temporary.
 
-  Differentiating the step (``jax.grad``/``jax.jvp`` through it, as in meta-learning)
-  differentiates the plain step: the kernel has no derivative of its own. ``jax.export`` of a
+  Differentiating the step (``jax.grad``/``jax.jvp`` through it, as in meta-learning) gives
+  the plain step's derivative: the kernel has no derivative of its own, so a kernel step (or
+  a chunk loop that runs a custom-derivative function as its primal program) differentiates
+  the plain step; any other chunk loop runs the plain step's operations and is
+  differentiated itself. ``jax.export`` of a
   kernel step for CPU fails with JAX's error on custom calls without compatibility guarantees;
   export ``fused_step(tx, kernel="off")`` instead (accelerators export the plain step).
 
@@ -225,9 +228,12 @@ def fused_step(
                                     default=lambda p, g, s, _: fallback(p, g, s))
 
     # The FFI call has no derivative, and the chunk loop runs custom-derivative calls as
-    # their primal programs: differentiate the plain step.
-    fast = jax.custom_jvp(fast)
-    fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
+    # their primal programs: then differentiate the plain step. (Otherwise the chunk loop's
+    # derivative is the plain step's: the same operations.)
+    if path == "kernel" or _chunks.has_custom_derivatives(
+        chunked, params, grads, chunk_state(state)):
+      fast = jax.custom_jvp(fast)
+      fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
     return fast(params, grads, state, prepared.new_state if prepared else None)
 
   def explain(params, grads, state) -> str:

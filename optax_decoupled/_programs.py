@@ -166,6 +166,7 @@ class Split:
     self.n_in = len(closed.jaxpr.invars)
     self.avals: dict[int, Any] = {i: v.aval for i, v in enumerate(closed.jaxpr.invars)}
     self._next = self.n_in
+    self.custom_derivatives = False  # a custom_jvp/custom_vjp call was inlined
     self.outs = self._inline(closed.jaxpr, closed.consts, list(range(self.n_in)))
     self.n_out = sink = len(self.outs)
     # Backward: an operation feeds what its results feed. The sets are shared between values
@@ -244,8 +245,9 @@ class Split:
       if inner is not None:
         outs = self._inline(inner.jaxpr, inner.consts, ins)
       elif eqn.primitive.name in _CUSTOM_DERIVATIVES:
-        # The primal program: the same values. (A chunked step differentiates the plain
-        # step, so the custom rule is not needed here.)
+        # The primal program: the same values. (A step that runs it then differentiates the
+        # plain step: ``custom_derivatives``.)
+        self.custom_derivatives = True
         inner = eqn.params["call_jaxpr"]
         outs = self._inline(inner.jaxpr, inner.consts, ins)
       elif eqn.primitive.name == "cond" and not eqn.effects:

@@ -210,6 +210,33 @@ def test_custom_derivative_calls_run_on_chunks_and_the_step_differentiates_the_p
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_grad_through_the_chunk_loop_is_the_plain_steps_grad():
+  # Meta-learning differentiates through the step (with respect to θ and g). Without a
+  # custom rule inside, the chunk loop is differentiated itself: the same operations, so
+  # the same derivative (oracle: jax.grad of the plain step).
+  # A state a few steps in: at the first step Adam's update is about -lr·sign(g), whose
+  # derivative in g cancels to rounding noise.
+  tx = od.adamw(1e-2, weight_decay=1e-1, mask=od.exclude_names("bias"))
+  params = _tree(layers=2)
+  state = tx.init(params)
+  for seed in range(3):
+    noise = _tree(layers=2, seed=seed + 1)
+    params, state = jax.jit(plain_step(tx))(params, noise, state)
+  grads = jax.tree.map(lambda x: jnp.cos(3.0 * x), params)
+  step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
+  assert step.explain(params, grads, state).startswith("chunks")
+
+  def loss(p, g, step):
+    new = step(p, g, state)[0]
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(new))
+
+  got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, grads, step)
+  want = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, grads,
+                                                                   plain_step(tx))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def _counting(tx, calls):
   """``tx`` whose ``update`` appends to ``calls`` each time it is traced or run."""
 
