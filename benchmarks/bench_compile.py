@@ -15,6 +15,8 @@ Two protocols: the best of five with the garbage collector off during the timed 
 a full collection before it (``timeit``'s convention: the work itself), and the mean of
 five with the collector on (what a training script pays on average; a full collection of
 JAX's heap takes ~0.1 s here and lands in whichever trace crosses its threshold).
+``--recipe`` picks the transformation (default ``od.adamw``; also ``od.sgdw``, a global-norm
+clip in front of ``od.sgdw``, one after ``od.adamw``, and ``optax.lamb``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,19 @@ def measure(n: int) -> dict[str, float]:
   return out
 
 
-def chunk_trace(n: int, reps: int = 5) -> dict[str, float]:
+RECIPES = {
+    "adamw": lambda: od.adamw(1e-3, weight_decay=1e-2, mask=od.exclude_names("bias")),
+    "sgdw": lambda: od.sgdw(1e-2, momentum=0.9, weight_decay=1e-3,
+                            mask=od.exclude_names("bias")),
+    "clip-sgdw": lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                     od.sgdw(1e-2, momentum=0.9, weight_decay=1e-3)),
+    "adamw-clip": lambda: optax.chain(od.adamw(1e-3, weight_decay=1e-2),
+                                      optax.clip_by_global_norm(1.0)),
+    "lamb": lambda: optax.lamb(1e-3, weight_decay=1e-2),
+}
+
+
+def chunk_trace(n: int, reps: int = 5, recipe: str = "adamw") -> dict[str, float]:
   """Trace times of the plain and the chunk-loop step on n large leaves: best of ``reps``
   with the collector off (``plain``, ``fused``), mean of ``reps`` with it on (``*_gc``)."""
   params = {f"layer{i:04d}": {"kernel": jax.ShapeDtypeStruct((2048, 1100), jnp.float32),
@@ -60,7 +74,7 @@ def chunk_trace(n: int, reps: int = 5) -> dict[str, float]:
   out = {"plain": float("inf"), "fused": float("inf"), "plain_gc": 0.0, "fused_gc": 0.0}
   for collector in (False, True):
     for _ in range(reps):
-      tx = od.adamw(1e-3, weight_decay=1e-2, mask=od.exclude_names("bias"))
+      tx = RECIPES[recipe]()
       state = jax.eval_shape(tx.init, params)
 
       def plain(p, g, s, tx=tx):
@@ -91,12 +105,14 @@ def main(argv=None) -> None:
                  help="numbers of leaves (default 10 100 1000 5000; 5000 takes ~5 minutes)")
   p.add_argument("--chunks", action="store_true",
                  help="trace time of the pure-JAX chunk path on large leaves instead")
+  p.add_argument("--recipe", choices=sorted(RECIPES), default="adamw",
+                 help="with --chunks: the transformation traced (default adamw)")
   args = p.parse_args(argv)
   if args.chunks:
     print(f"{'large leaves':>12} {'plain trace':>12} {'chunks trace':>13} {'ratio':>6}   "
           f"{'collector on: plain':>19} {'chunks':>7} {'ratio':>6}")
     for n in args.sizes:
-      b = chunk_trace(n)
+      b = chunk_trace(n, recipe=args.recipe)
       print(f"{n:>12} {b['plain']:>12.3f} {b['fused']:>13.3f} {b['fused'] / b['plain']:>6.2f}   "
             f"{b['plain_gc']:>19.3f} {b['fused_gc']:>7.3f} {b['fused_gc'] / b['plain_gc']:>6.2f}",
             flush=True)

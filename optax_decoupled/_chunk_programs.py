@@ -13,7 +13,8 @@ it is):
 * a ``broadcast_in_dim``, ``reshape`` or ``squeeze`` that makes an n-element array gets the
   chunk's shape (they keep the row-major order; a transposing ``reshape`` is refused);
 * a constant of n elements is read chunk by chunk, like g; scalar inputs (step counts,
-  hyperparameters) and scalar constants are passed whole;
+  hyperparameters), scalar constants and reduced values (``Split.reduced``: a global norm,
+  computed before the loops) are passed whole;
 * anything else on an n-element array (a reduction, a draw, a sub-program, side effects)
   is refused, with the reason, and the step takes the plain path.
 
@@ -72,7 +73,11 @@ def _leaf_program(split: Any, tree: Any, k: int, chunk_size: int) -> LeafProgram
     if got is not None:
       return got
     size = _size(avals[a])
-    if a in consts and size == n:
+    if a in split.reduced:  # a global norm...: computed before the loops, read as a scalar.
+      got = _ref("scalar", len(program.scalars))
+      program.scalars.append(("reduced", a))
+      scalars.append("reduced")
+    elif a in consts and size == n:
       got = _ref("leaf", program.n_leaf_inputs + len(program.leaf_consts))
       program.leaf_consts.append(consts[a])
     elif size != 1:
@@ -181,7 +186,7 @@ class LeafProgram:
   needed for θ, needed for the state), in program order, and ``params`` their parameters.
   References: ``("leaf", pos)`` the chunk of the leaf's arrays (θ, g, its state leaves, then
   ``leaf_consts``), ``("scalar", j)`` the j-th of ``scalars`` (``("input", index)`` of the
-  step or ``("const", value)``), ``("literal", key)`` (its value in ``literals``),
+  step, ``("const", value)`` or ``("reduced", number)``: ``Split.evaluate``'s), ``("literal", key)`` (its value in ``literals``),
   ``("value", op, result)``. ``outs``: new θ, new state leaves. Two leaves with equal
   ``key`` run the same operations.
   """

@@ -39,7 +39,8 @@ from jax.sharding import PartitionSpec as P
 from optax_decoupled import _chunk_programs, _sharding, _step_trace
 from optax_decoupled._programs import REST
 
-__all__ = ["chunked_step", "has_custom_derivatives", "splits_per_leaf", "state_is_chunkable"]
+__all__ = ["chunked_step", "has_custom_derivatives", "reduced_reads", "splits_per_leaf",
+           "state_is_chunkable"]
 
 
 def splits_per_leaf(tx, chunk_size, tree) -> str | None:
@@ -55,6 +56,19 @@ def splits_per_leaf(tx, chunk_size, tree) -> str | None:
     if isinstance(program, str):
       return f"the program cannot run chunk by chunk: {program}"
   return None
+
+
+def reduced_reads(tx, chunk_size, tree) -> str:
+  """What the loops read of the values reduced over whole arrays (computed in one pass
+  before them), in words; empty when nothing."""
+  split = _step_trace.analysis(tx, tree)
+  programs = [_chunk_programs.leaf_program(split, tree, k, chunk_size) for k in tree.big]
+  reads = {v for program in programs if not isinstance(program, str)
+           for kind, v in program.scalars if kind == "reduced"}
+  if not reads:
+    return ""
+  return f"{len(reads)} value{'s' if len(reads) > 1 else ''} reduced over whole arrays " \
+         "(a global norm...)"
 
 
 def has_custom_derivatives(tx, params, grads, state) -> bool:
@@ -125,10 +139,14 @@ def chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
     leaves.append((k, program, len(args), len(arrays)))
     args += arrays
     arg_leaf += [j] * len(arrays)
+  # Values reduced over whole arrays (a global norm), once, before the loops.
+  reduced = split.evaluate({v for _, program, _, _ in leaves
+                            for kind, v in program.scalars if kind == "reduced"}, tree.inputs)
   scalar_at = []
   for k, program, _, _ in leaves:
     scalar_at.append(len(args))
-    args += [rest_in[v] if kind == "input" else v for kind, v in program.scalars]
+    args += [rest_in[v] if kind == "input" else reduced[v] if kind == "reduced" else v
+             for kind, v in program.scalars]
     arg_leaf += [None] * len(program.scalars)
   out_leaf = [j for j, k in enumerate(tree.big) for _ in tree.leaf_outputs(k)]
 

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax import lax
 
@@ -78,9 +77,10 @@ def fused_step(
   Args:
     tx: an *elementwise* transformation: any alias of this package (``od.adamw``,
       ``od.adam_l2``, ``od.bert_adamw``, ``od.sgd_l2``), ``optax.adamw``/``adam``/``sgd``,
-      also wrapped in ``optax.inject_hyperparams``, optionally behind
-      ``optax.clip_by_global_norm`` (``optax.chain(clip, tx)``: the norm is taken in one
-      read of g first). Other transforms that reduce over parameters are refused with a
+      also wrapped in ``optax.inject_hyperparams``, optionally with reductions to one
+      scalar (``optax.clip_by_global_norm`` anywhere in an ``optax.chain``, ``optax.lamb``'s
+      trust ratios: computed in one pass over the whole arrays before the chunk loop).
+      Reductions to arrays (a norm per row), dots and random draws are refused with a
       ``ValueError`` at trace time.
     kernel: ``"auto"`` (default: the C++ kernel where it applies, else pure JAX),
       ``"require"`` (a ``ValueError`` at trace time saying why if the kernel cannot compute
@@ -130,16 +130,6 @@ def fused_step(
   target, not_recognised = _targets.target_of(tx)
   clip = _targets.split_clip(tx)
 
-  # The chunk loop's transformation and state: a global-norm clip in front is split off,
-  # its norm (taken from the whole gradient; a stand-in when only planning) given in the
-  # state, so planning and the step trace the same program.
-  chunked = tx if clip is None else _targets.clipped(*clip)
-
-  def chunk_state(state, g_norm=None):
-    if clip is None:
-      return state
-    return (jnp.ones([], jnp.float32) if g_norm is None else g_norm, state[1])
-
   def plain(params, grads, state):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -167,11 +157,10 @@ def fused_step(
       return "kernel", (f"the C++ kernel: the Adam step and its decay term with float32 "
                         f"moments{clipped}, one pass on all CPU threads over {where}, per shard "
                         "when sharded"), prepared
-    state = chunk_state(state)
     tree = None
     if layout is None:  # the flat mode never chunks: its fallback runs tx on the tree.
       tree = _step_trace.StepTree(params, grads, state, min_leaf_size)
-      _programs.check_elementwise(_step_trace.whole_program(chunked, tree).jaxpr)
+      _programs.check_elementwise(_step_trace.whole_program(tx, tree).jaxpr)
     if kernel == "require":
       raise ValueError(
           f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
@@ -186,11 +175,12 @@ def fused_step(
       # Per-parameter arrays not laid out like the params (e.g. optax.masked around a
       # stateful transform keeps moments for a subset of leaves): cannot be sliced per leaf.
       return "plain", f"the state is not laid out like the params; no kernel: {why_not}", None
-    refused = _chunks.splits_per_leaf(chunked, chunk_size, tree)
+    refused = _chunks.splits_per_leaf(tx, chunk_size, tree)
     if refused is not None:
       return "plain", f"{refused}; no kernel: {why_not}", None
-    norm = " after one pass for the clip's global norm" if clip else ""
-    return "chunks", f"the pure-JAX chunk loop{norm}; no kernel: {why_not}", None
+    first = _chunks.reduced_reads(tx, chunk_size, tree)
+    first = f" after one pass for {first}" if first else ""
+    return "chunks", f"the pure-JAX chunk loop{first}; no kernel: {why_not}", None
 
   def fallback(params, grads, state):
     if layout is None:  # the same program as the plan's whole-tree trace (traced once).
@@ -204,10 +194,7 @@ def fused_step(
     the step stays a function of its inputs under ``custom_jvp``."""
     if path == "chunks":
       def chunk_step(p, g, s, _):
-        norm = optax.tree.norm(g) if clip else None  # optax.clip_by_global_norm's norm
-        p, new = _chunks.chunked_step(chunked, chunk_size, min_leaf_size, p, g,
-                                      chunk_state(s, norm))
-        return p, new if clip is None else (s[0], new[1])
+        return _chunks.chunked_step(tx, chunk_size, min_leaf_size, p, g, s)
       return chunk_step
 
     def kernel_step(p, g, s, new_state):
@@ -230,8 +217,7 @@ def fused_step(
     # The FFI call has no derivative, and the chunk loop runs custom-derivative calls as
     # their primal programs: then differentiate the plain step. (Otherwise the chunk loop's
     # derivative is the plain step's: the same operations.)
-    if path == "kernel" or _chunks.has_custom_derivatives(
-        chunked, params, grads, chunk_state(state)):
+    if path == "kernel" or _chunks.has_custom_derivatives(tx, params, grads, state):
       fast = jax.custom_jvp(fast)
       fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
     return fast(params, grads, state, prepared.new_state if prepared else None)

@@ -15,6 +15,7 @@ Everything here is linear in the size of the program.
 
 from __future__ import annotations
 
+import math
 import struct
 import types
 from typing import Any
@@ -56,7 +57,9 @@ _GENERATORS = frozenset(["iota", "rng_uniform", "rng_bit_generator", "threefry2x
 
 
 def check_elementwise(jaxpr: Any) -> None:
-  """Raises unless every equation (recursively) is elementwise or acts on scalars only."""
+  """Raises unless every equation (recursively) is elementwise, or makes scalars only (step
+  counts, schedules; a reduction to a scalar, such as a global norm, which the chunk loop
+  takes from one pass over the whole arrays before the loops)."""
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
@@ -68,14 +71,15 @@ def check_elementwise(jaxpr: Any) -> None:
       continue
     if name in ELEMENTWISE:
       continue
-    # Ops on scalars only (schedules, step counts) cannot mix parameter elements, unless they
-    # make new values per element: a random draw or an iota would repeat in every chunk.
+    # Ops making scalars only (schedules, step counts, reductions) cannot mix parameter
+    # elements, unless they make new values per element: a random draw or an iota would
+    # repeat in every chunk.
     if name not in _GENERATORS and "random" not in name and all(
-        getattr(v.aval, "shape", ()) == () for v in eqn.invars):
+        getattr(v.aval, "shape", ()) == () for v in eqn.outvars):
       continue
     raise ValueError(
         f"fused_step: the transformation's update uses '{name}', which is not elementwise "
-        "(a reduction over parameters such as a global-norm clip, a random draw, a dot...). "
+        "(a dot, a sort, a cumulative sum, a random draw...). "
         "Applied chunk by chunk it would compute something else. Use tx.update + "
         "optax.apply_updates for this transformation."
     )
@@ -118,6 +122,10 @@ def sub_jaxprs(eqn) -> list[Any]:
   return [getattr(s, "jaxpr", s) for s in subs]
 
 
+def _size(aval: Any) -> int:
+  return math.prod(getattr(aval, "shape", ()))
+
+
 def literal_key(literal) -> tuple[Any, ...]:
   """A literal as a hashable value, exact (a float by its bytes: 0.0 is not -0.0) and with
   its type (``repr`` is slow)."""
@@ -151,7 +159,10 @@ class Split:
   calls inlined), each labelled by one backward pass with the outputs it feeds.
 
   Output ``n_out`` is a sink for the operations with effects (evaluated with the scalar
-  state, once). Operation i is ``eqns[i]`` on the atoms ``ins[i]`` (numbers, or literals),
+  state, once), and ``n_out + 1`` (``pre``) one for the values in ``reduced``: scalars that
+  depend on a reduction over arrays (a global norm and what follows from it), evaluated
+  before the loops on the whole arrays (:meth:`evaluate`) and read by the loops as scalars
+  (the labels stop there: their operations feed ``pre`` only). Operation i is ``eqns[i]`` on the atoms ``ins[i]`` (numbers, or literals),
   giving the numbers ``outs(i)``. ``ops_of[o]``: the operations output ``o`` needs, in
   program order; ``reads_of[o]``: the inputs it reads.
   """
@@ -169,6 +180,9 @@ class Split:
     self.custom_derivatives = False  # a custom_jvp/custom_vjp call was inlined
     self.outs = self._inline(closed.jaxpr, closed.consts, list(range(self.n_in)))
     self.n_out = sink = len(self.outs)
+    self.pre = sink + 1
+    self.reduced = self._reduced()
+    only_pre = frozenset((self.pre,))
     # Backward: an operation feeds what its results feed. The sets are shared between values
     # (most feed one output) and replaced, never changed, when they grow.
     feeds: dict[int, frozenset[int]] = {}
@@ -190,6 +204,8 @@ class Split:
         fed = feeds.get(self._first_out[i])
       else:
         fed = frozenset().union(*(feeds.get(v, ()) for v in self.outs_of(i)))
+      if fed and self._first_out[i] in self.reduced:
+        fed = only_pre
       if eqn.effects:
         fed = frozenset((*(fed or ()), sink))
       if not fed:
@@ -199,17 +215,64 @@ class Split:
         if isinstance(a, int):
           join(a, fed)
     self.input_feeds = [feeds.get(i, frozenset()) for i in range(self.n_in)]
-    self.ops_of: list[list[int]] = [[] for _ in range(sink + 1)]
+    self.ops_of: list[list[int]] = [[] for _ in range(sink + 2)]
     for i, fed in enumerate(self.feeds):
       for o in fed or ():
         self.ops_of[o].append(i)
-    self.reads_of: list[list[int]] = [[] for _ in range(sink + 1)]
+    self.reads_of: list[list[int]] = [[] for _ in range(sink + 2)]
     for i, fed in enumerate(self.input_feeds):
       for o in fed:
         self.reads_of[o].append(i)
     self.leaf_programs: dict[tuple[int, int], Any] = {}  # ``_chunk_programs``' cache
     self.intern: dict[Any, Any] = {}  # hash-consed parts of the leaf programs
     self.literals: dict[Any, Any] = {}  # a literal's key (``literal_key``): its value
+
+  def _reduced(self) -> set[int]:
+    """The scalar values that depend on a reduction over arrays (an operation making scalars
+    from an array, and every scalar computed from such a value)."""
+    reduced: set[int] = set()
+    for i, (eqn, ins) in enumerate(zip(self.eqns, self.ins)):
+      outs = self.outs_of(i)
+      if any(_size(self.avals[o]) != 1 for o in outs):
+        continue
+      if any(isinstance(a, int) and (a in reduced or _size(self.avals[a]) != 1) for a in ins):
+        reduced.update(outs)
+    return reduced
+
+  def evaluate(self, wanted: set[int], inputs: list[Any]) -> dict[int, Any]:
+    """The values ``wanted`` (numbers), binding the operations they need on ``inputs`` (the
+    step's inputs: whole arrays)."""
+    needed, ops = set(wanted), []
+    for i in range(len(self.eqns) - 1, -1, -1):
+      if any(o in needed for o in self.outs_of(i)):
+        ops.append(i)
+        needed.update(a for a in self.ins[i] if isinstance(a, int))
+    env: dict[int, Any] = {}
+
+    def read(a):
+      if not isinstance(a, int):
+        return a.val
+      if a in env:
+        return env[a]
+      return inputs[a] if a < self.n_in else self.consts[a]
+
+    ctx = manager = None
+    try:
+      for i in reversed(ops):
+        eqn = self.eqns[i]
+        if getattr(eqn, "ctx", None) not in (None, ctx):  # e.g. compute_on, a mesh.
+          if manager is not None:
+            manager.__exit__(None, None, None)
+          ctx, manager = eqn.ctx, eqn.ctx.manager
+          manager.__enter__()
+        params = eqn.primitive.get_bind_params(eqn.params)
+        subfuns, params = params if isinstance(params, tuple) else ((), params)
+        ans = eqn.primitive.bind(*subfuns, *map(read, self.ins[i]), **params)
+        env.update(zip(self.outs_of(i), ans if eqn.primitive.multiple_results else (ans,)))
+    finally:
+      if manager is not None:
+        manager.__exit__(None, None, None)
+    return {a: read(a) for a in wanted}
 
   def outs_of(self, i: int) -> range:
     """The numbers of operation i's results."""
@@ -263,17 +326,20 @@ class Split:
 
   def mixes_leaves(self, tree: Any) -> str | None:
     """None when the program splits per leaf: every operation with an array result, and every
-    array input, feeds the outputs of one owner only (a large leaf, or the rest)."""
+    array input, feeds the outputs of at most one large leaf (and maybe the rest: the small
+    leaves, the scalar state, the effects and the reduced values, all evaluated on the whole
+    arrays outside the loops)."""
     if not self.same_state or self.n_out != len(tree.out_owner):
       return "the new state is not laid out like the old one"
-    owner = [*tree.out_owner, REST]  # the effects sink is evaluated with the rest.
+    owner = [*tree.out_owner, REST, REST]  # the effects and the reduced values: the rest's.
     for eqn, fed in zip(self.eqns, self.feeds):
       if fed is None or len(fed) == 1 or all(
           getattr(v.aval, "shape", ()) == () for v in eqn.outvars):
         continue
-      if len({owner[o] for o in fed}) > 1:
+      if len({owner[o] for o in fed} - {REST}) > 1:
         return f"an array operation '{eqn.primitive.name}' feeds several leaves"
     for i, fed in enumerate(self.input_feeds):
-      if fed and not tree.in_scalar[i] and any(owner[o] != tree.in_owner[i] for o in fed):
+      if fed and not tree.in_scalar[i] and any(owner[o] not in (tree.in_owner[i], REST)
+                                               for o in fed):
         return f"input {i} is read by another leaf"
     return None

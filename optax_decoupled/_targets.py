@@ -24,13 +24,9 @@ import inspect
 import types
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import optax
-
 from optax_decoupled import _recipes
 
-__all__ = ["NOT_ADAMW", "AdamWSpec", "Target", "adamw_spec", "clipped", "split_clip", "target_of"]
+__all__ = ["NOT_ADAMW", "AdamWSpec", "Target", "adamw_spec", "split_clip", "target_of"]
 
 NOT_ADAMW = ("the kernel implements od.adamw, od.adam_l2, od.bert_adamw and optax.adamw "
              "(also inside optax.inject_hyperparams, behind optax.clip_by_global_norm); this "
@@ -164,24 +160,6 @@ def split_clip(tx: Any) -> tuple[Any, Any] | None:
   if max_norm is None:
     return None
   return max_norm, _unwrap(fns[1])
-
-
-def clipped(max_norm: Any, rest_update: Any) -> Any:
-  """The update of ``chain(clip_by_global_norm(max_norm), rest)`` with the global norm
-  given in the state, ``(‖g‖, rest's state)``: elementwise, so it can be applied chunk by
-  chunk. The clip is optax's (``optax/transforms/_clipping.py``), written with its
-  operations."""
-
-  def update(updates, state, params=None, **extra):
-    g_norm = state[0]
-    trigger = jnp.squeeze(g_norm < max_norm)
-    updates = jax.tree.map(
-        lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
-        updates)
-    updates, rest = rest_update(updates, state[1], params, **extra)
-    return updates, (state[0], rest)
-
-  return optax.GradientTransformationExtraArgs(lambda params: None, update)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -78,6 +78,15 @@ TRANSFORMS = {
     # accumulated gradient, another state leaf. Three steps: the third is a boundary step.
     "optax.MultiSteps(od.adamw, 3)": lambda: optax.MultiSteps(
         od.adamw(1e-2, weight_decay=1e-1), 3),
+    # Reductions to a scalar, taken in one pass over the whole arrays before the loops: a
+    # global-norm clip in front of a longer chain, one after the optimizer (of the updates,
+    # so of m, v and g; small max_norm: it clips), and LAMB's per-leaf trust ratios.
+    "clip, then scale_by_adam, decay, scale": lambda: optax.chain(
+        optax.clip_by_global_norm(1.0), optax.scale_by_adam(), optax.add_decayed_weights(1e-2),
+        optax.scale(-1e-2)),
+    "od.adamw, then a clip of the updates": lambda: optax.chain(
+        od.adamw(1e-2, weight_decay=1e-1), optax.clip_by_global_norm(1e-3)),
+    "optax.lamb": lambda: optax.lamb(1e-2, weight_decay=1e-2),
 }
 
 
@@ -235,6 +244,23 @@ def test_grad_through_the_chunk_loop_is_the_plain_steps_grad():
                                                                    plain_step(tx))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_a_global_norm_is_one_pass_before_the_loops_and_no_second_trace():
+  # optax.clip_by_global_norm in front of od.sgdw: tx.update itself is traced once (the
+  # norm is a value of that program, evaluated on the whole gradient before the loops), and
+  # the accelerator branch shares that trace. Oracle: the plain step.
+  calls = []
+  tx = _counting(optax.chain(optax.clip_by_global_norm(0.5),
+                             od.sgdw(1e-2, momentum=0.9, weight_decay=1e-2)), calls)
+  params = _tree(layers=3)
+  state = tx.init(params)
+  step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=MIN_LEAF)
+  why = step.explain(params, params, state)
+  assert why.startswith("chunks") and "reduced over whole arrays" in why, why
+  jax.jit(step).trace(params, params, state)
+  assert len(calls) == 1
+  _assert_equals_the_plain_step(tx, step, params, state)
 
 
 def _counting(tx, calls):

@@ -13,7 +13,8 @@ cut the packed segments, so each shard must find its own decay flags), it assert
   step ``tx.update`` + ``optax.apply_updates`` (oracle) to the kernel tests' tolerance;
 * the same (no collective, shardings kept, equal to the plain step) for the pure-JAX chunk
   loop, here of ``od.sgdw``, which the kernel does not compute, also with a mask that reads
-  sizes: it decides on the whole leaves (a shard alone would decide otherwise).
+  sizes: it decides on the whole leaves (a shard alone would decide otherwise), and behind a
+  global-norm clip (the norm's all-reduce is then the only collective).
 
 And inside ``jax.shard_map`` (default ``check_vma=True``) the kernel step traces, runs the
 kernel and equals the plain step.
@@ -36,6 +37,8 @@ def _worker() -> None:
   import numpy as np
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
+
+  import optax
 
   import optax_decoupled as od
 
@@ -131,6 +134,17 @@ def _worker() -> None:
     undecayed = plain_step(od.sgdw(1e-2, 0.9, weight_decay=0.0))(host_u, grads_u,
                                                                  sizes.init(host_u))
     assert np.abs(np.asarray(got[0]["w"]) - undecayed[0]["w"]).max() > 1e-6, "w not decayed"
+    # A global-norm clip in front: the norm is one reduction over the sharded gradient
+    # before the loops (its all-reduce is the only collective), the loops still per shard.
+    clip_sgdw = optax.chain(optax.clip_by_global_norm(0.5), sgdw)
+    clipped = od.fused_step(clip_sgdw, chunk_size=1024, min_leaf_size=4096)
+    c_state = jax.jit(clip_sgdw.init)(params)
+    assert "reduced over whole arrays" in clipped.explain(params, grads, c_state), axis_type
+    hlo = jax.jit(clipped).lower(params, grads, c_state).compile().as_text()
+    assert not [c for c in COLLECTIVES if c in hlo and c != "all-reduce"], axis_type
+    got = jax.jit(clipped)(params, grads, c_state)
+    assert got[0]["w"].sharding.is_equivalent_to(shardings["w"], 2)
+    close(got, plain_step(clip_sgdw)(host, host_g, clip_sgdw.init(host)), f"clip {axis_type}")
     print("OK", axis_type.name, flush=True)
 
   # jax.shard_map with its default check_vma=True: the kernel's results vary like its inputs.

@@ -82,16 +82,21 @@ def test_plain_step_has_as_many_full_size_passes_as_optax():
 
 @pytest.mark.parametrize("shape, tx_name", [
     ((N,), "adamw"), ((N // 239, 239), "adamw"), ((23, 193, 239), "adamw"), ((N,), "adam_l2"),
-    ((23, 193, 239), "adam_l2"), ((23, 193, 239), "multisteps")])  # N = 23·193·239
+    ((23, 193, 239), "adam_l2"), ((23, 193, 239), "multisteps"),
+    ((23, 193, 239), "clip_after")])  # N = 23·193·239
 def test_fused_step_is_one_in_place_chunk_loop(shape, tx_name):
   # A ragged last chunk (N is not a multiple of CHUNK) on a 1-, 2- and 3-D leaf: a static
   # offset into the reshaped 2-D buffer once made XLA copy it whole. With coupled L2 the new
   # moments read θ, with optax.MultiSteps the accumulated gradient: the loop carries each
-  # chunk's old values, still without a full-size copy.
+  # chunk's old values, still without a full-size copy. A clip of the updates after the
+  # optimizer reads m, v and g in one pass before the loop, which then writes m and v in
+  # place: still no copy.
   params, grads = jax.tree.map(lambda x: x.reshape(shape), _problem())
   tx = {"adamw": lambda: od.adamw(1e-3, weight_decay=1e-2),
         "adam_l2": lambda: od.adam_l2(1e-3, weight_decay=1e-2),
-        "multisteps": lambda: optax.MultiSteps(od.adamw(1e-3, weight_decay=1e-2), 3)}[tx_name]()
+        "multisteps": lambda: optax.MultiSteps(od.adamw(1e-3, weight_decay=1e-2), 3),
+        "clip_after": lambda: optax.chain(od.adamw(1e-3, weight_decay=1e-2),
+                                          optax.clip_by_global_norm(1e-3))}[tx_name]()
   step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=CHUNK)
   hlo = _compile(step, params, grads, tx.init(params)).as_text()
   comps = _computations(hlo)
@@ -231,9 +236,15 @@ def test_fused_step_equals_update_then_apply_updates(name, kernel):
 
 
 def test_fused_step_refuses_a_transform_that_is_not_elementwise():
-  # A clip in front of the optimizer is split off (tests/test_fused_recipes.py); one after
-  # it reduces over the updates inside the chain, which no chunk can compute.
-  tx = optax.chain(od.adamw(1e-3), optax.clip_by_global_norm(1.0))
+  # Each row of a matrix scaled by its own norm: a reduction to an array (one norm per
+  # row), which no chunk can compute. (Reductions to one scalar, such as a global-norm
+  # clip, are taken in one pass before the loops: tests/test_fused_chunks_trace.py.)
+  def row_normalized():
+    def update(u, s, p=None):
+      return jax.tree.map(lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True), u), s
+    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+  tx = optax.chain(row_normalized(), od.adamw(1e-3))
   params = _tree()
   with pytest.raises(ValueError, match="not elementwise"):
     jax.jit(od.fused_step(tx, chunk_size=1024, min_leaf_size=1024))(params, params, tx.init(params))
