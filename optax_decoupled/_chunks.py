@@ -113,7 +113,10 @@ def chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
   them; each large leaf's operations run in its own loop. With sharded arrays each device
   runs the loops on its own shards (``_sharding.per_shard``): the program is elementwise
   and decided on the whole tree, so a shard's elements get what the whole leaf's get. An
-  uneven cut gathers first (correct, not fast)."""
+  uneven cut gathers first (correct, not fast).
+
+  Only on CPU (``lax.platform_dependent`` around the loops): elsewhere the large leaves take
+  the whole program's values too, so the step is the plain one there."""
   tree = _step_trace.StepTree(params, grads, state, min_leaf_size, as_arrays=True)
   split = _step_trace.analysis(tx, tree)
   assert split.mixes_leaves(tree) is None, "fused_step plans the chunk loop after checking"
@@ -184,7 +187,10 @@ def chunked_step(tx, chunk_size, min_leaf_size, params, grads, state):
     firsts = [explicit[arg_leaf.index(j)] for j in out_leaf]
     run = jax.sharding.auto_axes(run, out_sharding=[
         s if s is not None else NamedSharding(mesh, P()) for s in firsts])
-  results = iter(run(*args))
+  big = [o for k in tree.big for o in tree.leaf_outputs(k)]
+  results = iter(lax.platform_dependent(
+      *args, *(whole[o] for o in big), cpu=lambda *xs: tuple(run(*xs[:len(args)])),
+      default=lambda *xs: tuple(xs[len(args):])))
   for k in tree.big:
     values.update(zip(tree.leaf_outputs(k), results))
   return tree.unflatten_outputs([values[o] for o in range(split.n_out)])

@@ -188,39 +188,36 @@ def fused_step(
     new_params, new_state = plain(*as_tree(params, grads, state))
     return layout.pack(new_params), layout.pack_state(new_state)
 
-  def on_cpu(path, prepared):
-    """The CPU step, ``(params, grads, state, new_state) -> (params, state)``: ``new_state``
-    is the kernel's ``prepared.new_state``, passed as an argument (not closed over) so that
-    the step stays a function of its inputs under ``custom_jvp``."""
-    if path == "chunks":
-      def chunk_step(p, g, s, _):
-        return _chunks.chunked_step(tx, chunk_size, min_leaf_size, p, g, s)
-      return chunk_step
-
-    def kernel_step(p, g, s, new_state):
-      ready = dataclasses.replace(prepared, new_state=new_state)
-      if layout is None:
-        return _kernel.adamw_step(ready, p, g, s)
-      return _kernel.adamw_flat_step(ready, layout, p, g, s)
-    return kernel_step
-
   def step(params, grads, state):
     path, _, prepared = plan(params, grads, state)
     if path in ("plain", "unpacked"):
       return fallback(params, grads, state)
-    cpu = on_cpu(path, prepared)
+    if path == "chunks":  # off CPU the large leaves take the plain step's values (inside).
+      def chunks(p, g, s):
+        return _chunks.chunked_step(tx, chunk_size, min_leaf_size, p, g, s)
+      # The loop runs custom-derivative calls as their primal programs: then differentiate
+      # the plain step. (Otherwise the loop's derivative is the plain step's: the same ops.)
+      if _chunks.has_custom_derivatives(tx, params, grads, state):
+        chunks = jax.custom_jvp(chunks)
+        chunks.defjvp(lambda primals, tangents: jax.jvp(fallback, primals, tangents))
+      return chunks(params, grads, state)
+
+    def kernel_step(p, g, s, new_state):
+      # new_state (prepared.new_state) is an argument, not closed over, so that the step
+      # stays a function of its inputs under custom_jvp.
+      ready = dataclasses.replace(prepared, new_state=new_state)
+      if layout is None:
+        return _kernel.adamw_step(ready, p, g, s)
+      return _kernel.adamw_flat_step(ready, layout, p, g, s)
 
     def fast(p, g, s, new_state):
-      return lax.platform_dependent(p, g, s, new_state, cpu=cpu,
+      return lax.platform_dependent(p, g, s, new_state, cpu=kernel_step,
                                     default=lambda p, g, s, _: fallback(p, g, s))
 
-    # The FFI call has no derivative, and the chunk loop runs custom-derivative calls as
-    # their primal programs: then differentiate the plain step. (Otherwise the chunk loop's
-    # derivative is the plain step's: the same operations.)
-    if path == "kernel" or _chunks.has_custom_derivatives(tx, params, grads, state):
-      fast = jax.custom_jvp(fast)
-      fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
-    return fast(params, grads, state, prepared.new_state if prepared else None)
+    # The FFI call has no derivative: differentiate the plain step.
+    fast = jax.custom_jvp(fast)
+    fast.defjvp(lambda primals, tangents: jax.jvp(fallback, primals[:3], tangents[:3]))
+    return fast(params, grads, state, prepared.new_state)
 
   def explain(params, grads, state) -> str:
     """Which path the CPU step takes for these arguments, and why."""
