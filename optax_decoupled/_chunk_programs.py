@@ -25,20 +25,14 @@ loop serves them all.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optax_decoupled._programs import (
-    ELEMENTWISE,
-    Selection,
-    literal_key,
-    params_key,
-    sub_jaxprs,
-)
+from optax_decoupled._programs import ELEMENTWISE, literal_key, params_key, sub_jaxprs
+from optax_decoupled._programs import aval_size as _size
 
 __all__ = ["LeafProgram", "leaf_program"]
 
@@ -135,10 +129,6 @@ class _LazyPath:
     return self.tree.path(self.k)
 
 
-def _size(aval: Any) -> int:
-  return math.prod(getattr(aval, "shape", ()))
-
-
 def _constant_key(value: Any) -> tuple[Any, ...]:
   return (tuple(np.shape(value)), str(jnp.result_type(value)))
 
@@ -162,7 +152,7 @@ def _on_chunks(eqn, in_avals, out_avals, n, chunk_size, path) -> tuple[Any, tupl
   if any(s not in (1, n) for s in sizes):
     shape = next(a.shape for a in (*in_avals, *out_avals) if _size(a) not in (1, n))
     raise _Refused(f"leaf {path}'s program makes an array of shape {shape} ('{name}')")
-  if sub_jaxprs(eqn) or (name not in ELEMENTWISE and not isinstance(eqn, Selection)):
+  if sub_jaxprs(eqn) or name not in ELEMENTWISE:  # (an inlined cond's select_n is)
     raise _Refused(f"'{name}' acts on leaf {path}, and only elementwise operations can run "
                    "chunk by chunk")
   if getattr(getattr(eqn, "ctx", None), "compute_type", None) is not None:

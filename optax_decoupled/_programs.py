@@ -28,7 +28,7 @@ try:
 except ImportError:  # older jax
   from jax.core import Literal as _Literal  # type: ignore[attr-defined,no-redef]
 
-__all__ = ["ELEMENTWISE", "REST", "Split", "check_elementwise", "literal_key",
+__all__ = ["ELEMENTWISE", "REST", "Split", "aval_size", "check_elementwise", "literal_key",
            "params_key", "sub_jaxprs"]
 
 REST = -1  # owner of what is computed outside the chunk loops: small leaves, scalar state.
@@ -62,12 +62,10 @@ def check_elementwise(jaxpr: Any) -> None:
   takes from one pass over the whole arrays before the loops)."""
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
-    subs += [b for v in eqn.params.values() if isinstance(v, (tuple, list)) for b in v
-             if hasattr(b, "jaxpr") or hasattr(b, "eqns")]
+    subs = sub_jaxprs(eqn)
     if subs:
       for sub in subs:
-        check_elementwise(getattr(sub, "jaxpr", sub))
+        check_elementwise(sub)
       continue
     if name in ELEMENTWISE:
       continue
@@ -101,7 +99,7 @@ def _plain_call(eqn) -> Any:
   return inner if hasattr(inner, "consts") and hasattr(inner, "jaxpr") else None
 
 
-class Selection:
+class _Selection:
   """``lax.select_n(index, *cases)`` standing for one output of an inlined ``cond``: what
   :class:`Split` reads of an equation (primitive, params, effects, context, outputs)."""
 
@@ -115,6 +113,7 @@ class Selection:
 
 
 def sub_jaxprs(eqn) -> list[Any]:
+  """The jaxprs in an equation's parameters (a call's body, a cond's branches...)."""
   params = eqn.params.values()
   subs = [v for v in params if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
   subs += [b for v in params if isinstance(v, (tuple, list)) for b in v
@@ -122,7 +121,8 @@ def sub_jaxprs(eqn) -> list[Any]:
   return [getattr(s, "jaxpr", s) for s in subs]
 
 
-def _size(aval: Any) -> int:
+def aval_size(aval: Any) -> int:
+  """The number of elements of a value of type ``aval`` (1 for a scalar)."""
   return math.prod(getattr(aval, "shape", ()))
 
 
@@ -233,9 +233,9 @@ class Split:
     reduced: set[int] = set()
     for i, (eqn, ins) in enumerate(zip(self.eqns, self.ins)):
       outs = self.outs_of(i)
-      if any(_size(self.avals[o]) != 1 for o in outs):
+      if any(aval_size(self.avals[o]) != 1 for o in outs):
         continue
-      if any(isinstance(a, int) and (a in reduced or _size(self.avals[a]) != 1) for a in ins):
+      if any(isinstance(a, int) and (a in reduced or aval_size(self.avals[a]) != 1) for a in ins):
         reduced.update(outs)
     return reduced
 
@@ -317,7 +317,7 @@ class Split:
         # Both branches, then a select per output: the same values for pure branches, and
         # each leaf's part splits off (optax.MultiSteps's cond takes every leaf).
         cases = [self._inline(b.jaxpr, b.consts, list(ins[1:])) for b in eqn.params["branches"]]
-        outs = [self._add(Selection(v.aval), (ins[0], *(c[j] for c in cases)))[0]
+        outs = [self._add(_Selection(v.aval), (ins[0], *(c[j] for c in cases)))[0]
                 for j, v in enumerate(eqn.outvars)]
       else:
         outs = self._add(eqn, ins)
