@@ -1,7 +1,8 @@
 """The optional CPU kernel behind :func:`optax_decoupled.fused_step` for Adam chains.
 
-``csrc/adam_step.cc`` is compiled at install time by ``hatch_build.py`` when a C++ compiler
-is present, and registered with XLA here (``jax.ffi``) on first use. It computes the step
+``csrc/adam_step.cc`` is compiled on first use (:func:`unavailable`) against the FFI headers
+of the jaxlib that is installed (``jax.ffi.include_dir()``), cached per jaxlib version and
+source (:func:`cache_dir`), and registered with XLA (``jax.ffi``). It computes the step
 of the Adam chains ``_targets`` recognises (``od.adamw`` with any coupling, ``od.bert_adamw``,
 ``od.adam_l2``, ``optax.adamw``; inside ``optax.inject_hyperparams``; behind
 ``optax.clip_by_global_norm``) with the operations and float32 rounding of the optax chain
@@ -17,9 +18,9 @@ hyperparameters) comes from ``tx.update`` itself, called on zero-size stand-ins.
 
 Dtypes: float32 moments; θ and g float32 or bfloat16 (bfloat16 gradients only with
 ``mu_dtype=nu_dtype=jnp.float32``, whose ``od.scale_by_adam`` widens g before the moments,
-as the kernel does; float32 θ and g for L2 and for a clip). When the kernel is not built,
-cannot be loaded, or does not cover a case, ``fused_step`` uses its pure-JAX path;
-:func:`unavailable` and ``step.explain`` say why.
+as the kernel does; float32 θ and g for L2 and for a clip). When no C++ compiler is present,
+or the kernel cannot be built or loaded, or does not cover a case, ``fused_step`` takes the
+plain step; :func:`unavailable` and ``step.explain`` say why.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import json
+import hashlib
 import os
-import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,37 +48,82 @@ from jax.sharding import NamedSharding
 
 from optax_decoupled import _flat, _hyperparams, _masks, _recipes, _sharding, _targets
 
-_DIR = Path(__file__).parent / "csrc"
-LIBRARY = _DIR / "libod_adam_step.so"
-_BUILD_INFO = _DIR / "build_info.json"
+SOURCE = Path(__file__).parent / "csrc" / "adam_step.cc"
 _TARGET = "optax_decoupled_adam_step"
 _GROUP = 32  # leaves per kernel call (see adamw_step)
+# -ffp-contract=off: no fused multiply-add, so float32 rounding is that of the optax chain.
+# -fno-math-errno: sqrt need not set errno (lets the loop vectorize; no numeric effect).
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
 
 
-def _version(v: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+def cache_dir() -> Path:
+  """Where built kernels are kept: ``$OPTAX_DECOUPLED_CACHE``, else
+  ``$XDG_CACHE_HOME/optax_decoupled``, else ``~/.cache/optax_decoupled``."""
+  if os.environ.get("OPTAX_DECOUPLED_CACHE"):
+    return Path(os.environ["OPTAX_DECOUPLED_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(base) / "optax_decoupled"
+
+
+def build(directory: Path | None = None) -> tuple[Path | None, str]:
+  """Compiles the kernel against the installed jaxlib's FFI headers, once per jaxlib and
+  source: ``(library, how)``, or ``(None, why not)``.
+
+  The library's name holds the jaxlib version and a hash of the source, flags and compiler,
+  so another jaxlib (or a changed source) gets its own build, and a kernel is never loaded
+  into a jaxlib it was not compiled for. It is written to a temporary file and renamed, so
+  processes building at once do not see a partial file. ``$CXX`` (default ``c++``) compiles.
+  """
+  if os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"):
+    return None, "OPTAX_DECOUPLED_NO_KERNEL is set"
+  if not sys.platform.startswith("linux"):
+    return None, f"the kernel is built on Linux only (this is {sys.platform})"
+  cxx = shlex.split(os.environ.get("CXX", "c++"))
+  if not cxx or shutil.which(cxx[0]) is None:
+    return None, (f"no C++ compiler ({cxx[0] if cxx else '$CXX'!r} not found): install one "
+                  "(e.g. g++) or set CXX")
+  include = Path(jax.ffi.include_dir())
+  if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
+    return None, f"jaxlib {jaxlib.__version__} has no XLA FFI headers in {include}"
+  key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, cxx)).encode()).hexdigest()[:16]
+  directory = cache_dir() if directory is None else directory
+  library = directory / f"libod_adam_step-jaxlib{jaxlib.__version__}-{key}.so"
+  if library.exists():
+    return library, f"cached in {directory}"
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+  except OSError as e:
+    return None, (f"cannot write the kernel to {directory} ({e}); set OPTAX_DECOUPLED_CACHE "
+                  "to a writable folder")
+  cmd = [*cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    os.unlink(tmp)
+    return None, f"the C++ compiler failed to run: {e}"
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    return None, f"the C++ compiler exited with {proc.returncode}: {proc.stderr[-2000:]}"
+  os.replace(tmp, library)
+  return library, f"built in {directory}"
 
 
 @functools.cache
 def unavailable() -> str | None:
-  """None when the kernel is registered with XLA, otherwise why it is not."""
-  if os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"):
-    return "OPTAX_DECOUPLED_NO_KERNEL is set"
-  if not LIBRARY.exists():
-    return (f"the kernel was not built at install ({LIBRARY.name} is missing: no C++ compiler "
-            "or no jaxlib headers then; reinstall with `pip install -v` to see why)")
+  """None when the kernel is registered with XLA, otherwise why it is not.
+
+  The first call builds the kernel if no build for this jaxlib is cached (a few seconds;
+  :func:`build`)."""
+  library, why = build()
+  if library is None:
+    return f"the CPU kernel is not available: {why}"
   try:
-    built_with = json.loads(_BUILD_INFO.read_text())["jaxlib"]
-  except (OSError, ValueError, KeyError) as e:
-    return f"the kernel's build record {_BUILD_INFO} is unreadable ({e}); reinstall"
-  if _version(jaxlib.__version__) < _version(built_with):
-    return (f"the kernel was built against jaxlib {built_with}'s FFI, newer than the "
-            f"installed jaxlib {jaxlib.__version__}; reinstall optax_decoupled")
-  try:
-    lib = ctypes.CDLL(str(LIBRARY))
+    lib = ctypes.CDLL(str(library))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.OdAdamStep), platform="cpu")
   except (OSError, AttributeError, ValueError, RuntimeError) as e:
-    return f"the kernel could not be loaded: {e}"
+    return f"the CPU kernel could not be loaded from {library}: {e}"
   return None
 
 
@@ -145,7 +195,17 @@ class Prepared:
 def prepare(target: _targets.Target, tx: optax.GradientTransformation, params: Any,
             grads: Any, state: Any) -> tuple[Prepared | None, str | None]:
   """``(prepared, None)`` when the kernel computes this step exactly as ``tx`` would, else
-  ``(None, why not)``."""
+  ``(None, why not)``.
+
+  Any error while looking (``tx.update`` on stand-ins, a mask refusing the tree) means the
+  plain step, which then raises its own error if the input is at fault."""
+  try:
+    return _prepare(target, tx, params, grads, state)
+  except Exception as e:  # noqa: BLE001 - any doubt: the plain step, with the reason.
+    return None, f"the kernel's preparation failed ({type(e).__name__}: {e})"
+
+
+def _prepare(target, tx, params, grads, state):
   if target.recipe is not None and _targets.adamw_spec(target.recipe)[0] is None:
     return None, _targets.adamw_spec(target.recipe)[1]
   inner = _adamw_state(target, state)
@@ -367,3 +427,38 @@ def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads
   (theta, m, v), = _per_shard(_scalars(spec, inner, target.max_norm, grads, mults),
                               [(flat, flat_grads, adam.mu, adam.nu)], local, segments=True)
   return theta, target.with_state(new_state, _with_moments(target.state_of(new_state), m, v))
+
+
+def reference(prepared: Prepared, params: Any, grads: Any, state: Any) -> list[tuple]:
+  """The kernel's arithmetic in float64 numpy, per leaf ``(u, m', v')`` with ``u`` the update
+  it adds to θ: the loop of ``csrc/adam_step.cc`` written out, on the scalars it would be
+  given (:func:`_scalars`). Concrete arrays only; ``_verify`` compares it with ``tx.update``."""
+  target, spec = prepared.target, prepared.spec
+  inner = target.state_of(state)
+  adam = _parts(inner)[0]
+  s = np.asarray(_scalars(spec, inner, target.max_norm, grads, list(prepared.mults)),
+                 np.float64)
+  (neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, mode, clip, g_norm, max_norm,
+   nesterov, bc1_next) = s[:15]
+  p_leaves, treedef = jax.tree.flatten(params)
+  out = []
+  for k, (theta, g, m, v) in enumerate(zip(
+      p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
+      treedef.flatten_up_to(adam.nu))):  # type: ignore[attr-defined]
+    theta, g, m, v = (np.asarray(x, np.float64) for x in (theta, g, m, v))
+    c = s[14 + prepared.decay[k]] if prepared.decay[k] else 0.0
+    if clip:
+      g = (g / g_norm) * max_norm
+    if mode == 1:
+      g = g + c * theta
+    m = omb1 * g + b1 * m
+    v = omb2 * (g * g) + b2 * v
+    m_hat = b1 * (m / bc1_next) + omb1 * (g / bc1) if nesterov else m / bc1
+    u = m_hat / (np.sqrt(v / bc2 + eps_root) + eps)
+    if mode == 0:
+      u = u + c * theta
+    u = neg_lr * u
+    if mode == 2:
+      u = u - c * theta
+    out.append((u, m, v))
+  return out

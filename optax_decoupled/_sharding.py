@@ -7,7 +7,7 @@ state subtree laid out like the parameters (Adam's ``mu`` and ``nu``, a momentum
 reference θ) is tied to the parameters with ``jax.experimental.shard_alike``, so XLA gives
 each state array the sharding of its parameter. Values are unchanged.
 
-:func:`per_shard` runs an elementwise step (the fused step's kernel or chunk loop) on each
+:func:`per_shard` runs an elementwise step (the fused step's kernel) on each
 device's shards of sharded arrays, with no collective, keeping their shardings.
 """
 

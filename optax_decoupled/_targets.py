@@ -1,7 +1,6 @@
 """Where an Adam chain's step sits inside a transformation, for ``od.fused_step``'s kernel.
 
-Three forms are recognised, and nothing else (anything unrecognised takes the pure-JAX
-path, with the same results):
+Three forms are recognised, and nothing else (anything unrecognised takes the plain step):
 
 * ``od.adamw`` (any coupling), ``od.bert_adamw`` and ``od.adam_l2``, by the record the alias
   leaves (``_recipes``), and ``optax.adamw`` (a constant λ), read from its chain;
@@ -12,9 +11,12 @@ path, with the same results):
   two: the global norm is computed by JAX in one read of g, and the kernel applies
   optax's clip, ``g if ‖g‖ < max_norm else (g / ‖g‖) · max_norm``, as it reads g.
 
-Recognising ``optax.chain`` and ``optax.clip_by_global_norm`` reads their closures (optax
-keeps no other record); a change there makes them unrecognised, never misread, because
-the name of the function and of every closure variable is checked.
+Recognising ``optax.adamw``, ``optax.chain`` and ``optax.clip_by_global_norm`` reads their
+closures (optax keeps no other record). The name of each function and of every closure
+variable read is checked, and such a target is marked ``read_from_closures``: before the
+kernel is used for it, ``_verify`` compares the kernel with the plain step on probe values,
+so a future optax that renames or re-means a variable leads to the plain step, never to
+other numbers.
 """
 
 from __future__ import annotations
@@ -171,11 +173,14 @@ class Target:
     max_norm: ``optax.clip_by_global_norm``'s ``max_norm`` in front, or None.
     path: how to reach the ``od.adamw`` state from the transformation's state (tuple
       indices and attribute names).
+    read_from_closures: whether any of it was read from optax's closures (then the kernel
+      is verified against the plain step before use).
   """
 
   recipe: _recipes.Recipe | None
   max_norm: Any
   path: tuple[Any, ...]
+  read_from_closures: bool = False
 
   def state_of(self, state: Any) -> Any:
     for key in self.path:
@@ -203,9 +208,13 @@ def target_of(tx: Any) -> tuple[Target | None, str | None]:
   split = split_clip(tx)
   if split is not None:
     (max_norm, update), path = split, (1,)
-  recipe = _recipes.recipe_of(types.SimpleNamespace(update=update)) or _optax_adamw(update)
+  recipe = _recipes.recipe_of(types.SimpleNamespace(update=update))
+  from_closures = split is not None
+  if recipe is None:
+    recipe = _optax_adamw(update)
+    from_closures = from_closures or recipe is not None
   if recipe is not None:
-    return Target(recipe, max_norm, path), None
+    return Target(recipe, max_norm, path, from_closures), None
   if "inject_hyperparams" in _qualname(update) or "inject_stateful" in _qualname(update):
-    return Target(None, max_norm, (*path, "inner_state")), None
+    return Target(None, max_norm, (*path, "inner_state"), from_closures), None
   return None, NOT_ADAMW

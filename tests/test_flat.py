@@ -101,7 +101,7 @@ TRANSFORMS = {
         [(".*bias", 0.0), (".*LayerNorm.*", 0.5)], default=1.0)),
     "clip + od.adamw (the clip folded into the kernel)": lambda: optax.chain(
         optax.clip_by_global_norm(1.0), od.adamw(1e-2, weight_decay=1e-1)),
-    "od.adamw + clip after it (not elementwise: unpacked path)": lambda: optax.chain(
+    "od.adamw + clip after it (plain step on the unpacked tree)": lambda: optax.chain(
         od.adamw(1e-2, weight_decay=1e-1), optax.clip_by_global_norm(1.0)),
     "od.adam_l2": lambda: od.adam_l2(1e-2, weight_decay=1e-1),
 }
@@ -115,9 +115,9 @@ def test_step_on_flat_buffers_equals_the_plain_step_on_the_tree(name, kernel):
   layout = od.FlatLayout.of(params)
   step = od.fused_step(tx, kernel=kernel, layout=layout)
   flat, state = layout.pack(params), layout.pack_state(tx.init(params))
-  kernel_computes = name != "od.adamw + clip after it (not elementwise: unpacked path)"
+  kernel_computes = name != "od.adamw + clip after it (plain step on the unpacked tree)"
   expect = "kernel" if (kernel == "auto" and kernel_computes
-                        and _kernel.unavailable() is None) else "unpacked"
+                        and _kernel.unavailable() is None) else "plain"
   assert step.explain(flat, flat, state).split(":")[0] == expect
   fn, plain = jax.jit(step), jax.jit(plain_step(tx))
   p, s = params, tx.init(params)

@@ -11,10 +11,8 @@ cut the packed segments, so each shard must find its own decay flags), it assert
 * the result equals, bit for bit, the same kernel step on one device (the kernel rounds
   every operation as written, so the cut into shards cannot change a bit), and the plain
   step ``tx.update`` + ``optax.apply_updates`` (oracle) to the kernel tests' tolerance;
-* the same (no collective, shardings kept, equal to the plain step) for the pure-JAX chunk
-  loop, here of ``od.sgdw``, which the kernel does not compute, also with a mask that reads
-  sizes: it decides on the whole leaves (a shard alone would decide otherwise), and behind a
-  global-norm clip (the norm's all-reduce is then the only collective).
+* under ``jax.set_mesh`` with ``Explicit`` axes (array types carry their sharding), the
+  step is the plain one, bit for bit, and ``explain`` says why.
 
 And inside ``jax.shard_map`` (default ``check_vma=True``) the kernel step traces, runs the
 kernel and equals the plain step.
@@ -38,7 +36,6 @@ def _worker() -> None:
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  import optax
 
   import optax_decoupled as od
 
@@ -104,47 +101,15 @@ def _worker() -> None:
     equal((q, qs), one_flat, f"flat {axis_type} vs one device")
     close(layout.unpack(q), one_plain[0], f"flat {axis_type} vs plain")
 
-    # The pure-JAX chunk loop (od.sgdw: no kernel) runs per shard too.
-    sgdw = od.sgdw(1e-2, 0.9, weight_decay=1e-2, mask=od.exclude_names("bias"))
-    chunks = od.fused_step(sgdw, chunk_size=1024, min_leaf_size=4096)
-    s_state = jax.jit(sgdw.init)(params)
-    assert chunks.explain(params, grads, s_state).startswith("chunks"), axis_type
-    hlo = jax.jit(chunks).lower(params, grads, s_state).compile().as_text()
-    assert not [c for c in COLLECTIVES if c in hlo], f"chunks {axis_type} communicates"
-    got = jax.jit(chunks)(params, grads, s_state)
-    assert got[0]["w"].sharding.is_equivalent_to(shardings["w"], 2)
-    close(got, plain_step(sgdw)(host, host_g, sgdw.init(host)), f"chunks {axis_type}")
-    # A mask reading sizes decides on the whole leaves, where the step is traced: "w" (262144
-    # elements, 32768 per shard) is decayed, though a shard alone would not be; "u" (1024
-    # elements, a small leaf) is not. Still per shard, no collective, the plain step's result.
-    sizes = od.sgdw(1e-2, 0.9, weight_decay=1e-2,
-                    mask=lambda p: jax.tree.map(lambda x: x.size >= 100_000, p))
-    host_u = dict(host, u=np.linspace(-1, 1, 1024, dtype=np.float32))
-    grads_u = dict(host_g, u=np.cos(host_u["u"]))
-    shard_u = dict(shardings, u=NamedSharding(mesh, P("fsdp")))
-    p_u, g_u = jax.device_put(host_u, shard_u), jax.device_put(grads_u, shard_u)
-    s_u = jax.jit(sizes.init)(p_u)
-    by_size = od.fused_step(sizes, chunk_size=1024, min_leaf_size=4096)
-    assert by_size.explain(p_u, g_u, s_u).startswith("chunks"), axis_type
-    hlo = jax.jit(by_size).lower(p_u, g_u, s_u).compile().as_text()
-    assert not [c for c in COLLECTIVES if c in hlo], f"{axis_type}: sizes mask communicates"
-    got = jax.jit(by_size)(p_u, g_u, s_u)
-    want = plain_step(sizes)(host_u, grads_u, sizes.init(host_u))
-    close(got, want, f"sizes mask {axis_type}")
-    undecayed = plain_step(od.sgdw(1e-2, 0.9, weight_decay=0.0))(host_u, grads_u,
-                                                                 sizes.init(host_u))
-    assert np.abs(np.asarray(got[0]["w"]) - undecayed[0]["w"]).max() > 1e-6, "w not decayed"
-    # A global-norm clip in front: the norm is one reduction over the sharded gradient
-    # before the loops (its all-reduce is the only collective), the loops still per shard.
-    clip_sgdw = optax.chain(optax.clip_by_global_norm(0.5), sgdw)
-    clipped = od.fused_step(clip_sgdw, chunk_size=1024, min_leaf_size=4096)
-    c_state = jax.jit(clip_sgdw.init)(params)
-    assert "reduced over whole arrays" in clipped.explain(params, grads, c_state), axis_type
-    hlo = jax.jit(clipped).lower(params, grads, c_state).compile().as_text()
-    assert not [c for c in COLLECTIVES if c in hlo and c != "all-reduce"], axis_type
-    got = jax.jit(clipped)(params, grads, c_state)
-    assert got[0]["w"].sharding.is_equivalent_to(shardings["w"], 2)
-    close(got, plain_step(clip_sgdw)(host, host_g, clip_sgdw.init(host)), f"clip {axis_type}")
+    # Under jax.set_mesh with Explicit axes, array types carry their sharding: the step is
+    # the plain one (said by explain), with the plain step's values and shardings.
+    if axis_type == AxisType.Explicit:
+      with jax.set_mesh(mesh):
+        seen = []
+        got = jax.jit(lambda p, g, s: (seen.append(step.explain(p, g, s)), step(p, g, s))[1])(
+            params, grads, state)
+        assert seen[0].startswith("plain") and "set_mesh" in seen[0], seen
+        equal(got, jax.jit(plain)(params, grads, state), "set_mesh vs plain")
     print("OK", axis_type.name, flush=True)
 
   # jax.shard_map with its default check_vma=True: the kernel's results vary like its inputs.

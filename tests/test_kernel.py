@@ -20,10 +20,11 @@ import ctypes
 import os
 import re
 import shutil
-from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 import pytest
@@ -32,7 +33,6 @@ import optax_decoupled as od
 from optax_decoupled import _kernel
 from tests.fixtures import assert_kernel_close, plain_step
 
-ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX", "c++").split()[0]
 OPTED_OUT = bool(os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"))
 # Without a C++ compiler (or with the opt-out set) there is no kernel, by design; the tests
@@ -68,16 +68,18 @@ def _run(step, tx, params, steps):
   return p, s
 
 
-def test_kernel_is_built_by_the_install_when_a_compiler_is_present():
-  # The package's normal install (hatch_build.py) compiles csrc/adam_step.cc; the only
-  # accepted reason for its absence is a machine without a C++ compiler.
+def test_kernel_is_built_on_first_use_when_a_compiler_is_present():
+  # The first kernel step compiles csrc/adam_step.cc against the installed jaxlib; the only
+  # accepted reasons for its absence are the opt-out and a machine without a C++ compiler.
   if OPTED_OUT:
     assert "OPTAX_DECOUPLED_NO_KERNEL" in _kernel.unavailable()
   elif shutil.which(CXX):
     assert _kernel.unavailable() is None, _kernel.unavailable()
-    assert _kernel.LIBRARY.exists()
+    library, how = _kernel.build()
+    assert library is not None and library.exists() and "cached" in how
+    assert f"jaxlib{jaxlib.__version__}-" in library.name  # one build per jaxlib
   else:
-    assert "not built" in _kernel.unavailable()
+    assert "no C++ compiler" in _kernel.unavailable()
 
 
 @needs_kernel
@@ -160,7 +162,7 @@ def test_kernel_equals_the_plain_step(name):
 def test_the_kernel_says_what_it_does_not_cover(tx, params, reason):
   state = tx.init(params)
   plan = od.fused_step(tx).explain(params, params, state)
-  assert plan.startswith(("chunks", "plain")) and reason in plan
+  assert plan.startswith("plain") and reason in plan
   with pytest.raises(ValueError, match=f"kernel='require'.*{reason}"):
     jax.jit(od.fused_step(tx, kernel="require"))(params, params, state)
   with pytest.raises(ValueError, match="kernel must be"):
@@ -220,8 +222,7 @@ def test_kernel_with_bfloat16_weights_and_float32_moments(grad_dtype):
 
 def test_bfloat16_gradients_need_od_scale_by_adams_float32_moments():
   # optax.scale_by_adam (mu_dtype alone) computes (1-b1)·g in bfloat16 before widening:
-  # not what the kernel does, so that combination stays off the kernel (and, not float32
-  # throughout, off the chunk loop too: the plain step).
+  # not what the kernel does, so that combination takes the plain step.
   params = _tree()
   grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tx = od.adamw(1e-3, mu_dtype=jnp.float32)
@@ -229,21 +230,20 @@ def test_bfloat16_gradients_need_od_scale_by_adams_float32_moments():
   assert plan.startswith("plain") and "takes grads in ['float32']" in plan
 
 
-def test_without_the_kernel_fused_step_falls_back_to_pure_jax(monkeypatch):
-  why = "the kernel was not built at install (test)"
+def test_without_the_kernel_fused_step_is_the_plain_step(monkeypatch):
+  why = "the CPU kernel is not available: no C++ compiler (test)"
   monkeypatch.setattr(_kernel, "unavailable", lambda: why)
   tx = od.adamw(1e-2, weight_decay=1e-1, mask=od.min_ndim(2))
   params = _tree(2)
-  step = od.fused_step(tx, chunk_size=1024, min_leaf_size=1024)
+  step = od.fused_step(tx)
   assert step.explain(params, params, tx.init(params)) == (
-      f"chunks: the pure-JAX chunk loop; no kernel: {why}")
+      f"plain: tx.update + optax.apply_updates; no kernel: {why}")
   hlo = jax.jit(step).lower(params, params, tx.init(params)).as_text()
-  assert "custom_call" not in hlo and "while" in hlo
+  assert "custom_call" not in hlo
   p1, s1 = _run(plain_step(tx), tx, params, steps=3)
   p2, s2 = _run(step, tx, params, steps=3)
-  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
-  with pytest.raises(ValueError, match="not built at install"):
+  chex.assert_trees_all_equal((p1, s1), (p2, s2))
+  with pytest.raises(ValueError, match="no C\\+\\+ compiler"):
     jax.jit(od.fused_step(tx, kernel="require"))(params, params, tx.init(params))
 
 
@@ -288,26 +288,24 @@ def test_kernel_inside_a_loop_of_steps_and_under_vmap():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_build_hook_compiles_a_loadable_kernel_or_says_why_not(tmp_path, monkeypatch):
-  import hatch_build
-
-  src = tmp_path / "optax_decoupled" / "csrc"
-  src.mkdir(parents=True)
-  shutil.copy(ROOT / hatch_build.SOURCE, src / "adam_step.cc")
+def test_build_compiles_a_loadable_kernel_into_the_cache_or_says_why_not(tmp_path,
+                                                                         monkeypatch):
   monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL", raising=False)
   monkeypatch.setenv("CXX", "no-such-compiler-od")
-  built, message = hatch_build.build_kernel(tmp_path)
-  assert not built and "no C++ compiler" in message
+  library, message = _kernel.build(tmp_path)
+  assert library is None and "no C++ compiler" in message and "set CXX" in message
   monkeypatch.setenv("CXX", CXX)
   monkeypatch.setenv("OPTAX_DECOUPLED_NO_KERNEL", "1")
-  assert hatch_build.build_kernel(tmp_path) == (False, "OPTAX_DECOUPLED_NO_KERNEL is set")
+  assert _kernel.build(tmp_path) == (None, "OPTAX_DECOUPLED_NO_KERNEL is set")
   monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL")
-  built, message = hatch_build.build_kernel(tmp_path)
+  library, message = _kernel.build(tmp_path)
   if shutil.which(CXX):
-    assert built, message
-    assert ctypes.CDLL(str(tmp_path / hatch_build.LIBRARY)).OdAdamStep
+    assert library is not None and library.parent == tmp_path, message
+    assert ctypes.CDLL(str(library)).OdAdamStep
+    assert _kernel.build(tmp_path) == (library, f"cached in {tmp_path}")  # built once
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no temporary left
   else:
-    assert not built and "no C++ compiler" in message
+    assert library is None and "no C++ compiler" in message
 
 
 @needs_kernel

@@ -3,11 +3,8 @@
 * The plain jitted, donated ``od.adamw`` step compiles to exactly as many full-size passes as
   ``optax.adamw`` (three on XLA:CPU: m, v and θ; XLA:CPU has no multi-output loop fusion), so
   composing our transforms costs nothing over optax's own chain.
-* ``od.fused_step``'s pure-JAX path (``kernel="off"``, and the fallback wherever the C++
-  kernel is not built or does not apply) moves every full-size pass into one in-place chunk
-  loop per leaf: no full-size fusion outside the loop, no full-size copy anywhere, three
-  in-place dynamic-update-slice fusions (θ, m, v) per loop iteration. (The kernel path is
-  tested in ``test_kernel.py``.)
+* ``od.fused_step``'s kernel path is one in-place custom call (``test_kernel.py``); every
+  other transformation is the plain step (``test_fused_step.py``).
 * Neither step recompiles across steps or across changes of injected hyperparameters.
 * With donation, the compiled step's peak memory is θ + g + m + v plus a constant (no
   full-size temporary): from ``compiled.memory_analysis()``.
@@ -30,8 +27,7 @@ import pytest
 import optax_decoupled as od
 from tests.fixtures import assert_fused_equals_plain, plain_step
 
-N = 2**20 + 12_345  # one large leaf with a ragged tail (not a multiple of the chunk size).
-CHUNK = 65_536
+N = 2**20 + 12_345  # one large leaf
 
 
 def _compile(step, params, grads, state):
@@ -80,41 +76,6 @@ def test_plain_step_has_as_many_full_size_passes_as_optax():
   assert counts["od"] == counts["optax"] == 3
 
 
-@pytest.mark.parametrize("shape, tx_name", [
-    ((N,), "adamw"), ((N // 239, 239), "adamw"), ((23, 193, 239), "adamw"), ((N,), "adam_l2"),
-    ((23, 193, 239), "adam_l2"), ((23, 193, 239), "multisteps"),
-    ((23, 193, 239), "clip_after")])  # N = 23·193·239
-def test_fused_step_is_one_in_place_chunk_loop(shape, tx_name):
-  # A ragged last chunk (N is not a multiple of CHUNK) on a 1-, 2- and 3-D leaf: a static
-  # offset into the reshaped 2-D buffer once made XLA copy it whole. With coupled L2 the new
-  # moments read θ, with optax.MultiSteps the accumulated gradient: the loop carries each
-  # chunk's old values, still without a full-size copy. A clip of the updates after the
-  # optimizer reads m, v and g in one pass before the loop, which then writes m and v in
-  # place: still no copy.
-  params, grads = jax.tree.map(lambda x: x.reshape(shape), _problem())
-  tx = {"adamw": lambda: od.adamw(1e-3, weight_decay=1e-2),
-        "adam_l2": lambda: od.adam_l2(1e-3, weight_decay=1e-2),
-        "multisteps": lambda: optax.MultiSteps(od.adamw(1e-3, weight_decay=1e-2), 3),
-        "clip_after": lambda: optax.chain(od.adamw(1e-3, weight_decay=1e-2),
-                                          optax.clip_by_global_norm(1e-3))}[tx_name]()
-  step = od.fused_step(tx, kernel="off", chunk_size=CHUNK, min_leaf_size=CHUNK)
-  hlo = _compile(step, params, grads, tx.init(params)).as_text()
-  comps = _computations(hlo)
-  assert not _full_size_ops(hlo, "copy"), "a full-size copy: the loop is not in place"
-  assert hlo.count(" while(") == 1
-  bodies = [b for name, b in comps.items()
-            if re.search(r"while\(.*body=%" + re.escape(name) + r"\b", hlo)]
-  assert len(bodies) == 1
-  # θ and each state array (m and v; and the accumulated gradient for MultiSteps) are each
-  # written once per chunk, in place (a dynamic-update-slice fusion of the full buffer);
-  # nothing else in the loop touches a full-size array.
-  body_fusions = _full_size_ops(bodies[0], "fusion")
-  assert len(body_fusions) == (4 if tx_name == "multisteps" else 3)
-  assert all("dynamic-update-slice" in line for line in body_fusions)
-  # Outside the loop nothing touches the full buffers (the ragged chunk is in the loop).
-  assert not _full_size_ops(comps["ENTRY"], "fusion")
-
-
 def _array_ops(tx, params) -> collections.Counter:
   """Multiset of (result shape, opcode) of every non-scalar instruction of the compiled step,
   fused computations included (names and metadata dropped)."""
@@ -155,21 +116,19 @@ def test_mask_is_free_masked_step_has_no_more_array_instructions():
   assert not any(op == "select" for (_, op) in masked - unmasked)  # no per-element select
 
 
-@pytest.mark.parametrize("kind", ["plain", "chunks", "kernel"])
+@pytest.mark.parametrize("kind", ["plain", "fused"])
 def test_donated_step_peak_memory_is_theta_g_m_v_plus_constant(kind):
   params, grads = _problem()
   tx = od.adamw(1e-3, weight_decay=1e-2)
-  step = (plain_step(tx) if kind == "plain" else od.fused_step(
-      tx, kernel="off" if kind == "chunks" else "auto", chunk_size=CHUNK,
-      min_leaf_size=CHUNK))
+  step = plain_step(tx) if kind == "plain" else od.fused_step(tx)
   ma = _compile(step, params, grads, tx.init(params)).memory_analysis()
   minimum = 16 * N  # θ, g, m, v in float32
   peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
           + ma.temp_size_in_bytes)
   # θ, m, v are donated and aliased to the outputs: only g and scalars are not.
   assert ma.alias_size_in_bytes >= 12 * N
-  assert peak - minimum <= 8 * 4 * CHUNK + 4096, (peak, minimum)
-  assert ma.temp_size_in_bytes <= 8 * 4 * CHUNK + 4096
+  assert peak - minimum <= 4096, (peak, minimum)
+  assert ma.temp_size_in_bytes <= 4096
 
 
 @pytest.mark.parametrize("kind", ["plain", "fused"])
@@ -180,8 +139,7 @@ def test_no_recompilation_across_steps_or_injected_hyperparameters(kind):
 
   def traced(p, g, s):
     traces.append(1)  # runs once per trace, i.e. per compilation
-    step = (plain_step(tx) if kind == "plain"
-            else od.fused_step(tx, chunk_size=4096, min_leaf_size=4096))
+    step = plain_step(tx) if kind == "plain" else od.fused_step(tx)
     return step(p, g, s)
 
   fn = jax.jit(traced, donate_argnums=(0, 2))
@@ -201,7 +159,7 @@ def _tree(seed=0):
   def a(*shape):
     return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
-  # leaves below, at, and above the chunk size, with ragged tails and several ndims.
+  # leaves of several sizes and ndims, with a BERT-style mask to decide.
   return {"encoder": {"kernel": a(33, 200), "bias": a(200)},
           "LayerNorm": {"scale": a(4096), "bias": a(7)},
           "embedding": {"embedding": a(3, 5, 1001)},
@@ -231,54 +189,8 @@ TRANSFORMS = {
 def test_fused_step_equals_update_then_apply_updates(name, kernel):
   tx = TRANSFORMS[name]()
   params = _tree()
-  fused = od.fused_step(tx, kernel=kernel, chunk_size=1024, min_leaf_size=1024)
+  fused = od.fused_step(tx, kernel=kernel)
   assert_fused_equals_plain(tx, fused, params, tx.init(params), steps=4)
-
-
-def test_fused_step_refuses_a_transform_that_is_not_elementwise():
-  # Each row of a matrix scaled by its own norm: a reduction to an array (one norm per
-  # row), which no chunk can compute. (Reductions to one scalar, such as a global-norm
-  # clip, are taken in one pass before the loops: tests/test_fused_chunks_trace.py.)
-  def row_normalized():
-    def update(u, s, p=None):
-      return jax.tree.map(lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True), u), s
-    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
-
-  tx = optax.chain(row_normalized(), od.adamw(1e-3))
-  params = _tree()
-  with pytest.raises(ValueError, match="not elementwise"):
-    jax.jit(od.fused_step(tx, chunk_size=1024, min_leaf_size=1024))(params, params, tx.init(params))
-
-
-def test_fused_step_rejects_a_tiny_chunk_size():
-  with pytest.raises(ValueError, match="chunk_size"):
-    od.fused_step(od.adamw(1e-3), chunk_size=10)
-  with pytest.raises(ValueError, match="min_leaf_size"):
-    od.fused_step(od.adamw(1e-3), chunk_size=4096, min_leaf_size=100)
-
-
-def test_fused_step_leaves_small_leaves_to_the_plain_path():
-  params, grads = _problem(3 * 4096 + 7)
-  tx = od.adamw(1e-3, weight_decay=1e-2)
-  step = od.fused_step(tx, kernel="off", chunk_size=4096)
-  hlo = _compile(step, params, grads, tx.init(params)).as_text()
-  assert " while(" not in hlo  # below the default min_leaf_size: XLA's own fusions
-
-
-@pytest.mark.filterwarnings("ignore::optax_decoupled.LowPrecisionDecayWarning")
-@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
-def test_fused_step_leaves_non_float32_leaves_to_the_plain_path(moments):
-  # With dtype conversions in the chunk's fusions XLA copied the whole bfloat16 buffer on
-  # every loop iteration (1.5 s for a 1e7 step); such leaves take XLA's own fusions instead.
-  n = 3 * 4096 + 7
-  params = {"kernel": jnp.linspace(-1.0, 1.0, n, dtype=jnp.bfloat16)}
-  grads = {"kernel": jnp.cos(jnp.arange(n, dtype=jnp.float32)).astype(jnp.bfloat16)}
-  dtype = None if moments == "bfloat16" else jnp.float32
-  tx = od.adamw(1e-3, weight_decay=1e-2, mu_dtype=dtype, nu_dtype=dtype)
-  step = od.fused_step(tx, kernel="off", chunk_size=4096, min_leaf_size=4096)
-  hlo = _compile(step, params, grads, tx.init(params)).as_text()
-  assert " while(" not in hlo
-  assert not re.search(rf"\[{n}\]\{{0\}} copy\(", hlo)
 
 
 def _shape_mask(p):
@@ -287,9 +199,8 @@ def _shape_mask(p):
 
 @pytest.mark.parametrize("name", ["od.sgdw", "optax.adamw", "od.adamw-kernel-off", "od.adamw"])
 def test_fused_step_with_a_mask_that_reads_shapes_equals_the_plain_step(name):
-  # A chunk (1, 32768) or a zero-size stand-in would make this mask drop the decay. The fast
-  # path traces the step on the real tree, so the chunk loop runs the real leaves' decisions:
-  # the plain step's numbers (oracle: tx.update + optax.apply_updates).
+  # A zero-size stand-in would make this mask drop the decay; the kernel resolves the mask
+  # on the real leaves: the plain step's numbers (oracle: tx.update + optax.apply_updates).
   import warnings
 
   txs = {"od.sgdw": od.sgdw(0.1, weight_decay=0.1, coupling="none", mask=_shape_mask),
@@ -300,31 +211,11 @@ def test_fused_step_with_a_mask_that_reads_shapes_equals_the_plain_step(name):
   params = {"w": jnp.ones((4096, 520)), "b": jnp.ones(8)}
   grads = jax.tree.map(jnp.zeros_like, params)
   state = tx.init(params)
-  step = od.fused_step(tx, kernel="off" if name != "od.adamw" else "auto")
-  if name != "od.adamw":
-    assert step.explain(params, grads, state).startswith("chunks")
+  step = od.fused_step(tx, kernel="off" if name.endswith("off") else "auto")
   with warnings.catch_warnings():
-    warnings.simplefilter("error")  # no "decays no parameter" from stand-ins or chunks
+    warnings.simplefilter("error")  # no "decays no parameter" from stand-ins
     new_params, _ = jax.jit(step)(params, grads, state)
   u, _ = tx.update(grads, state, params)
   want = optax.apply_updates(params, u)
   np.testing.assert_allclose(new_params["w"], want["w"], rtol=1e-6)
   assert float(want["w"][0, 0]) < 1.0  # the big leaf is decayed
-
-
-def test_fused_step_refuses_random_draws_from_scalar_keys():
-  def noise():
-    def update(u, s, p=None):
-      key = jax.random.key(0)  # a typed key: every input of the draw is a scalar
-      return jax.tree.map(lambda x: x + jax.random.normal(key, x.shape), u), s
-    return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
-
-  tx = optax.chain(noise(), optax.sgd(0.1))
-  params = {"w": jnp.ones(8)}
-  with pytest.raises(ValueError, match="not elementwise"):
-    od.fused_step(tx).explain(params, params, tx.init(params))
-  iota = optax.GradientTransformation(
-      lambda p: optax.EmptyState(),
-      lambda u, s, p=None: (jax.tree.map(lambda x: x + jnp.arange(x.size, dtype=x.dtype), u), s))
-  with pytest.raises(ValueError, match="'iota'"):
-    od.fused_step(iota).explain(params, params, iota.init(params))
