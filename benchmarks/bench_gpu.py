@@ -19,7 +19,7 @@ interleaved in a fresh random order each round (``_timing.py``), with the hyperp
   donate_argnums=(0, 2))``, plus a second, identical ``optax.adamw`` program (an A/A control:
   its ratio to the first is the noise floor of the run);
 * ``od.fused_step(od.adamw)``: on a GPU, ``lax.platform_dependent`` selects the plain XLA step
-  (the C++ kernel and the chunk loop are CPU paths), so this row should match ``od.adamw``;
+  (the C++ kernel is a CPU path), so this row should match ``od.adamw``;
 * ``torch AdamW fused``: ``torch.optim.AdamW(fused=True)`` on the same device (skipped, with the
   reason printed, when torch or its CUDA support is missing);
 * ``stream a*x+y``: a jitted, donated ``x ← a·x + y`` (12 bytes per element), the measured
