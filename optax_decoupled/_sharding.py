@@ -5,7 +5,9 @@ moments θ's sharding: ``jax.jit(optax.adamw(...).init)(params)`` returns moment
 device, which for FSDP-sharded parameters is an out-of-memory error at scale. Here every
 state subtree laid out like the parameters (Adam's ``mu`` and ``nu``, a momentum trace, a
 reference θ) is tied to the parameters with ``jax.experimental.shard_alike``, so XLA gives
-each state array the sharding of its parameter. Values are unchanged.
+each state array the sharding of its parameter. Values are unchanged. On a jax
+which has no ``shard_alike``, the state is returned as it is (``TIES_STATE`` is False): place
+it with ``jax.jit(tx.init, out_shardings=...)`` there.
 
 :func:`per_shard` runs an elementwise step (the fused step's kernel) on each
 device's shards of sharded arrays, with no collective, keeping their shardings.
@@ -19,7 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,11 +28,19 @@ from optax_decoupled import _flat
 
 __all__ = ["per_shard", "shard_state_like"]
 
+try:  # removed from newer jax releases, without a public successor.
+  from jax.experimental.shard_alike import shard_alike as _shard_alike
+except ImportError:  # pragma: no cover - depends on the installed jax.
+  _shard_alike = None
+
+#: Whether ``shard_state_like`` can tie the state to the params (see the module docstring).
+TIES_STATE = _shard_alike is not None
+
 
 def shard_state_like(state: Any, params: Any) -> Any:
   """``state`` with each parameter-shaped subtree sharded like ``params``."""
   p_leaves, treedef = jax.tree.flatten(params)
-  if not p_leaves:
+  if not p_leaves or _shard_alike is None:
     return state
   shapes = [tuple(np.shape(p)) for p in p_leaves]
 
@@ -44,7 +53,7 @@ def shard_state_like(state: Any, params: Any) -> Any:
     leaves, sdef = jax.tree.flatten(subtree)
     # Concrete arrays already carry their sharding (jnp.zeros_like copies it); only traced
     # ones need the tie, and shard_alike on concrete arrays would consume its inputs.
-    return sdef.unflatten([shard_alike(p, s)[1] if isinstance(s, jax.core.Tracer) else s  # type: ignore[attr-defined]
+    return sdef.unflatten([_shard_alike(p, s)[1] if isinstance(s, jax.core.Tracer) else s  # type: ignore[attr-defined]
                            for p, s in zip(p_leaves, leaves)])
 
   return jax.tree.map(tie, state, is_leaf=params_like)
