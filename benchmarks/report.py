@@ -1,6 +1,10 @@
 """Markdown for BUILD_NOTES from benchmark JSON: ``python -m benchmarks.report TAG [TAG ...]``.
 
-``python -m benchmarks.report --summary TAG [TAG ...]`` prints the README's short table.
+``python -m benchmarks.report --summary TAG [TAG ...]`` writes the short table of those runs
+to ``benchmarks/results/summary.md`` (and prints it): the one generated place every number
+of README.md and docs/performance.md comes from. ``python -m benchmarks.report --quote``
+copies that file into both, between the markers ``<!-- summary.md -->`` and
+``<!-- /summary.md -->`` (``tests/test_docs.py`` checks that the copies are current).
 
 For each tag, reads ``benchmarks/results/bench_step_TAG.json`` (and ``bench_grid_TAG.json`` if
 present) and prints: the runs (command, date, load), one table of the targets with the
@@ -9,6 +13,8 @@ round-paired ratio of every run side by side, and the per-problem tables of the 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -16,6 +22,24 @@ from pathlib import Path
 from benchmarks._timing import rows_ratio
 
 RESULTS = Path(__file__).parent / "results"
+SUMMARY = RESULTS / "summary.md"
+QUOTED_IN = [Path(__file__).parents[1] / "README.md",
+             Path(__file__).parents[1] / "docs" / "performance.md"]
+BEGIN, END = "<!-- summary.md -->", "<!-- /summary.md -->"
+
+
+def quoted(text: str) -> str:
+  """The part of ``text`` between the summary markers."""
+  return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+
+
+def quote() -> None:
+  """Copies ``summary.md`` between the markers of every file in ``QUOTED_IN``."""
+  table = SUMMARY.read_text().strip("\n")
+  for path in QUOTED_IN:
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
 
 
 def _load(kind: str, tag: str) -> dict | None:
@@ -74,6 +98,16 @@ def summary(tags: list[str]) -> None:
   """The README's short table: one row per problem, "run 1 / run 2 / ..." in each cell."""
   runs = [_load("step", tag) for tag in tags]
   fused, torch, optax = "od.fused_step(od.adamw)", "torch AdamW fused", "optax.adamw"
+  m = runs[0]["machine"]
+  loads = ", ".join(f"{r['machine']['loadavg_start'][0]:.1f}-{r['machine']['loadavg_end'][0]:.1f}"
+                    for r in runs)
+  print(f"{len(runs)} run(s) of `python benchmarks/run.py --tag {'|'.join(tags)}`, "
+        f"{', '.join(r['date_utc'] for r in runs)} UTC, on {m['cpus']} cores "
+        f"({m['platform']}), jax {m['jax']}, optax {m['optax']}, torch {m.get('torch', '-')} "
+        f"({m.get('torch_threads', '-')} threads), kernel {m.get('cpu_kernel', '-')}; load "
+        f"average {loads}. \"run 1 / run 2 / ...\" in each cell; times are medians, ratios "
+        "round-paired medians (`od.fused_step` is the kernel here; the `bf16` row has bfloat16 "
+        "weights and gradients with float32 moments, against torch's float32 step).\n")
   cols = [
       ("od.fused_step ms", lambda r: r[fused]["median_s"] * 1e3, "{:.2f}"),
       ("torch fused ms", lambda r: r[torch]["median_s"] * 1e3, "{:.2f}"),
@@ -120,7 +154,14 @@ def summary(tags: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
   args = argv if argv is not None else sys.argv[1:]
   if args and args[0] == "--summary":
-    summary(args[1:])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      summary(args[1:])
+    SUMMARY.write_text(out.getvalue())
+    print(out.getvalue(), end="")
+    return
+  if args == ["--quote"]:
+    quote()
     return
   tags = args or ["run1"]
   _runs(tags)
