@@ -351,7 +351,9 @@ def layer_decay(
     if not isinstance(at_layer, Mapping):
       raise TypeError(f"{who}: at_layer takes a dict {{pattern: layer id}}, got {at_layer!r}.")
     for p, layer in at_layer.items():
-      (p,) = _patterns(p, "at_layer", who)
+      if not isinstance(p, str):
+        raise TypeError(f"{who}: at_layer's keys are regular expressions (str), got {p!r}.")
+      _patterns(p, "at_layer", who)
       rules.append(_Rule(p, "at_layer", _check_int(layer, f"at_layer[{p!r}]", who, 0, n + 1)))
   rules += [_Rule(p, "embeddings", 0) for p in _patterns(embeddings, "embeddings", who)]
   for p in _patterns(layers, "layers", who):
@@ -423,6 +425,11 @@ def scale_by_layer_decay(rules: LayerDecay) -> optax.GradientTransformation:
       if isinstance(u, optax.MaskedNode):
         return u
       d = next(decided)
+      if not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+        raise TypeError(f"scale_by_layer_decay: the update at {d.path!r} has dtype "
+                        f"{jnp.result_type(u)}; updates are floating point. Keep integer "
+                        "leaves out of the optimizer (optax.multi_transform with "
+                        "optax.set_to_zero).")
       if d.stacked:
         return u * jnp.asarray(rules._array(d, jnp.ndim(u)), dtype=u.dtype)
       mult = d.multipliers[0]

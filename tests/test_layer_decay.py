@@ -355,6 +355,20 @@ def test_jit_and_dtype():
   assert u["h"] is g["h"] or bool(jnp.all(u["h"] == 1))
 
 
+def test_fused_step_equals_the_plain_step():
+  """A stacked leaf large enough for od.fused_step's chunk loop: the same numbers."""
+  from tests.fixtures import assert_fused_equals_plain
+
+  params = {"embed": jnp.ones((64, 8)), "head": jnp.ones((8, 2)),
+            "blocks": {"w": jnp.linspace(0, 1, L * 64 * 64).reshape(L, 64, 64),
+                       "b": jnp.ones((L, 8))}}
+  rules = od.layer_decay(0.5, L, embeddings="embed", stacked="blocks/.*", head="head")
+  tx = optax.chain(od.adamw(1e-2, weight_decay=0.1, mask=od.exclude_names("b$")),
+                   od.scale_by_layer_decay(rules))
+  fused = od.fused_step(tx, min_leaf_size=2048, chunk_size=1024)
+  assert_fused_equals_plain(tx, fused, params, tx.init(params))
+
+
 # --- the rule object ----------------------------------------------------------------------------
 
 
@@ -424,8 +438,13 @@ def test_bad_rules_at_construction():
     od.layer_decay(0.5, 2, embeddings="e", head="h")
   with pytest.raises(TypeError, match="stack_axis"):
     od.layer_decay(0.5, 2, stacked="s", stack_axis=None)
+  with pytest.raises(TypeError, match="keys are regular expressions"):
+    od.layer_decay(0.5, 2, layers=r"b/(\d+)", at_layer={("norm", "ln"): 2})
   with pytest.raises(TypeError, match="od.layer_decay"):
     od.scale_by_layer_decay({"b": 0.5})
+  with pytest.raises(TypeError, match="floating point"):
+    tx = od.scale_by_layer_decay(od.layer_decay(0.5, 1, layers=r"b/(\d+)"))
+    tx.update({"b": [jnp.ones(2, jnp.int32)]}, optax.EmptyState())
 
 
 def test_a_string_is_one_pattern():
