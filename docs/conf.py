@@ -77,6 +77,7 @@ _OD_GROUPS = [
     ("Per-parameter multipliers and groups",
      ["decay_multipliers", "DecayMultipliers", "labels", "Labels",
       "scale_by_lr_multipliers"]),
+    ("Layer-wise learning-rate decay", ["layer_decay", "LayerDecay", "scale_by_layer_decay"]),
     ("Auditing an optimizer", ["audit_decay", "DecayAudit", "DecayAuditRow"]),
     ("Schedules", ["cosine_warm_restarts_schedule"]),
     ("Performance", ["fused_step", "FlatLayout"]),
@@ -93,7 +94,7 @@ _ODF_GROUPS = [
 ]
 # Classes whose public methods and properties are worth listing.
 _WITH_MEMBERS = {"FlatLayout", "DecayAudit", "MaskReport", "DecayMultipliers", "Predicate",
-                 "CoupledWeightDecay", "Labels"}
+                 "CoupledWeightDecay", "Labels", "LayerDecay"}
 
 
 def _attribute_doc(package, name: str, obj) -> str:

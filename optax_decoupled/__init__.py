@@ -26,6 +26,9 @@ from optax_decoupled._decay import DecoupledDecayState as DecoupledDecayState
 from optax_decoupled._decay import WeightDecayState as WeightDecayState
 from optax_decoupled._flat import FlatLayout as FlatLayout
 from optax_decoupled._labels import Labels as Labels
+from optax_decoupled._layer_decay import LayerDecay as LayerDecay
+from optax_decoupled._layer_decay import layer_decay as layer_decay
+from optax_decoupled._layer_decay import scale_by_layer_decay as scale_by_layer_decay
 from optax_decoupled._labels import labels as labels
 from optax_decoupled._labels import scale_by_lr_multipliers as scale_by_lr_multipliers
 from optax_decoupled._fused import fused_step as fused_step
@@ -70,6 +73,7 @@ __all__ = [
     "DecoupledDecayState",
     "FlatLayout",
     "Labels",
+    "LayerDecay",
     "LowPrecisionDecayWarning",
     "MaskReport",
     "MaskRow",
@@ -91,10 +95,12 @@ __all__ = [
     "fused_step",
     "include_names",
     "labels",
+    "layer_decay",
     "min_ndim",
     "normalized_weight_decay",
     "resolve_mask",
     "scale_by_adam",
+    "scale_by_layer_decay",
     "scale_by_lr_multipliers",
     "sgd_l2",
     "sgdw",

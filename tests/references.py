@@ -26,13 +26,20 @@ Oracles here are written from the reference code, never from ``optax_decoupled``
   ``AdamWeightDecayOptimizer.apply_gradients`` and ``_do_use_weight_decay``;
 * :func:`keras_adamw_trajectory`: Keras 3 ``keras/src/optimizers/adam.py``
   (``Adam.update_step``) and ``keras/src/optimizers/base_optimizer.py``
-  (``_apply_weight_decay``).
+  (``_apply_weight_decay``);
+* timm itself (:func:`import_timm`) with :func:`run_torch_param_groups`: torch optimizers on
+  timm's parameter groups (``timm.optim.param_groups_layer_decay``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import re
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -415,4 +422,141 @@ def independent_decay_sgd_trajectory(
     params = [(p - wd_t * p - lr_t * np.asarray(g, f32)).astype(f32)
               for p, g in zip(params, grads)]
     rows.append(flat(params))
+  return np.stack(rows)
+
+
+# --- timm ---------------------------------------------------------------------------------------
+
+
+class _NoTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Empty stand-ins for ``torchvision`` and its submodules; any name in them is a stub
+  that raises when called."""
+
+  def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+    if name == "torchvision" or name.startswith("torchvision."):
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    return None
+
+  def create_module(self, spec: Any) -> types.ModuleType:
+    module = types.ModuleType(spec.name)
+    module.__path__ = []
+    module.__file__ = None
+
+    def stub(attr: str, where: str = spec.name) -> Any:
+      if attr.startswith("__"):
+        raise AttributeError(attr)
+      return _TorchvisionStub(f"{where}.{attr}")
+
+    module.__getattr__ = stub  # type: ignore[method-assign]
+    return module
+
+  def exec_module(self, module: types.ModuleType) -> None:
+    del module
+
+
+class _TorchvisionStub:
+  def __init__(self, name: str):
+    self._name = name
+
+  def __getattr__(self, attr: str) -> Any:
+    if attr.startswith("__"):
+      raise AttributeError(attr)
+    return _TorchvisionStub(f"{self._name}.{attr}")
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(f"{self._name}: torchvision is not available in this test run.")
+
+  def __mro_entries__(self, bases: tuple) -> tuple:
+    import torch
+
+    return (torch.nn.Module,)
+
+
+def import_timm() -> types.ModuleType:
+  """``timm``, or skips the test when it is not installed.
+
+  timm imports torchvision at module level (``timm/layers/create_norm.py``, ``timm/data``),
+  but its ``VisionTransformer`` and ``timm.optim.param_groups_layer_decay`` never use it.
+  When torchvision is missing or cannot load beside the installed torch (a torchvision wheel
+  built for another torch raises at import), timm is imported with empty stand-ins for
+  torchvision's modules, removed from ``sys.modules`` again afterwards. Install timm without
+  torchvision with ``pip install --no-deps timm huggingface_hub safetensors pyyaml``.
+  """
+  import pytest
+
+  if importlib.util.find_spec("timm") is None:
+    pytest.skip("timm is not installed (pip install --no-deps timm huggingface_hub "
+                "safetensors pyyaml)")
+  if "timm" in sys.modules:
+    return sys.modules["timm"]
+  import torch  # noqa: F401 - torchvision's stand-ins subclass torch.nn.Module.
+
+  try:
+    import torchvision  # noqa: F401
+  except Exception:  # noqa: BLE001 - ImportError, or RuntimeError from a mismatched build.
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+      del sys.modules[name]
+    finder = _NoTorchvision()
+    sys.meta_path.insert(0, finder)
+    try:
+      import timm
+      import timm.optim  # noqa: F401
+    finally:
+      sys.meta_path.remove(finder)
+      for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    return timm
+  import timm
+  import timm.optim  # noqa: F401
+
+  return timm
+
+
+def torch_named_parameters_tree(model: Any) -> dict:
+  """The parameters of a torch module as a nested dict of float32 numpy arrays, split on
+  the dots of their names: ``blocks.0.attn.qkv.weight`` becomes the path
+  ``blocks/0/attn/qkv/weight``."""
+  tree: dict = {}
+  for name, p in model.named_parameters():
+    *parents, last = name.split(".")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = p.detach().numpy().astype(np.float32).copy()
+  return tree
+
+
+def run_torch_param_groups(
+    opt_name: str,
+    model: Any,
+    param_groups: Sequence[dict],
+    names: Sequence[str],
+    grad_fn: GradFn,
+    steps: int,
+    lr: float,
+    **options: Any,
+) -> np.ndarray:
+  """Trajectory of ``torch.optim.<opt_name>`` on ``model``'s own parameters, in the given
+  param groups (float32, CPU, single-tensor path).
+
+  Each group's ``lr`` is ``lr * group["lr_scale"]`` (1 without one), what timm's scheduler
+  sets (``timm/scheduler/scheduler.py``, ``update_groups``); its ``weight_decay`` is the
+  group's. Rows list the parameters in the order of ``names`` (``"/"``-joined dotted names),
+  so they line up with a JAX tree's flattening order.
+  """
+  import torch
+
+  by_name = {n.replace(".", "/"): p for n, p in model.named_parameters()}
+  tensors = [by_name[n] for n in names]
+  groups = [{**{k: v for k, v in g.items() if k != "lr_scale"},
+             "lr": lr * g.get("lr_scale", 1.0)} for g in param_groups]
+  opt = getattr(torch.optim, opt_name)(groups, lr=lr, foreach=False, **options)
+  current = [p.detach().numpy().copy() for p in tensors]
+  rows = [flat(current)]
+  for t in range(steps):
+    for p, g in zip(tensors, grad_fn(t, current)):
+      p.grad = torch.from_numpy(np.array(g, np.float32))
+    opt.step()
+    current = [p.detach().numpy().copy() for p in tensors]
+    rows.append(flat(current))
   return np.stack(rows)
