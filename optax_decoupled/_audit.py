@@ -105,7 +105,7 @@ class DecayAuditRow:
   shape: tuple[int, ...]
   dtype: str
   kind: str
-  shrink: float | None  # c at the first moving step; < 0 for "grows".
+  shrink: float | None  # c at the first moving step, for an affine kind; < 0 for "grows".
   residual: float | None = None
   detail: str = ""
 
@@ -415,12 +415,18 @@ def _classify(steps: Sequence[Pairs], grad_step: Pairs, held: Pairs, base: np.nd
               "the shrink changes sign or vanishes between steps: c = "
               + ", ".join(f"{f.c:.3g}" for f in fits))
     shrink, detail = first.c, ""
+    # A reference r = d/c is the same at every step; a move the same at every θ (noise, a
+    # momentum) also gives an intercept d, but one that changes between steps.
+    refs = [f.d / f.c for f, ok in zip(fits, follows) if ok]
+    fixed = all(np.linalg.norm(r - refs[0]) <= 1e-3 * np.linalg.norm(refs[0]) for r in refs)
     if first.c < 0:
       kind = "grows"
-    elif _reference_tol(first, tol, eps):
+    elif _reference_tol(first, tol, eps) and fixed:
       kind, detail = "toward_reference", "toward a reference the optimizer fixes"
     else:
       kind = "decoupled"
+      if _reference_tol(first, tol, eps):
+        detail = "plus a move that is the same at every θ and changes between steps"
     c, d = first.c, first.d
   # With a gradient the decay must stay −c·(θ − r); the gradient's step may be rescaled per point.
   ws = [u.ravel() + c * t.ravel() - d for t, u in grad_step]
@@ -430,9 +436,10 @@ def _classify(steps: Sequence[Pairs], grad_step: Pairs, held: Pairs, base: np.nd
   noise = 8 * eps * (u_norm + theta_norm)
   decay_norm = abs(c) * first.theta_norm
   if s2 > max(noise, tol * s1):
-    return ("gradient_dependent", shrink, residual,
+    at_zero = "" if shrink is None else f" (c = {shrink:.3g} at g = 0 only)"
+    return ("gradient_dependent", None, residual,
             "with a gradient the decay is not the same: it is rescaled by the gradient (a trust "
-            "ratio, cautious masking, a clip after the decay); the shrink holds at g = 0 only")
+            "ratio, cautious masking, a clip after the decay)" + at_zero)
   if kind not in ("none",) and decay_norm and noise > 0.5 * decay_norm:
     detail = (detail + "; " if detail else "") + (
         "gradient dependence not checked: the decay is below the float noise of the step")
@@ -527,6 +534,14 @@ def audit_decay(
        for b, f in zip(base_leaves, floats)])
   update = jax.jit(tx.update)
   inits = [tx.init(p) for p in points]
+  try:
+    update(zeros, inits[0], points[0])
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        "audit_decay probes tx.update(grads, state, params) with zero gradients, and this "
+        f"optimizer failed on that call ({type(e).__name__}: {e}). Optimizers that need the "
+        "loss or a function of it (optax.contrib.momo's value=, sophia's obj_fn=) cannot be "
+        "audited from gradients alone; audit the same chain without that part.") from e
 
   # Fresh runs: the first moving step (lock-step over the points), then ADVANCE_STEPS more.
   runs = _Runs(update, list(inits), list(points))
