@@ -23,6 +23,7 @@ import shutil
 
 import chex
 import jax
+import jax.export  # noqa: F401 - a submodule that `import jax` does not load on every release
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
