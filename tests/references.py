@@ -22,6 +22,7 @@ Oracles here are written from the reference code, never from ``optax_decoupled``
 * torch.optim.AdamW / Adam / SGD, run in float32 on CPU with ``foreach=False`` (torch's
   single-tensor path, its default on CPU);
 * optax transforms (``run_optax``, which also runs ``optax_decoupled``'s transforms);
+* :func:`adam_update`: Kingma & Ba 2015, Algorithm 1 (and Dozat 2016 for Nesterov);
 * :func:`bert_adamw_trajectory`: google-research/bert ``optimization.py``,
   ``AdamWeightDecayOptimizer.apply_gradients`` and ``_do_use_weight_decay``;
 * :func:`keras_adamw_trajectory`: Keras 3 ``keras/src/optimizers/adam.py``
@@ -147,17 +148,21 @@ def quadratic_grad_fn(params: Any, seed: int = 0, noise: float = 1.0) -> Quadrat
 # --- JAX side: any optax GradientTransformation ------------------------------------------------
 
 
-def run_optax(tx: optax.GradientTransformation, params: Any, grad_fn: GradFn, steps: int):
-  """Trajectory of ``tx`` (jitted ``tx.update`` + ``optax.apply_updates``) from ``params``.
+def run_optax(tx: optax.GradientTransformation, params: Any, grad_fn: GradFn, steps: int,
+              wrap: Callable[[Callable], Callable] = jax.jit):
+  """Trajectory of ``tx`` (``tx.update`` + ``optax.apply_updates``, wrapped by ``wrap``) from
+  ``params``.
 
-  (A Python loop around a jitted step: on this tree it compiles several times faster than
-  one ``lax.scan`` over all steps, and compilation dominates the run time.)
+  ``wrap`` is ``jax.jit`` by default; a chex test passes ``self.variant`` so that the same
+  trajectory runs with jit, without jit or under pmap. (A Python loop around a jitted step:
+  on this tree it compiles several times faster than one ``lax.scan`` over all steps, and
+  compilation dominates the run time.)
   """
   treedef = jax.tree.structure(params)
   params = jax.tree.map(lambda x: np.array(x, np.float32), params)
-  state = jax.jit(tx.init)(params)
+  state = wrap(tx.init)(params)
 
-  @jax.jit
+  @wrap
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -258,6 +263,41 @@ def bert_adam_update(
   next_m = f32(beta_1) * m + f32(1.0 - beta_1) * grad
   next_v = f32(beta_2) * v + f32(1.0 - beta_2) * np.square(grad)
   update = next_m / (np.sqrt(next_v) + f32(epsilon))
+  return update.astype(f32), next_m.astype(f32), next_v.astype(f32)
+
+
+def adam_update(
+    grad: np.ndarray, m: np.ndarray, v: np.ndarray, t: int, beta_1: float = 0.9,
+    beta_2: float = 0.999, epsilon: float = 1e-8, nesterov: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(update, next_m, next_v)`` of Adam's direction at 1-based step ``t``, float32 numpy.
+
+  Kingma & Ba 2015 (https://arxiv.org/abs/1412.6980), Algorithm 1, without the learning
+  rate, ε outside the square root (torch/optim/adam.py ``_single_tensor_adam``)::
+
+    m_t = β1 m + (1 − β1) g;  v_t = β2 v + (1 − β2) g²
+    m̂ = m_t / (1 − β1^t);  v̂ = v_t / (1 − β2^t);  update = m̂ / (√v̂ + ε)
+
+  ``nesterov``: Dozat 2016 (Incorporating Nesterov Momentum into Adam), with a constant β1,
+  as optax/_src/transform.py ``scale_by_adam(nesterov=True)`` writes it::
+
+    m̂ = β1 m_t / (1 − β1^(t+1)) + (1 − β1) g / (1 − β1^t)
+  """
+  f32 = np.float32
+  b1, b2 = f32(beta_1), f32(beta_2)
+  # 1 − β as the real number, rounded once to float32 (f32(1) − f32(β) is off by ~1e-5
+  # relative for β = 0.999, the representation error of β).
+  c1, c2 = f32(1.0 - beta_1), f32(1.0 - beta_2)
+  grad = np.asarray(grad, f32)
+  next_m = b1 * m + c1 * grad
+  next_v = b2 * v + c2 * np.square(grad)
+  if nesterov:
+    m_hat = (b1 * next_m / (f32(1) - b1 ** f32(t + 1))
+             + c1 * grad / (f32(1) - b1 ** f32(t)))
+  else:
+    m_hat = next_m / (f32(1) - b1 ** f32(t))
+  v_hat = next_v / (f32(1) - b2 ** f32(t))
+  update = m_hat / (np.sqrt(v_hat) + f32(epsilon))
   return update.astype(f32), next_m.astype(f32), next_v.astype(f32)
 
 

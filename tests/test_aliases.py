@@ -28,12 +28,15 @@ and masked cases that decaying the excluded leaves would move them by > 100× th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 
 import optax_decoupled as od
 from tests import references as R
@@ -78,10 +81,15 @@ class Setup:
     return jax.tree.unflatten(jax.tree.structure(self.params), self.decayed())
 
 
-@pytest.fixture(scope="module")
-def setup() -> Setup:
+@functools.cache
+def make_setup() -> Setup:
   params = bert_linen_params(seed=0, layers=1)
   return Setup(params, R.to_leaves(params), R.leaf_names(params), R.quadratic_grad_fn(params))
+
+
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+  return make_setup()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,21 +217,20 @@ def tolerance(reference: np.ndarray) -> float:
   return steps * EPS32 * max(1.0, float(np.abs(reference).max()))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_alias_matches_reference(case: Case, setup: Setup):
+def check_case(case: Case, setup: Setup, ours: np.ndarray) -> None:
+  """``ours`` against the case's reference; the decay (and mask) visibly shape the reference."""
   if case.needs_torch:
     pytest.importorskip("torch")
-  ours = trajectory(case.alias, setup)
   ref = case.reference(setup, case.weight_decay, case.masked)
-  assert ours.shape == ref.shape == (T + 1, sum(x.size for x in setup.leaves))
-  assert np.all(np.isfinite(ref))
+  chex.assert_shape([ours, ref], (T + 1, sum(x.size for x in setup.leaves)))
+  chex.assert_tree_all_finite((ours, ref))
   tol = tolerance(ref)
   if case.exact:
     # Bitwise. (That decay and mask are visible in this setup is shown by the torch cases
     # of the same alias, so the decay-off runs are not repeated here.)
-    np.testing.assert_array_equal(ours, ref)
+    chex.assert_trees_all_equal(ours, ref)
     return
-  np.testing.assert_allclose(ours, ref, rtol=0, atol=tol)
+  chex.assert_trees_all_close(ours, ref, rtol=0, atol=tol)
 
   # The comparison can fail: decay shapes the reference trajectory far beyond the tolerance.
   no_decay = case.reference(setup, 0.0, case.masked)
@@ -236,7 +243,36 @@ def test_alias_matches_reference(case: Case, setup: Setup):
     unmasked = case.reference(setup, case.weight_decay, False)
     assert np.abs(ref - unmasked)[:, excluded].max() > 100 * tol
     # The excluded leaves follow the undecayed reference to round-off.
-    np.testing.assert_allclose(ours[:, excluded], no_decay[:, excluded], rtol=0, atol=tol)
+    chex.assert_trees_all_close(ours[:, excluded], no_decay[:, excluded], rtol=0, atol=tol)
+
+
+# The core cases (one per alias, with the mask where the alias has one by default) run under
+# every chex variant: with jit, without jit, and with pmap when more than one device is
+# present. The other cases run jitted (the trajectories are shared across the module).
+CORE = ("adamw/torch", "adamw-bert-mask/torch-groups", "adam_l2/torch",
+        "sgd_l2/torch-momentum0.9", "bert_adamw/numpy-bert")
+CASE_BY_ID = {c.id: c for c in CASES}
+assert set(CORE) <= set(CASE_BY_ID)
+
+
+class CoreAliasesTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  @parameterized.named_parameters(
+      *[(i.replace("/", "_").replace("-", "_").replace(".", ""), i) for i in CORE])
+  def test_alias_matches_reference(self, case_id):
+    case = CASE_BY_ID[case_id]
+    if case.needs_torch:
+      pytest.importorskip("torch")
+    setup = make_setup()
+    ours = R.run_optax(ALIASES[case.alias](), setup.params, setup.grad_fn, T, self.variant)
+    check_case(case, setup, ours)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id not in CORE],
+                         ids=[c.id for c in CASES if c.id not in CORE])
+def test_alias_matches_reference(case: Case, setup: Setup):
+  check_case(case, setup, trajectory(case.alias, setup))
 
 
 def test_bert_mask_excludes_what_bert_excludes(setup: Setup):

@@ -1,7 +1,7 @@
 """The ``coupling`` keyword of od.adamw and od.sgdw, against numpy transcriptions.
 
 Oracles (tests/decay_references.py): the paper's Algorithm 2 (AdamW) and
-Algorithm 1 (SGDW), TF's DecoupledWeightDecayExtension around Keras Adam, and
+Algorithm 1 (SGDW), TF's DecoupledWeightDecayExtension around Keras Adam and SGD, and
 torch's AdamW. Trajectories are 150 steps of a noisy quadratic with curvatures
 over three decades; float32 (ours) against float64 (oracle).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,12 +105,18 @@ def test_sgdw_buffer_holds_lr_scaled_steps():
 
 
 def test_sgdw_lr_coupling_and_no_momentum_equals_sgd_with_l2():
-  """Paper Proposition 1: plain SGD + L2(λ) = decoupled decay with shrink η·λ."""
+  """Paper Proposition 1: plain SGD + L2(λ) = decoupled decay with shrink η·λ. Both sides
+  against tfa.optimizers.SGDW with momentum 0 and λ_t = η·λ (decay_references.tf_sgdw)."""
   p = ref.Problem(seed=4)
   lr, lam = 1e-2, 0.3
-  ours = run(od.sgdw(lr, momentum=0.0, weight_decay=lam, coupling="lr"), p)
-  l2 = run(od.sgd_l2(lr, weight_decay=lam), p)
-  np.testing.assert_allclose(ours, l2, rtol=1e-6, atol=1e-7)
+  oracle = ref.tf_sgdw(p.theta0, p.grad, np.full(STEPS, lr), np.full(STEPS, lr * lam), STEPS,
+                       momentum=0.0)
+  assert_traj(run(od.sgdw(lr, momentum=0.0, weight_decay=lam, coupling="lr"), p), oracle,
+              atol=ATOL)
+  assert_traj(run(od.sgd_l2(lr, weight_decay=lam), p), oracle, atol=ATOL)
+  undecayed = ref.tf_sgdw(p.theta0, p.grad, np.full(STEPS, lr), np.zeros(STEPS), STEPS,
+                          momentum=0.0)
+  assert np.abs(undecayed[-1] - oracle[-1]).max() > 1e-3
 
 
 def test_adamw_none_coupling_is_tf_decoupled_weight_decay_extension():
@@ -166,22 +173,31 @@ def test_adamw_lr_coupling_is_torch_adamw():
               oracle)
 
 
-def _default_chain(lr, wd, mask):
-  return optax.chain(od.scale_by_adam(), od.add_decoupled_decay(wd, mask),
-                     optax.scale_by_learning_rate(lr))
-
-
-@pytest.mark.parametrize("lr", [1e-2, optax.cosine_decay_schedule(1e-2, STEPS)])
-def test_adamw_default_is_unchanged_bit_for_bit(lr):
-  """The default path is the core chain itself: equal bit for bit, with and without coupling='lr'."""
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "cosine"])
+def test_adamw_default_and_lr_coupling_are_torch_adamw(schedule):
+  """The default coupling is torch.optim.AdamW's (torch/optim/adamw.py): θ(1 − η_t λ) then
+  the Adam step, with or without an explicit coupling='lr'."""
   p = ref.Problem(seed=7, kind="drift")
-  chain = run(_default_chain(lr, 1e-2, None), p)
-  np.testing.assert_array_equal(run(od.adamw(lr, weight_decay=1e-2), p), chain)
-  np.testing.assert_array_equal(run(od.adamw(lr, weight_decay=1e-2, coupling="lr"), p), chain)
-  # and its state is the core chain's (checkpoints keep their shape).
+  lr0, lam = 1e-2, 1e-2
+  mult = ref.cosine_multiplier(STEPS) if schedule else np.ones(STEPS)
+  lr = optax.cosine_decay_schedule(lr0, STEPS) if schedule else lr0
+  oracle = ref.torch_style_adamw(p.theta0, p.grad, lr0 * mult, STEPS, lam=lam)
+  assert_traj(run(od.adamw(lr, weight_decay=lam), p), oracle)
+  assert_traj(run(od.adamw(lr, weight_decay=lam, coupling="lr"), p), oracle)
+  # The decay is visible: λ = 0 is far from the oracle.
+  assert np.abs(run(od.adamw(lr, weight_decay=0.0), p)[-1] - oracle[-1]).max() > 1e-3
+  # The state is Adam's moments, the decay's step count and optax's lr-scaling state, with
+  # the parameters' shapes and dtypes (a checkpoint's layout).
   params = {"w": jnp.ones(3)}
-  assert (jax.tree.structure(od.adamw(lr).init(params))
-          == jax.tree.structure(_default_chain(lr, 1e-4, None).init(params)))
+  state = od.adamw(lr).init(params)
+  lr_state = optax.scale_by_learning_rate(lr).init(params)
+  assert [type(x) for x in state] == [optax.ScaleByAdamState, od.WeightDecayState,
+                                      type(lr_state)]
+  chex.assert_trees_all_equal_shapes_and_dtypes(state[2], lr_state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state[0].mu, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state[0].nu, params)
+  chex.assert_shape(state[1].decay_count, ())
+  chex.assert_type(state[1].decay_count, jnp.int32)
 
 
 def test_traced_hyperparameters_under_vmap_and_jit():
