@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_decoupled import _hyperparams, _masks, _paths
+from optax_decoupled import _hyperparams, _masks, _paths, _rules
 
 __all__ = ["DecayTowardState", "DecoupledDecayState", "WeightDecayState", "decay"]
 
@@ -55,15 +55,10 @@ class DecayTowardState(NamedTuple):
   reference: Any  # the params' tree structure; θ_ref on decayed leaves, None elsewhere.
 
 
-def _leaf_dtype(leaf: Any) -> np.dtype:
-  value = _paths.leaf_value(leaf)
-  return np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
-
-
-def _check_decayed_dtypes(decisions: list[_masks.LeafDecision], who: str) -> None:
+def _check_decayed_dtypes(decisions: list[_rules.Decision], who: str) -> None:
   """Decay is defined for floating (and complex) leaves only: refuse int/bool leaves it selects."""
   for d in decisions:
-    dtype = _leaf_dtype(d.leaf)
+    dtype = _paths.leaf_dtype(d.leaf)
     if d.decay and not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
           f"{who}: weight decay applies to floating-point parameters only, but the leaf "
@@ -100,7 +95,7 @@ def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any
           f"{np.shape(_paths.leaf_value(p))}. Give θ_ref with the parameters' shapes "
           "(broadcasting is not applied)."
       )
-    out.append(jnp.array(r, dtype=_leaf_dtype(p), copy=True))
+    out.append(jnp.array(r, dtype=_paths.leaf_dtype(p), copy=True))
   return treedef.unflatten(out)  # type: ignore[attr-defined]
 
 
