@@ -18,9 +18,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_decoupled import _decay, _hyperparams, _multipliers, _rules
+from optax_decoupled import _decay, _hyperparams, _multipliers, _paths, _rules
 from optax_decoupled._hyperparams import ArrayLike, DType, ScalarOrSchedule
 from optax_decoupled._masks import MaskLike
 
@@ -210,9 +211,38 @@ def adam_scaling(
     b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: DType, *, nesterov: bool,
     bias_correction: bool = True, eps_hat: bool = False, nu_dtype: DType = None,
 ) -> optax.GradientTransformation:
-  """The builder of :func:`scale_by_adam` (arguments checked by the caller)."""
+  """The builder of :func:`scale_by_adam` (arguments checked by the caller).
+
+  Complex parameters follow optax: m is complex, v holds :math:`|g|^2` (real values). A
+  real ``mu_dtype`` would drop the imaginary part of m, so ``init`` refuses it for complex
+  leaves.
+  """
   if bias_correction and not eps_hat and nu_dtype is None:
-    return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+    tx = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+  else:
+    tx = _adam_variant(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+                       bias_correction=bias_correction, eps_hat=eps_hat, nu_dtype=nu_dtype)
+  if mu_dtype is None or jnp.issubdtype(mu_dtype, jnp.complexfloating):
+    return tx
+
+  def init_fn(params):
+    for path, leaf in _paths.leaves_with_paths(params):
+      if jnp.issubdtype(_paths.leaf_dtype(leaf), jnp.complexfloating):
+        raise TypeError(
+            f"scale_by_adam: mu_dtype={np.dtype(mu_dtype).name} is real, but the parameter "
+            f"{path!r} is {_paths.leaf_dtype(leaf)}: its first moment would lose the imaginary "
+            "part. Pass a complex mu_dtype (e.g. jnp.complex64) or mu_dtype=None."
+        )
+    return tx.init(params)
+
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
+def _adam_variant(
+    b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: DType, *, nesterov: bool,
+    bias_correction: bool, eps_hat: bool, nu_dtype: DType,
+) -> optax.GradientTransformation:
+  """Adam with BERT's or Keras's variant, or float32 moments of low-precision parameters."""
   mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
   nu_dtype = jax.dtypes.canonicalize_dtype(nu_dtype) if nu_dtype is not None else None
 
