@@ -359,8 +359,18 @@ def bert_adamw(
   ``["LayerNorm", "layer_norm", "bias"]`` with its two spellings of the norm
   rule grouped, ``(("LayerNorm", "layer_norm"), "bias")``, so a model using
   either spelling passes the unmatched-pattern check; a rule that matches
-  nothing is an error (see :func:`exclude_names`). ``exclude=()`` decays every
-  parameter, as BERT's ``exclude_from_weight_decay=None``.
+  nothing is an error (see :func:`exclude_names`). ``exclude=()`` or ``None``
+  decays every parameter, as BERT's ``exclude_from_weight_decay=None``. A bare
+  string is one pattern (``exclude="bias"``).
+
+  The patterns are case-sensitive, as BERT's: a model that spells its norm
+  ``layernorm`` (MindSpore's BERT) leaves the default's norm rule unmatched, which
+  is an error. Prefix ``(?i)`` for a case-insensitive pattern, e.g.
+  ``exclude=(r"(?i)layer_?norm", "bias")``.
+
+  The positional arguments are this alias's own (BERT's ``AdamWeightDecayOptimizer``
+  order: ``learning_rate, weight_decay, b1, b2, eps, exclude``). Args are checked as
+  in :func:`adamw`: ``b1, b2`` in [0, 1), ``eps`` finite and >= 0.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od

@@ -210,7 +210,8 @@ def check_schedule_or_number(x: Any, name: str, who: str, *, hint: str = "") -> 
 
 def check_learning_rate(x: Any, who: str) -> None:
   """A learning rate: a number >= 0 or a schedule."""
-  check_schedule_or_number(x, "learning_rate", who, hint="To maximize an objective, negate the loss.")
+  check_schedule_or_number(x, "learning_rate", who,
+                           hint="To maximize an objective, negate the loss.")
 
 
 def check_weight_decay(x: Any, who: str) -> None:

@@ -163,6 +163,10 @@ def labels(
     if getattr(predicate, _hyperparams.MASK_FACTORY, False):
       raise TypeError(f"labels(): rule {name!r} is the predicate factory "
                       f"od.{getattr(predicate, '__name__', '')}, not a predicate: call it.")
+    if isinstance(predicate, str):
+      raise TypeError(
+          f"labels(): rule {name!r} is the string {predicate!r}; a rule is a predicate. For "
+          f"the leaves whose path matches it, write od.include_names({predicate!r}).")
     if not isinstance(predicate, _predicates.Predicate):
       raise TypeError(
           f"labels(): rule {name!r} is {predicate!r}; a rule is a predicate (od.exclude_names"

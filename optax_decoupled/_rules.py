@@ -4,9 +4,9 @@ Every rule set of this package (the mask predicates, ``decay_multipliers``, ``la
 ``scale_by_lr_multipliers``) decides per leaf from the leaf's path (``_paths``) and value,
 and reports its decisions as :class:`Decision`. This module owns what they share:
 
-* :func:`read` and :func:`leaves` read a tree the way every rule set reads it: nnx Variables are leaves,
-  ``optax.MaskedNode`` leaves (a transform inside ``optax.masked`` or
-  ``optax.multi_transform`` sees only its own group) get no decision but their paths count
+* :func:`read` and :func:`leaves` read a tree the way every rule set reads it: nnx
+  Variables are leaves, ``optax.MaskedNode`` leaves (a transform inside ``optax.masked`` or
+  ``optax.multi_transform`` is given its group alone) get no decision but their paths count
   for the unmatched-rule check, and a step count in place of the parameters (what
   ``optax.inject_hyperparams`` gives a callable argument) is refused;
 * :func:`unmatched_error`, the one text of "a rule matches no parameter", with its hint for

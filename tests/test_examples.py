@@ -49,7 +49,8 @@ def test_help_exits_without_running(path, tmp_path):
 
 
 # Packages an example may use but its --help must not need: importing one raises.
-HEAVY = ("flax", "orbax", "sklearn", "matplotlib", "torch", "tqdm", "mnist1d", "optax_decoupled.flax")
+HEAVY = ("flax", "orbax", "sklearn", "matplotlib", "torch", "tqdm", "mnist1d",
+         "optax_decoupled.flax")
 _BLOCKING = """
 import importlib.abc, runpy, sys
 HEAVY = {heavy!r}
