@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import chex
