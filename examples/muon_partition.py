@@ -38,14 +38,30 @@ import inspect
 import math
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+QUICK_STEPS = 25  # the --quick run's length
 
-import optax_decoupled as od
-import optax_decoupled.flax as odf
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+  p.add_argument("--quick", action="store_true",
+                 help=f"tiny model, {QUICK_STEPS} steps (tests)")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+
+if __name__ == "__main__":
+  parse_args()  # --help and usage errors answer before jax and flax are imported.
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import optax_decoupled as od  # noqa: E402
+import optax_decoupled.flax as odf  # noqa: E402
 
 # Printable ASCII (32..126) and newline; id 0 is any other byte.
 _CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -82,7 +98,7 @@ class Config:
   weight_decay: float = 0.1
 
 
-QUICK = Config(dim=32, heads=2, layers=2, seq=32, batch=16, steps=25, warmup=3)
+QUICK = Config(dim=32, heads=2, layers=2, seq=32, batch=16, steps=QUICK_STEPS, warmup=3)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -173,15 +189,6 @@ def train(kind: str, cfg: Config, data: np.ndarray, held_out: np.ndarray, seed: 
   held = float(np.mean([eval_fn(model, *batch(held_out, seed + 1, i, cfg.batch, cfg.seq))
                         for i in range(4)]))
   return {"losses": losses, "held_out_loss": held, "seconds": seconds}
-
-
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-  p.add_argument("--quick", action="store_true",
-                 help=f"tiny model, {QUICK.steps} steps (tests)")
-  p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:

@@ -32,14 +32,44 @@ import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
 
-import optax_decoupled as od
-import optax_decoupled.flax as odf
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+  p.add_argument("--quick", action="store_true", help="tiny model and 20 steps (tests)")
+  p.add_argument("--optimizer", choices=("adamw", "adam_l2"), default="adamw")
+  p.add_argument("--weight-decay", type=float, default=0.1, help="λ (default 0.1)")
+  p.add_argument("--mask", choices=("bert", "hf", "nanogpt", "stacked"), default="bert",
+                 help="exclusion preset: BERT names (default), HF Trainer (LayerNorm modules "
+                 "and norm/bias names), nanoGPT (ndim >= 2), stacked (ndim >= 2 minus norms "
+                 "and biases, safe for stacked layers)")
+  p.add_argument("--no-mask", action="store_true", help="decay every parameter")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="out/nnx_transformer", help="output directory")
+  p.add_argument("--checkpoint-every", type=int, default=0,
+                 help="save a checkpoint every N steps (0: only with --stop-after)")
+  p.add_argument("--stop-after", type=int, default=0,
+                 help="save a checkpoint after this many steps and exit (simulates a crash); "
+                 "N must be below the run's length (--steps)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in OUT/checkpoints; the flags that "
+                 "define the run (--quick, --steps, --optimizer, --weight-decay, --mask, "
+                 "--no-mask, --seed) must be those of the saved run")
+  p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+  return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+  parse_args()  # --help and usage errors answer before jax, flax and orbax are imported.
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import optax_decoupled as od  # noqa: E402
+import optax_decoupled.flax as odf  # noqa: E402
 
 # ---------------------------------------------------------------------------- data
 
@@ -199,32 +229,6 @@ def plot(history: dict, path: str, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
-  p.add_argument("--quick", action="store_true", help="tiny model and 20 steps (tests)")
-  p.add_argument("--optimizer", choices=("adamw", "adam_l2"), default="adamw")
-  p.add_argument("--weight-decay", type=float, default=0.1, help="λ (default 0.1)")
-  p.add_argument("--mask", choices=("bert", "hf", "nanogpt", "stacked"), default="bert",
-                 help="exclusion preset: BERT names (default), HF Trainer (LayerNorm modules "
-                 "and norm/bias names), nanoGPT (ndim >= 2), stacked (ndim >= 2 minus norms "
-                 "and biases, safe for stacked layers)")
-  p.add_argument("--no-mask", action="store_true", help="decay every parameter")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="out/nnx_transformer", help="output directory")
-  p.add_argument("--checkpoint-every", type=int, default=0,
-                 help="save a checkpoint every N steps (0: only with --stop-after)")
-  p.add_argument("--stop-after", type=int, default=0,
-                 help="save a checkpoint after this many steps and exit (simulates a crash); "
-                 "N must be below the run's length (--steps)")
-  p.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in OUT/checkpoints; the flags that "
-                 "define the run (--quick, --steps, --optimizer, --weight-decay, --mask, "
-                 "--no-mask, --seed) must be those of the saved run")
-  p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-  return p.parse_args(argv)
 
 
 # The flags that define a run: a checkpoint only continues the run that had the same ones.

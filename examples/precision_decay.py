@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 import optax_decoupled as od
 
@@ -41,6 +40,8 @@ BATCH = 64
 
 
 def data():
+  from sklearn.datasets import load_digits  # imported here: --help needs no scikit-learn.
+
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32)
   rng = np.random.default_rng(0)

@@ -30,7 +30,6 @@ from optax_decoupled._layer_decay import LayerDecay as LayerDecay
 from optax_decoupled._layer_decay import layer_decay as layer_decay
 from optax_decoupled._layer_decay import scale_by_layer_decay as scale_by_layer_decay
 from optax_decoupled._labels import labels as labels
-from optax_decoupled._labels import scale_by_lr_multipliers as scale_by_lr_multipliers
 from optax_decoupled._fused import fused_step as fused_step
 from optax_decoupled._masks import resolve_mask as resolve_mask
 from optax_decoupled._multipliers import DecayMultipliers as DecayMultipliers
@@ -39,11 +38,11 @@ from optax_decoupled._precision import LowPrecisionDecayWarning as LowPrecisionD
 from optax_decoupled._precision import StochasticRoundingState as StochasticRoundingState
 from optax_decoupled._precision import stochastic_rounding as stochastic_rounding
 from optax_decoupled._predicates import BERT_EXCLUDE as BERT_EXCLUDE
-from optax_decoupled._predicates import Decision as Decision
 from optax_decoupled._predicates import Predicate as Predicate
 from optax_decoupled._predicates import exclude_names as exclude_names
 from optax_decoupled._predicates import include_names as include_names
 from optax_decoupled._predicates import min_ndim as min_ndim
+from optax_decoupled._rules import Decision as Decision
 from optax_decoupled._report import MaskReport as MaskReport
 from optax_decoupled._report import MaskRow as MaskRow
 from optax_decoupled._report import describe_mask as describe_mask
@@ -53,6 +52,7 @@ from optax_decoupled._schedules import (
 from optax_decoupled._transforms import add_decoupled_decay as add_decoupled_decay
 from optax_decoupled._transforms import add_l2_to_grad as add_l2_to_grad
 from optax_decoupled._transforms import scale_by_adam as scale_by_adam
+from optax_decoupled._transforms import scale_by_lr_multipliers as scale_by_lr_multipliers
 from optax_decoupled._wrappers import with_decay_toward as with_decay_toward
 from optax_decoupled._wrappers import with_decoupled_decay as with_decoupled_decay
 

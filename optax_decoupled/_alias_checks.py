@@ -1,4 +1,4 @@
-"""Construction-time checks of the aliases: their arguments, and the guards of a decay.
+"""The aliases' checks and guards: their arguments at construction, their state at init.
 
 These sit in the aliases' layer: each alias calls them once, on its own arguments, before it
 builds its chain from private builders that do not check again.
@@ -6,44 +6,38 @@ builds its chain from private builders that do not check again.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import optax
 
 from optax_decoupled import _hyperparams, _precision, _sharding
 
-__all__ = ["COUPLED_HINT", "check_lr_wd", "check_momentum", "guarded", "lr_hint"]
+__all__ = ["COUPLED_HINT", "check_lr_wd", "check_momentum", "lr_hint", "placed"]
 
-LR_HINT = "To maximize an objective, negate the loss."
-WD_HINT = "A negative value would grow the weights."
+_T = TypeVar("_T", bound=optax.GradientTransformation)
 
 
 def check_lr_wd(who: str, learning_rate: Any, weight_decay: Any) -> None:
-  _hyperparams.check_schedule_or_number(learning_rate, "learning_rate", who, hint=LR_HINT)
-  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who, hint=WD_HINT)
+  _hyperparams.check_learning_rate(learning_rate, who)
+  _hyperparams.check_weight_decay(weight_decay, who)
 
 
-def guarded(tx: optax.GradientTransformation, shrink: Any, mask: Any, who: str,
-             hint: str) -> optax.GradientTransformation:
-  """``tx`` with the construction-time guards of a decay whose per-step shrink is ``shrink``.
+def placed(tx: _T, shrink: Any, mask: Any, who: str) -> _T:
+  """``tx`` whose ``init`` places the parameter-shaped state like the parameters.
 
-  A constant shrink >= 1 is a ``ValueError`` now (it would flip or zero every decayed
-  weight); at ``init``, a :class:`LowPrecisionDecayWarning` names the decayed
-  bfloat16/float16 leaves on which a constant shrink rounds to nothing, and the
-  parameter-shaped state is placed like the parameters (``_sharding``). Updates and state
-  values are ``tx``'s, unchanged.
+  Before it, for a constant nonzero per-step ``shrink`` of the leaves ``mask`` decays, a
+  :class:`LowPrecisionDecayWarning` names the bfloat16/float16 leaves on which it rounds to
+  nothing. Updates and state values are ``tx``'s, unchanged; the type of ``tx`` is kept
+  (``optax.GradientTransformationExtraArgs`` stays one).
   """
-  _hyperparams.check_shrink(shrink, who, hint)
   c = _hyperparams.constant(shrink)
 
   def init_fn(params):
-    if c:  # a constant, nonzero shrink: can it round to nothing?
+    if c:
       _precision.warn_if_decay_vanishes(params, c, mask, who)
     return _sharding.shard_state_like(tx.init(params), params)
 
-  if isinstance(tx, optax.GradientTransformationExtraArgs):
-    return optax.GradientTransformationExtraArgs(init_fn, tx.update)
-  return optax.GradientTransformation(init_fn, tx.update)
+  return type(tx)(init_fn, tx.update)
 
 
 def lr_hint(learning_rate: Any) -> str:
@@ -62,9 +56,6 @@ def check_momentum(who: str, momentum: Any, nesterov: Any) -> None:
   """``None`` (no buffer) or a number in [0, 1); Nesterov needs a buffer."""
   _hyperparams.check_flag(nesterov, "nesterov", who)
   if momentum is not None:
-    _hyperparams.check_number(momentum, "momentum", who)
-  mu = _hyperparams.constant(momentum)
-  if mu is not None and mu >= 1:
-    raise ValueError(f"{who}: momentum must be in [0, 1), got {mu!r}.")
-  if nesterov and (momentum is None or mu == 0):
+    _hyperparams.check_decay_rate(momentum, "momentum", who)
+  if nesterov and (momentum is None or _hyperparams.constant(momentum) == 0):
     raise ValueError(f"{who}: nesterov=True needs momentum > 0 (as torch.optim.SGD).")

@@ -5,13 +5,15 @@ which the update is computed. Aliases named after an optax or torch optimizer ta
 optimizer's positional arguments in the same order; this package's extra arguments are
 keyword-only.
 
-Each alias checks its own arguments once (``_alias_checks``), builds its chain from private
-builders (which do not check again), adds the construction-time guards of a decaying
-optimizer (``_alias_checks.guarded``) and records which alias built it (``_recipes``).
+Each alias checks its own arguments once (``_alias_checks``, ``_transforms.check_adam``,
+``_hyperparams.check_shrink``), builds its chain from private builders (which do not check
+again), wraps its ``init`` to place the state like the parameters
+(``_alias_checks.placed``) and records which alias built it (``_recipes``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import optax
@@ -23,19 +25,20 @@ from optax_decoupled import (
     _hyperparams,
     _predicates,
     _recipes,
+    _rules,
     _transforms,
 )
-from optax_decoupled._hyperparams import DType, Numeric, ScalarOrSchedule
+from optax_decoupled._hyperparams import ArrayLike, DType, Numeric, ScalarOrSchedule
 from optax_decoupled._masks import MaskLike
 
 __all__ = ["adam_l2", "adamw", "bert_adamw", "sgd_l2", "sgdw"]
 
 def adamw(
     learning_rate: ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     mu_dtype: DType = None,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: MaskLike = None,
@@ -43,8 +46,8 @@ def adamw(
     nesterov: bool = False,
     nu_dtype: DType = None,
     coupling: str = "lr",
-    peak_learning_rate: ScalarOrSchedule = None,
-) -> optax.GradientTransformation:
+    peak_learning_rate: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with decoupled weight decay, lr-coupled (torch / optax) by default.
 
   .. math::
@@ -107,10 +110,11 @@ def adamw(
   who = "adamw"
   _couplings.check_args(who, weight_decay=weight_decay, coupling=coupling,
                         learning_rate=learning_rate, peak_learning_rate=peak_learning_rate)
+  _transforms.check_adam(who, b1, b2, eps, eps_root)
   _hyperparams.check_flag(nesterov, "nesterov", who)
   shrink = _couplings.build(weight_decay, coupling, learning_rate, peak_learning_rate, who)
-  adam = _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
-                                   nu_dtype=nu_dtype, nesterov=nesterov)
+  adam = _transforms.adam_scaling(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+                                  nu_dtype=nu_dtype)
   if coupling == "lr":  # optax.adamw's chain: λθ joins the Adam step, then both scale by η_t.
     tx = optax.chain(
         adam,
@@ -124,21 +128,22 @@ def adamw(
         _decay.decay(shrink, mask, who=who, sign=-1, state=_decay.DecoupledDecayState),
     )
     hint = _alias_checks.COUPLED_HINT
+  _hyperparams.check_shrink(shrink, who, hint)
   return _recipes.record(
-      _alias_checks.guarded(tx, shrink, mask, who, hint), who, learning_rate=learning_rate, b1=b1, b2=b2,
-      eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask,
+      _alias_checks.placed(tx, shrink, mask, who), who, learning_rate=learning_rate, b1=b1,
+      b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask,
       nesterov=nesterov, nu_dtype=nu_dtype, coupling=coupling, shrink=shrink)
 
 
 def adam_l2(
-    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-    eps_root: float = 0.0, mu_dtype: DType = None,
+    learning_rate: ScalarOrSchedule, b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8, eps_root: ArrayLike = 0.0, mu_dtype: DType = None,
     *,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskLike = None,
     nesterov: bool = False,
     nu_dtype: DType = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Adam with coupled L2 regularization: ``torch.optim.Adam(weight_decay=λ)``.
 
   .. math::
@@ -176,15 +181,17 @@ def adam_l2(
   """
   who = "adam_l2"
   _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
+  _transforms.check_adam(who, b1, b2, eps, eps_root)
   _hyperparams.check_flag(nesterov, "nesterov", who)
   tx = optax.chain(
       _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
-      _transforms.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                                nesterov=nesterov),
+      _transforms.adam_scaling(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+                               nu_dtype=nu_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return _recipes.record(  # L2 has no direct shrink: nothing to check but the placement.
-      _alias_checks.guarded(tx, 0.0, mask, who, ""), who, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+  return _recipes.record(  # L2 has no direct shrink: no shrink to check or warn about.
+      _alias_checks.placed(tx, None, mask, who), who, learning_rate=learning_rate, b1=b1,
+      b2=b2, eps=eps, eps_root=eps_root,
       mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask, nesterov=nesterov,
       nu_dtype=nu_dtype)
 
@@ -205,7 +212,7 @@ def sgd_l2(
     *,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: MaskLike = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""SGD with momentum and coupled L2: ``torch.optim.SGD`` (dampening 0).
 
   .. math::
@@ -247,8 +254,9 @@ def sgd_l2(
   )
   # Plain SGD: L2 with λ is decoupled decay with the per-step shrink η·λ (Proposition 1).
   shrink = _couplings.build(weight_decay, "lr", learning_rate, None, who)
+  _hyperparams.check_shrink(shrink, who, _alias_checks.lr_hint(learning_rate))
   return _recipes.record(
-      _alias_checks.guarded(tx, shrink, mask, who, _alias_checks.lr_hint(learning_rate)), who,
+      _alias_checks.placed(tx, shrink, mask, who), who,
       learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
       accumulator_dtype=accumulator_dtype, weight_decay=weight_decay, mask=mask)
 
@@ -262,8 +270,8 @@ def sgdw(
     weight_decay: ScalarOrSchedule,
     coupling: str = "schedule",
     mask: MaskLike = None,
-    peak_learning_rate: ScalarOrSchedule = None,
-) -> optax.GradientTransformation:
+    peak_learning_rate: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""SGDW: SGD with momentum and decoupled weight decay, the paper's Algorithm 1.
 
   .. math::
@@ -325,8 +333,9 @@ def sgdw(
       _decay.decay(shrink, mask, who=who, sign=-1, state=_decay.DecoupledDecayState),
   )
   hint = _alias_checks.lr_hint(learning_rate) if coupling == "lr" else _alias_checks.COUPLED_HINT
+  _hyperparams.check_shrink(shrink, who, hint)
   return _recipes.record(
-      _alias_checks.guarded(tx, shrink, mask, who, hint), who, learning_rate=learning_rate,
+      _alias_checks.placed(tx, shrink, mask, who), who, learning_rate=learning_rate,
       momentum=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype,
       weight_decay=weight_decay, coupling=coupling, mask=mask, shrink=shrink)
 
@@ -334,11 +343,11 @@ def sgdw(
 def bert_adamw(
     learning_rate: ScalarOrSchedule,
     weight_decay: ScalarOrSchedule = 0.01,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    exclude: tuple[Any, ...] = _predicates.BERT_EXCLUDE,
-) -> optax.GradientTransformation:
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-6,
+    exclude: str | Collection[Any] | None = _predicates.BERT_EXCLUDE,
+) -> optax.GradientTransformationExtraArgs:
   r"""BERT's ``AdamWeightDecayOptimizer``: AdamW without bias correction.
 
   .. math::
@@ -350,8 +359,18 @@ def bert_adamw(
   ``["LayerNorm", "layer_norm", "bias"]`` with its two spellings of the norm
   rule grouped, ``(("LayerNorm", "layer_norm"), "bias")``, so a model using
   either spelling passes the unmatched-pattern check; a rule that matches
-  nothing is an error (see :func:`exclude_names`). ``exclude=()`` decays every
-  parameter, as BERT's ``exclude_from_weight_decay=None``.
+  nothing is an error (see :func:`exclude_names`). ``exclude=()`` or ``None``
+  decays every parameter, as BERT's ``exclude_from_weight_decay=None``. A bare
+  string is one pattern (``exclude="bias"``).
+
+  The patterns are case-sensitive, as BERT's: a model that spells its norm
+  ``layernorm`` (MindSpore's BERT) leaves the default's norm rule unmatched, which
+  is an error. Prefix ``(?i)`` for a case-insensitive pattern, e.g.
+  ``exclude=(r"(?i)layer_?norm", "bias")``.
+
+  The positional arguments are this alias's own (BERT's ``AdamWeightDecayOptimizer``
+  order: ``learning_rate, weight_decay, b1, b2, eps, exclude``). Args are checked as
+  in :func:`adamw`: ``b1, b2`` in [0, 1), ``eps`` finite and >= 0.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled as od
@@ -365,13 +384,16 @@ def bert_adamw(
   """
   who = "bert_adamw"
   _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
-  mask = _predicates.exclude_names(*exclude) if exclude else None  # BERT: no list, no exclusion.
+  _transforms.check_adam(who, b1, b2, eps, 0.0)
+  patterns = _rules.patterns(exclude, who, "exclude") if exclude is not None else ()
+  mask = _predicates.exclude_names(*patterns) if patterns else None  # BERT: no list, no exclusion.
   tx = optax.chain(
-      _transforms.scale_by_adam(b1, b2, eps, bias_correction=False),
+      _transforms.adam_scaling(b1, b2, eps, 0.0, None, nesterov=False, bias_correction=False),
       _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
       optax.scale_by_learning_rate(learning_rate),
   )
   shrink = _couplings.build(weight_decay, "lr", learning_rate, None, who)
+  _hyperparams.check_shrink(shrink, who, _alias_checks.lr_hint(learning_rate))
   return _recipes.record(
-      _alias_checks.guarded(tx, shrink, mask, who, _alias_checks.lr_hint(learning_rate)), who,
+      _alias_checks.placed(tx, shrink, mask, who), who,
       learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps, mask=mask)

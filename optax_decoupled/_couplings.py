@@ -175,11 +175,9 @@ def check_args(who: str, *, weight_decay: Any, coupling: str, learning_rate: Any
                peak_learning_rate: Any) -> None:
   """The checks of :func:`coupled_weight_decay`'s arguments, for entry points that take them."""
   check_coupling(coupling, who)
-  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
-                                        hint="A negative value would grow the weights.")
+  _hyperparams.check_weight_decay(weight_decay, who)
   if learning_rate is not None:
-    _hyperparams.check_schedule_or_number(learning_rate, "learning_rate", who,
-                                          hint="To maximize an objective, negate the loss.")
+    _hyperparams.check_learning_rate(learning_rate, who)
   if peak_learning_rate is not None:
     _hyperparams.check_number(peak_learning_rate, "peak_learning_rate", who, positive=True)
 

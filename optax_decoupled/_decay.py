@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_decoupled import _hyperparams, _masks, _paths
+from optax_decoupled import _hyperparams, _masks, _paths, _rules
 
 __all__ = ["DecayTowardState", "DecoupledDecayState", "WeightDecayState", "decay"]
 
@@ -55,15 +55,20 @@ class DecayTowardState(NamedTuple):
   reference: Any  # the params' tree structure; θ_ref on decayed leaves, None elsewhere.
 
 
-def _leaf_dtype(leaf: Any) -> np.dtype:
-  value = _paths.leaf_value(leaf)
-  return np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+def _check_decayed_dtypes(decisions: list[_rules.Decision], who: str, cautious: bool) -> None:
+  """Decay is defined for floating and complex leaves only: refuse int/bool leaves it selects.
 
-
-def _check_decayed_dtypes(decisions: list[_masks.LeafDecision], who: str) -> None:
-  """Decay is defined for floating (and complex) leaves only: refuse int/bool leaves it selects."""
+  Complex leaves decay as real ones do (λθ, optax's convention); cautious decay compares
+  signs, which complex numbers do not have, so it refuses them.
+  """
   for d in decisions:
-    dtype = _leaf_dtype(d.leaf)
+    dtype = _paths.leaf_dtype(d.leaf)
+    if d.decay and cautious and jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(
+          f"{who}: cautious decay keeps the term where the update and θ agree in sign, which "
+          f"complex numbers do not have, and the leaf {d.path!r} is {dtype}. Use "
+          "cautious=False, or exclude complex leaves from the mask."
+      )
     if d.decay and not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
           f"{who}: weight decay applies to floating-point parameters only, but the leaf "
@@ -73,10 +78,10 @@ def _check_decayed_dtypes(decisions: list[_masks.LeafDecision], who: str) -> Non
       )
 
 
-def multipliers(params: Any, mask: Any, who: str) -> list[float]:
+def multipliers(params: Any, mask: Any, who: str, cautious: bool = False) -> list[float]:
   """The multiplier of λ per leaf of ``params`` (flattening order), dtypes checked."""
   decisions = _masks.decisions(params, mask)
-  _check_decayed_dtypes(decisions, who)
+  _check_decayed_dtypes(decisions, who, cautious)
   return [d.multiplier for d in decisions]
 
 
@@ -100,7 +105,7 @@ def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any
           f"{np.shape(_paths.leaf_value(p))}. Give θ_ref with the parameters' shapes "
           "(broadcasting is not applied)."
       )
-    out.append(jnp.array(r, dtype=_leaf_dtype(p), copy=True))
+    out.append(jnp.array(r, dtype=_paths.leaf_dtype(p), copy=True))
   return treedef.unflatten(out)  # type: ignore[attr-defined]
 
 
@@ -130,7 +135,7 @@ def decay(
   zero = _hyperparams.constant(weight_decay) == 0.0
 
   def init_fn(params):
-    mults = multipliers(params, mask, who)  # a bad mask fails at init, not mid-run.
+    mults = multipliers(params, mask, who, cautious)  # a bad mask fails at init, not mid-run.
     count = jnp.zeros([], jnp.int32)
     if not toward:
       return state(decay_count=count)
@@ -139,7 +144,7 @@ def decay(
   def update_fn(updates, opt_state, params=None):
     if params is None:
       raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
-    mults = multipliers(params, mask, who)
+    mults = multipliers(params, mask, who, cautious)
     c = _hyperparams.value_at(weight_decay, opt_state.decay_count)
     treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
     mults = treedef.unflatten(mults)
@@ -148,6 +153,7 @@ def decay(
     def leaf(u, p, mult, ref):
       if u is None or not mult or zero:
         return u
+      u = jnp.asarray(u)  # a Python-float gradient (a Python-float parameter) is a weak array.
       p = jnp.asarray(_paths.leaf_value(p))
       # The wider of the update's and θ's dtype: a float32 update of a bfloat16 θ gets
       # λ·θ in float32 (θ cast exactly); the result is cast back to the update's dtype.

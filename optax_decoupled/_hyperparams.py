@@ -19,23 +19,27 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import chex
 import jax
 import numpy as np
+import optax
 
 __all__ = [
+    "ArrayLike",
     "DType",
     "MaskSpec",
     "Numeric",
     "Schedule",
     "ScalarOrSchedule",
+    "check_decay_rate",
     "check_flag",
+    "check_learning_rate",
     "check_number",
     "check_schedule_or_number",
     "check_shrink",
+    "check_weight_decay",
     "constant",
     "is_callable_pytree",
     "value_at",
@@ -44,10 +48,12 @@ __all__ = [
 
 #: A number: a Python or numpy scalar, or a 0-d (possibly traced) array.
 Numeric: TypeAlias = chex.Numeric
-#: A function of the step count (``optax.Schedule``).
-Schedule: TypeAlias = Callable[[chex.Numeric], chex.Numeric]
-#: A hyperparameter: a number or a schedule.
-ScalarOrSchedule: TypeAlias = "Numeric | Schedule"
+#: A number or array, as optax types Adam's ``b1``, ``b2``, ``eps`` (``jax.typing.ArrayLike``).
+ArrayLike: TypeAlias = jax.typing.ArrayLike
+#: A function of the step count: optax's ``optax.Schedule``.
+Schedule: TypeAlias = optax.Schedule
+#: A hyperparameter, a number or a schedule: optax's ``optax.ScalarOrSchedule``.
+ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
 #: A dtype, or None for "the parameters' dtype".
 DType: TypeAlias = "jax.typing.DTypeLike | None"
 
@@ -154,8 +160,10 @@ def is_callable_pytree(x: Any) -> bool:
   return not jax.tree_util.treedef_is_leaf(treedef) and treedef.num_leaves > 0  # type: ignore[attr-defined]
 
 
-def check_number(x: Any, name: str, who: str, *, positive: bool = False, hint: str = "") -> None:
-  """A finite real scalar >= 0 (> 0 with ``positive``); tracers pass unchecked."""
+def check_number(x: Any, name: str, who: str, *, positive: bool = False, below: float | None = None,
+                 hint: str = "") -> None:
+  """A finite real scalar >= 0 (> 0 with ``positive``, < ``below`` if given); tracers pass
+  unchecked. The error says the range."""
   if _is_tracer(x):
     return
   error = _mask_hint(x, name, who)
@@ -166,8 +174,11 @@ def check_number(x: Any, name: str, who: str, *, positive: bool = False, hint: s
   value = _concrete(x)
   if value is None:
     raise TypeError(f"{who}: {name} must be a non-negative number, got {x!r}.")
-  if not math.isfinite(value) or value < 0 or (positive and value == 0):
+  if (not math.isfinite(value) or value < 0 or (positive and value == 0)
+      or (below is not None and value >= below)):
     bound = "> 0" if positive else ">= 0"
+    if below is not None:
+      bound = f"in {'(' if positive else '['}0, {below:g})"
     hint = hint if value < 0 else ""
     raise ValueError(f"{who}: {name} must be finite and {bound}, got {value!r}. {hint}".rstrip())
 
@@ -194,6 +205,27 @@ def check_schedule_or_number(x: Any, name: str, who: str, *, hint: str = "") -> 
   if not math.isfinite(value) or value < 0:
     hint = hint if value < 0 else ""  # the hint explains negative values, not NaN or inf.
     raise ValueError(f"{who}: {name} must be finite and >= 0, got {value!r}. {hint}".rstrip())
+
+
+def check_learning_rate(x: Any, who: str) -> None:
+  """A learning rate: a number >= 0 or a schedule."""
+  check_schedule_or_number(x, "learning_rate", who,
+                           hint="To maximize an objective, negate the loss.")
+
+
+def check_weight_decay(x: Any, who: str) -> None:
+  """A weight decay λ: a number >= 0 or a schedule."""
+  check_schedule_or_number(x, "weight_decay", who, hint="A negative value would grow the weights.")
+
+
+def check_decay_rate(x: Any, name: str, who: str) -> None:
+  """A moment's decay rate (Adam's β1, β2, a momentum): a number in [0, 1).
+
+  The range of torch.optim.Adam (``0.0 <= betas[i] < 1.0``) and torch.optim.SGD's
+  momentum: 1 keeps the first moment forever and divides by zero in Adam's bias
+  correction. Tracers pass unchecked.
+  """
+  check_number(x, name, who, below=1.0)
 
 
 def check_flag(x: Any, name: str, who: str) -> None:

@@ -1,41 +1,27 @@
-"""Parameter groups: labels for ``optax.multi_transform`` from predicates, lr multipliers.
+"""Parameter groups: labels for ``optax.multi_transform`` from predicates.
 
 :func:`labels` turns the predicates that build decay masks (``od.exclude_names``,
 ``od.min_ndim``, their combinations, the ``odf`` module-type presets) into the label
 function ``optax.multi_transform`` / ``optax.partition`` take: the first rule whose
 predicate selects a leaf names its group. Like a mask, it refuses to fail silently: a rule
 that takes no leaf, and a leaf no rule takes (without ``default``), are errors.
-
-:func:`scale_by_lr_multipliers` gives each group its own learning-rate multiplier from
-regex rules, with the matching of :func:`~optax_decoupled.decay_multipliers`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates, _report
+from optax_decoupled import _hyperparams, _paths, _predicates, _report, _rules
 
-__all__ = ["Labels", "labels", "scale_by_lr_multipliers"]
+__all__ = ["Labels", "labels"]
 
-
-def _is_leaf_or_masked(x: Any) -> bool:
-  return _paths.is_variable(x) or isinstance(x, optax.MaskedNode)
-
-
-def _grouped_hint(params: Any, n_leaves: int) -> str:
-  flat = jax.tree_util.tree_leaves(params, is_leaf=_is_leaf_or_masked)
-  if len(flat) == n_leaves:
-    return ""
-  return (" This runs inside optax.masked or optax.multi_transform and sees only its own "
-          "group: pass allow_unmatched=True, or use it in the outer transform.")
+#: How to fix a label rule that takes no leaf.
+_UNMATCHED_FIX = ("Fix or reorder the rules, or pass allow_unmatched=True (to labels() for a "
+                  "rule that takes no leaf, to the predicate for its own name patterns).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,28 +45,21 @@ class Labels:
     Runs each predicate's own unmatched-name check, then this rule set's: every rule must
     take a leaf, and every leaf must be taken or get ``default``.
     """
-    if (hasattr(params, "dtype") and np.ndim(params) == 0
-        and np.issubdtype(np.dtype(params.dtype), np.integer)):
-      raise TypeError(f"{self!r} was called with a step count, not with the parameters "
-                      "(optax.inject_hyperparams treats callables as schedules: make "
-                      "param_labels a static argument).")
-    leaves = _paths.leaves_with_paths(params)
+    tree = _rules.read(params, self, argument="param_labels")
+    leaves = tree.leaves
+    problems = [f"rule {name!r}: {problem}" for name, predicate in self.rules
+                for problem in (predicate.unmatched(list(tree.paths)) if tree.paths else [])]
     taken: list[tuple[str, str] | None] = [None] * len(leaves)
     refused: list[list[str]] = [[] for _ in leaves]
-    problems = []
     for name, predicate in self.rules:
-      try:
-        decided = predicate.decisions(params)
-      except ValueError as e:
-        msg = str(e).replace("Weight-decay mask ", "", 1)
-        raise ValueError(f"labels(): rule {name!r}: {msg}") from e
-      selected = [k for k, (_, _, d) in enumerate(decided) if d.decay]
-      for k, (_, _, d) in enumerate(decided):
+      decided = [predicate.decide(p, x) for p, x in leaves]
+      selected = [k for k, d in enumerate(decided) if d.decay]
+      for k, d in enumerate(decided):
         if not d.decay:
           refused[k].append(f"{name}: {d.rule}")
       fresh = [k for k in selected if taken[k] is None]
       for k in fresh:
-        taken[k] = (name, f"{name}: {decided[k][2].rule}")
+        taken[k] = (name, f"{name}: {decided[k].rule}")
       if not leaves or self.allow_unmatched or fresh:
         continue
       if not selected:
@@ -90,8 +69,7 @@ class Labels:
         problems.append(f"rule {name!r} ({predicate!r}) only selects parameters that "
                         f"earlier rules {earlier} already took (the first rule wins)")
     if problems:
-      raise ValueError("labels(): " + "; ".join(problems) + ". Fix or reorder the rules, or "
-                       "pass allow_unmatched=True." + _grouped_hint(params, len(leaves)))
+      raise _rules.unmatched_error("labels()", problems, _UNMATCHED_FIX, grouped=tree.grouped)
     untaken = [p for (p, _), t in zip(leaves, taken) if t is None]
     if untaken and self.default is None:
       shown = ", ".join(repr(p) for p in untaken[:8]) + (", ..." if len(untaken) > 8 else "")
@@ -103,7 +81,7 @@ class Labels:
 
   def __call__(self, params: Any) -> Any:
     """The label tree: ``params``' structure (nnx Variables as leaves), str leaves."""
-    return _predicates.unflatten_like(params, [lab for _, _, lab, _ in self.decisions(params)])
+    return _rules.unflatten_like(params, [lab for _, _, lab, _ in self.decisions(params)])
 
   def describe(self, params: Any) -> str:
     """A table of path, shape, label and deciding rule, then the totals per label."""
@@ -185,6 +163,10 @@ def labels(
     if getattr(predicate, _hyperparams.MASK_FACTORY, False):
       raise TypeError(f"labels(): rule {name!r} is the predicate factory "
                       f"od.{getattr(predicate, '__name__', '')}, not a predicate: call it.")
+    if isinstance(predicate, str):
+      raise TypeError(
+          f"labels(): rule {name!r} is the string {predicate!r}; a rule is a predicate. For "
+          f"the leaves whose path matches it, write od.include_names({predicate!r}).")
     if not isinstance(predicate, _predicates.Predicate):
       raise TypeError(
           f"labels(): rule {name!r} is {predicate!r}; a rule is a predicate (od.exclude_names"
@@ -193,87 +175,3 @@ def labels(
     raise TypeError(f"labels(): default must be a str label or None, got {default!r}.")
   _hyperparams.check_flag(allow_unmatched, "allow_unmatched", "labels")
   return Labels(tuple(rules.items()), default, bool(allow_unmatched))
-
-
-def scale_by_lr_multipliers(
-    rules: Sequence[tuple[str, float]], *, default: float = 1.0, allow_unmatched: bool = False
-) -> optax.GradientTransformation:
-  r"""Per-group learning-rate multipliers from regex rules, first full match wins.
-
-  .. math:: u \leftarrow \text{mult}(path)\cdot u
-
-  ``mult`` is the multiplier of the first rule whose regular expression fully matches the
-  leaf's path (``re.fullmatch``, the matching and unmatched-rule check of
-  :func:`decay_multipliers`), else ``default``; resolved at trace time. A multiplier of
-  exactly 1 leaves the update untouched (bitwise), 0 zeroes it (freezes the group).
-
-  Place it anywhere after the learning-rate scaling, e.g.
-  ``optax.chain(od.adamw(...), od.scale_by_lr_multipliers(...))``: it is linear, so it
-  multiplies the step of the group as a per-group learning rate would. After an alias
-  that decays, it multiplies the decay term too, as torch's per-group ``lr`` does with
-  lr-coupled AdamW. It is not a decay: to weight λ per group use
-  :func:`decay_multipliers`. Layer-wise learning-rate decay for fine-tuning is one rule
-  per layer with multiplier :math:`\gamma^{L-l}`.
-
-  Decay convention: none of its own; placed after a decaying alias it scales the decay term
-  with the rest of the update, as torch's per-group learning rates do.
-
-  Args:
-    rules: ``[(regex, multiplier), ...]``; multipliers finite and >= 0.
-    default: the multiplier of leaves no rule matches (1 = unchanged).
-    allow_unmatched: allow rules that fully match no path, or only paths an earlier
-      rule decides (else ``ValueError`` at ``init`` and at trace time).
-
-  Returns:
-    An ``optax.GradientTransformation`` with state ``optax.EmptyState()``.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, optax_decoupled as od
-    >>> tx = optax.chain(optax.sgd(1.0), od.scale_by_lr_multipliers([("head/.*", 0.1)]))
-    >>> params = {"head": {"kernel": jnp.ones(2)}, "body": {"kernel": jnp.ones(2)}}
-    >>> updates, _ = tx.update(params, tx.init(params))
-    >>> updates["head"]["kernel"].tolist(), updates["body"]["kernel"].tolist()
-    ([-0.10000000149011612, -0.10000000149011612], [-1.0, -1.0])
-
-  References:
-    google-research/big_vision, big_vision/optax.py (``config.lr_mults``: first match
-    wins, applied after the optimizer and ``optax.scale(config.lr)``); layer-wise lr decay:
-    Clark et al., ELECTRA, https://arxiv.org/abs/2003.10555; Bao et al., BEiT,
-    https://arxiv.org/abs/2106.08254.
-  """
-  who = "scale_by_lr_multipliers"
-  try:
-    mults = _multipliers.decay_multipliers(rules, default=default,
-                                           allow_unmatched=allow_unmatched)
-  except (TypeError, ValueError) as e:
-    raise type(e)(str(e).replace("decay_multipliers", who)) from e
-  shown = repr(mults).replace("decay_multipliers", who)
-
-  def check(tree: Any) -> None:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf_or_masked)
-    every = [_paths.path_to_str(p) for p, _ in flat]
-    problems = mults.unmatched(every) if every else []
-    if problems:
-      n = sum(not isinstance(x, optax.MaskedNode) for _, x in flat)
-      raise ValueError(
-          f"{shown}: " + "; ".join(problems) + ". Fix the rule, or pass allow_unmatched=True. "
-          "Paths are matched whole (re.fullmatch)." + _grouped_hint(tree, n))
-
-  def scale(path: Any, u: Any) -> Any:
-    if isinstance(u, optax.MaskedNode):
-      return u
-    mult, _ = mults.decide(_paths.path_to_str(path))
-    if mult == 1.0:
-      return u
-    return jnp.zeros_like(u) if mult == 0.0 else mult * u
-
-  def init_fn(params: Any) -> optax.EmptyState:
-    check(params)
-    return optax.EmptyState()
-
-  def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-    del params
-    check(updates)
-    return jax.tree_util.tree_map_with_path(scale, updates, is_leaf=_is_leaf_or_masked), state
-
-  return optax.GradientTransformation(init_fn, update_fn)

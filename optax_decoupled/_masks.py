@@ -9,7 +9,6 @@ leaf, with its multiplier of λ (1 or 0 for boolean masks) and the rule that dec
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -17,29 +16,15 @@ import chex
 import jax
 import numpy as np
 
-from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates
+from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates, _rules
+from optax_decoupled._rules import Decision
 
-__all__ = ["LeafDecision", "MaskLike", "decisions", "resolve_mask", "resolve_multipliers"]
+__all__ = ["MaskLike", "decisions", "resolve_mask", "resolve_multipliers"]
 
 #: What ``mask=`` accepts: None (every leaf), a predicate or ``decay_multipliers`` rules
 #: (:class:`~optax_decoupled._hyperparams.MaskSpec`), a pytree of bools, or a function of the
 #: parameters returning one.
 MaskLike: TypeAlias = "None | _hyperparams.MaskSpec | chex.ArrayTree | Callable[[chex.ArrayTree], chex.ArrayTree]"
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafDecision:
-  """What a mask decided for one leaf."""
-
-  path: str
-  leaf: Any
-  multiplier: float  # of λ; 0 = not decayed.
-  rule: str
-  weighted: bool = False  # True for decay_multipliers rules (a multiplier, not a bool).
-
-  @property
-  def decay(self) -> bool:
-    return self.multiplier != 0
 
 
 def _to_bool(x: Any, path: str) -> bool:
@@ -93,7 +78,7 @@ def _check_mask_fn_result(fn: Any, result: Any) -> None:
   )
 
 
-def _tree_decisions(params: Any, mask: Any) -> list[LeafDecision]:
+def _tree_decisions(params: Any, mask: Any) -> list[Decision]:
   """Decisions of a bool tree, or of a function of the params returning one."""
   leaves = _paths.leaves_with_paths(params)
   if getattr(mask, _hyperparams.MASK_FACTORY, False):
@@ -139,31 +124,28 @@ def _tree_decisions(params: Any, mask: Any) -> list[LeafDecision]:
         "Build the mask from the parameters, e.g. mask=od.exclude_names('bias')."
     ) from e
   return [
-      LeafDecision(p, x, 1.0 if _to_bool(m, p) else 0.0, "mask tree")
+      Decision(_to_bool(m, p), "mask tree", path=p, leaf=x)
       for (p, x), m in zip(leaves, mask_leaves)
   ]
 
 
-def decisions(params: chex.ArrayTree, mask: MaskLike, *, warn: bool = True) -> list[LeafDecision]:
-  """One :class:`LeafDecision` per leaf of ``params`` (nnx Variables count as leaves).
+def decisions(params: chex.ArrayTree, mask: MaskLike, *, warn: bool = True) -> list[Decision]:
+  """One :class:`Decision` per leaf of ``params`` (nnx Variables count as leaves).
 
   Validates ``mask`` (unmatched name rules, structure, leaf types) and, with ``warn``,
-  warns for masks that decay nothing or every leaf including 1-D ones.
+  warns for boolean masks that decay nothing or every leaf including 1-D ones.
   """
   if mask is None:
-    return [LeafDecision(p, x, 1.0, "mask=None: every leaf")
+    return [Decision(True, "mask=None: every leaf", path=p, leaf=x)
             for p, x in _paths.leaves_with_paths(params)]
   if isinstance(mask, _multipliers.DecayMultipliers):
-    return [LeafDecision(p, x, m, rule, weighted=True)
-            for p, x, m, rule in mask.decisions(params)]
+    return mask.decisions(params)
   if isinstance(mask, _predicates.Predicate):
-    out = [LeafDecision(p, x, 1.0 if d.decay else 0.0, d.rule)
-           for p, x, d in mask.decisions(params)]
+    out = mask.decisions(params)
   else:
     out = _tree_decisions(params, mask)
   if warn:
-    _predicates.warn_if_degenerate(
-        [(d.path, d.leaf, _predicates.Decision(d.decay, d.rule)) for d in out])
+    _predicates.warn_if_degenerate(out)
   return out
 
 
@@ -185,9 +167,9 @@ def resolve_mask(params: chex.ArrayTree, mask: MaskLike) -> chex.ArrayTree:
     >>> od.resolve_mask(params, od.min_ndim(2))
     {'bias': False, 'kernel': True}
   """
-  return _predicates.unflatten_like(params, [d.decay for d in decisions(params, mask)])
+  return _rules.unflatten_like(params, [d.decay for d in decisions(params, mask)])
 
 
 def resolve_multipliers(params: chex.ArrayTree, mask: MaskLike) -> chex.ArrayTree:
   """The tree of Python-float multipliers of λ of ``mask`` (1.0/0.0 for boolean masks)."""
-  return _predicates.unflatten_like(params, [d.multiplier for d in decisions(params, mask)])
+  return _rules.unflatten_like(params, [d.multiplier for d in decisions(params, mask)])

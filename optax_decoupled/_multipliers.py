@@ -16,29 +16,30 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-import jax
+from optax_decoupled import _hyperparams, _rules
 
-from optax_decoupled import _hyperparams, _paths
-
-__all__ = ["DecayMultipliers", "decay_multipliers"]
+__all__ = ["DecayMultipliers", "LrMultipliers", "decay_multipliers", "parse"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DecayMultipliers(_hyperparams.MaskSpec):
-  """Regex → multiplier rules, first full match wins; see :func:`decay_multipliers`."""
+class _FullMatchRules:
+  """Regex → multiplier rules, first full match (``re.fullmatch``) wins, else ``default``."""
 
   rules: tuple[tuple[str, float], ...]
   default: float
   allow_unmatched: bool = False
 
-  def decide(self, path: str) -> tuple[float, str]:
+  #: The public factory, for ``repr`` and errors.
+  factory: ClassVar[str] = ""
+
+  def decide(self, path: str) -> _rules.Decision:
     """The multiplier of the leaf at ``path`` and the rule that gave it."""
     for pattern, mult in self.rules:
       if re.fullmatch(pattern, path):
-        return mult, f"{pattern!r} -> x{mult:g}"
-    return self.default, f"default -> x{self.default:g}"
+        return _rules.Decision.weighted_by(mult, f"{pattern!r} -> x{mult:g}")
+    return _rules.Decision.weighted_by(self.default, f"default -> x{self.default:g}")
 
   def unmatched(self, paths: Sequence[str]) -> list[str]:
     """Rules that decide no leaf (match nothing, or only leaves an earlier rule took)."""
@@ -48,11 +49,30 @@ class DecayMultipliers(_hyperparams.MaskSpec):
     for k, (pattern, _) in enumerate(self.rules):
       hits = [p for p in paths if re.fullmatch(pattern, p)]
       if not hits:
-        out.append(f"rule {pattern!r} fully matches no parameter path (e.g. {paths[0]!r})"
-                   if paths else f"rule {pattern!r} matches no parameter")
+        out.append(f"rule {pattern!r} fully matches no parameter path (e.g. {paths[0]!r})")
       elif all(any(re.fullmatch(q, p) for q, _ in self.rules[:k]) for p in hits):
         out.append(f"rule {pattern!r} only matches paths an earlier rule already decides")
     return out
+
+  def decisions(self, params: Any) -> list[_rules.Decision]:
+    """One weighted :class:`Decision` per leaf; raises for unmatched rules."""
+    leaves = _rules.leaves(
+        params, self, self.unmatched, subject=repr(self),
+        fix="Fix the rule, or pass allow_unmatched=True. Paths are matched whole "
+            "(re.fullmatch), as od.describe_mask(params) lists them.")
+    return [self.decide(p).at(p, x) for p, x in leaves]
+
+  def __repr__(self) -> str:
+    rules = ", ".join(f"({p!r}, {m:g})" for p, m in self.rules)
+    extra = ", allow_unmatched=True" if self.allow_unmatched else ""
+    return f"{self.factory}([{rules}], default={self.default:g}{extra})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DecayMultipliers(_FullMatchRules, _hyperparams.MaskSpec):
+  """Regex → multiplier of λ rules, first full match wins; see :func:`decay_multipliers`."""
+
+  factory: ClassVar[str] = "decay_multipliers"
 
   def __bool__(self) -> bool:
     # optax.masked / optax.adamw(mask=...) would read a non-callable mask object as
@@ -66,25 +86,34 @@ class DecayMultipliers(_hyperparams.MaskSpec):
 
   def resolve(self, params: Any) -> Any:
     """The tree of Python-float multipliers for ``params`` (nnx Variables are leaves)."""
-    treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
-    return jax.tree_util.tree_unflatten(treedef, [m for _, _, m, _ in self.decisions(params)])
+    return _rules.unflatten_like(params, [d.multiplier for d in self.decisions(params)])
 
-  def decisions(self, params: Any) -> list[tuple[str, Any, float, str]]:
-    """``(path, leaf, multiplier, rule)`` per leaf; raises for unmatched rules."""
-    leaves = _paths.leaves_with_paths(params)
-    problems = self.unmatched([p for p, _ in leaves]) if leaves else []
-    if problems:
-      raise ValueError(
-          f"Weight-decay multipliers {self!r}: " + "; ".join(problems) + ". Fix the rule, or "
-          "pass allow_unmatched=True. Paths are matched whole (re.fullmatch); "
-          "od.describe_mask(params, mults) lists them."
-      )
-    return [(p, x, *self.decide(p)) for p, x in leaves]
 
-  def __repr__(self) -> str:
-    rules = ", ".join(f"({p!r}, {m:g})" for p, m in self.rules)
-    extra = ", allow_unmatched=True" if self.allow_unmatched else ""
-    return f"decay_multipliers([{rules}], default={self.default:g}{extra})"
+@dataclasses.dataclass(frozen=True, repr=False)
+class LrMultipliers(_FullMatchRules):
+  """Regex → learning-rate multiplier rules of :func:`scale_by_lr_multipliers`."""
+
+  factory: ClassVar[str] = "scale_by_lr_multipliers"
+
+
+def parse(cls: type[_FullMatchRules], rules: Any, default: Any, allow_unmatched: Any) -> Any:
+  """``cls`` from user rules ``[(regex, multiplier), ...]``, each checked, named as
+  ``cls.factory`` in the errors."""
+  who = cls.factory
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise TypeError(f"{who}: rules must be a list of (regex, multiplier) pairs, got {rules!r}.")
+  if (len(rules) == 2 and isinstance(rules[0], str)
+      and not isinstance(rules[1], (str, tuple, list))):
+    raise TypeError(f"{who}: rules must be a list of (regex, multiplier) pairs, got the one "
+                    f"pair {tuple(rules)!r}: write [{tuple(rules)!r}].")
+  out = []
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise TypeError(f"{who}: each rule is a (regex, multiplier) pair, got {rule!r}.")
+    pattern, mult = rule
+    out.append((_rules.regex(pattern, who), _check_mult(mult, f"{who}: multiplier of {pattern!r}")))
+  _hyperparams.check_flag(allow_unmatched, "allow_unmatched", who)
+  return cls(tuple(out), _check_mult(default, f"{who}: default"), bool(allow_unmatched))
 
 
 def decay_multipliers(
@@ -124,20 +153,7 @@ def decay_multipliers(
     default ``[(".*/kernel$", 1.0)]``) and big_vision/utils.py
     (``make_mask_trees``: first ``fullmatch`` wins).
   """
-  who = "decay_multipliers"
-  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
-    raise TypeError(f"{who}: rules must be a list of (regex, multiplier) pairs, got {rules!r}.")
-  out = []
-  for rule in rules:
-    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise TypeError(f"{who}: each rule is a (regex, multiplier) pair, got {rule!r}.")
-    pattern, mult = rule
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ValueError(f"{who}: {pattern!r} is not a valid regular expression: {e}") from e
-    out.append((pattern, _check_mult(mult, f"{who}: multiplier of {pattern!r}")))
-  return DecayMultipliers(tuple(out), _check_mult(default, f"{who}: default"), allow_unmatched)
+  return parse(DecayMultipliers, rules, default, allow_unmatched)
 
 
 def _check_mult(x: Any, what: str) -> float:

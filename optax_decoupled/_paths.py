@@ -16,8 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
-__all__ = ["is_variable", "leaf_value", "leaves_with_paths", "map_with_path", "path_to_str"]
+__all__ = ["is_variable", "leaf_dtype", "leaf_value", "leaves_with_paths", "map_with_path",
+           "path_to_str"]
 
 
 def is_variable(x: Any) -> bool:
@@ -31,6 +33,12 @@ def leaf_value(x: Any) -> Any:
   if is_variable(x):
     return x.get_value() if hasattr(x, "get_value") else x.value
   return x
+
+
+def leaf_dtype(x: Any) -> np.dtype:
+  """The dtype of a leaf's value (a Python float's is numpy's: float64)."""
+  value = leaf_value(x)
+  return np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
 
 
 def _key_to_str(key: Any) -> str:

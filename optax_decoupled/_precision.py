@@ -43,11 +43,6 @@ class LowPrecisionDecayWarning(UserWarning):
   """The per-step shrink η·λ is below the rounding resolution of a decayed leaf's dtype."""
 
 
-def _leaf_dtype(leaf: Any) -> np.dtype:
-  value = _paths.leaf_value(leaf)
-  return np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
-
-
 def is_low_precision(dtype: Any) -> bool:
   """Real floating dtypes narrower than float32 (bfloat16, float16, float8 ...)."""
   dtype = np.dtype(dtype)
@@ -65,7 +60,7 @@ def vanishing_decay_leaves(params: Any, shrink: float, mask: Any = None) -> list
     return []
   out = []
   for d in _masks.decisions(params, mask, warn=False):
-    dtype = _leaf_dtype(d.leaf)
+    dtype = _paths.leaf_dtype(d.leaf)
     c = shrink * d.multiplier
     if d.decay and is_low_precision(dtype) and c < float(jnp.finfo(dtype).eps) / 2:
       out.append((d.path, str(dtype)))

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
 import numpy as np
 
-import optax
-
-from optax_decoupled import _hyperparams, _paths
+from optax_decoupled import _hyperparams, _paths, _rules
+from optax_decoupled._rules import Decision
 
 __all__ = [
   "BERT_EXCLUDE",
@@ -37,13 +34,6 @@ __all__ = [
   "include_names",
   "min_ndim",
 ]
-
-
-class Decision(NamedTuple):
-  """What a predicate decided for one leaf, and which rule decided it."""
-
-  decay: bool
-  rule: str
 
 
 def _ndim(leaf: Any) -> int:
@@ -70,32 +60,19 @@ class Predicate(_hyperparams.MaskSpec, abc.ABC):
   def __call__(self, params: Any) -> Any:
     decisions = self.decisions(params)
     warn_if_degenerate(decisions)
-    return unflatten_like(params, [d.decay for _, _, d in decisions])
+    return _rules.unflatten_like(params, [d.decay for d in decisions])
 
-  def decisions(self, params: Any) -> list[tuple[str, Any, Decision]]:
-    """``(path, leaf, decision)`` per leaf of ``params``, after the unmatched-rule check.
+  def decisions(self, params: Any) -> list[Decision]:
+    """One :class:`Decision` per leaf of ``params``, after the unmatched-rule check.
 
     Leaves that are ``optax.MaskedNode`` (this transform runs inside ``optax.masked`` or
     ``optax.multi_transform`` and sees only its group) count for the unmatched check, so a
     rule that matches a leaf of another group is not reported as a typo; they get no
     decision.
     """
-    _check_not_a_count(params, self)
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf_or_masked)
-    every = [(_paths.path_to_str(p), x) for p, x in flat]
-    leaves = [(p, x) for p, x in every if not isinstance(x, optax.MaskedNode)]
-    problems = self.unmatched([p for p, _ in every]) if every else []
-    if problems:
-      grouped = len(leaves) < len(every) or not leaves
-      hint = (" This transform runs inside optax.masked or optax.multi_transform and sees "
-              "only its own group: pass allow_unmatched=True, or give the predicate to the "
-              "outer transform." if grouped else "")
-      raise ValueError(
-          "Weight-decay mask " + "; ".join(problems) + " Fix the pattern, or pass "
-          "allow_unmatched=True to the predicate if it may legitimately match nothing."
-          + hint
-      )
-    return [(p, x, self.decide(p, x)) for p, x in leaves]
+    leaves = _rules.leaves(params, self, self.unmatched, subject="Weight-decay mask",
+                           fix=UNMATCHED_FIX)
+    return [self.decide(p, x).at(p, x) for p, x in leaves]
 
   def __and__(self, other: Predicate) -> Predicate:
     return _AllOf(self, _check_predicate(other, "&"))
@@ -107,33 +84,16 @@ class Predicate(_hyperparams.MaskSpec, abc.ABC):
     return _Not(self)
 
 
-def _is_leaf_or_masked(x: Any) -> bool:
-  return _paths.is_variable(x) or isinstance(x, optax.MaskedNode)
+#: How to fix a predicate's name rule that matches no parameter.
+UNMATCHED_FIX = ("Fix the pattern, or pass allow_unmatched=True to the predicate if it may "
+                 "legitimately match nothing.")
 
 
-def _check_not_a_count(params: Any, mask: Any) -> None:
-  """``optax.inject_hyperparams`` calls every callable hyperparameter with the step count."""
-  if (hasattr(params, "dtype") and np.ndim(params) == 0
-      and np.issubdtype(np.dtype(params.dtype), np.integer)):
-    raise TypeError(
-        f"{mask!r} was called with a step count, not with the parameters: "
-        "optax.inject_hyperparams treats every callable argument as a schedule. Pass "
-        "static_args=('mask',) to optax.inject_hyperparams so the mask stays a mask."
-    )
-
-
-def unflatten_like(params: Any, values: list[Any]) -> Any:
-  """A tree with the structure of ``params`` (nnx Variables and MaskedNodes as leaves
-  kept in place) whose other leaves are ``values``."""
-  treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
-  return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def warn_if_degenerate(decisions: list[tuple[str, Any, Decision]]) -> None:
+def warn_if_degenerate(decisions: Sequence[Decision]) -> None:
   """Warns for a mask that decays no leaf, or every leaf including 1-D ones."""
   if not decisions:
     return
-  decayed = [d.decay for _, _, d in decisions]
+  decayed = [d.decay for d in decisions]
   if not any(decayed):
     warnings.warn(
         "The weight-decay mask decays no parameter: weight decay has no effect. "
@@ -141,7 +101,7 @@ def warn_if_degenerate(decisions: list[tuple[str, Any, Decision]]) -> None:
         UserWarning,
         stacklevel=4,
     )
-  elif all(decayed) and any(_ndim(x) <= 1 for _, x, _ in decisions):
+  elif all(decayed) and any(_ndim(d.leaf) <= 1 for d in decisions):
     warnings.warn(
         "The weight-decay mask decays every parameter, including 1-D ones (biases, "
         "norm scales). If that is intended, pass mask=None.",
@@ -168,33 +128,22 @@ def _normalize_rules(patterns: Sequence[Rule], factory: str) -> tuple[tuple[str,
     raise ValueError(f"{factory}() needs at least one pattern.")
   rules = []
   for p in patterns:
-    alternatives = (p,) if isinstance(p, str) else tuple(p)
-    if not alternatives or not all(isinstance(a, str) for a in alternatives):
+    try:
+      alternatives = tuple(_rules.regex(a, f"{factory}()")
+                           for a in _rules.patterns(p, f"{factory}()", "a rule"))
+    except TypeError:
+      alternatives = ()
+    if not alternatives:
       raise TypeError(
           f"{factory}() takes regular expressions (str), or tuples of str "
           f"that are alternative spellings of one rule; got {p!r}."
       )
-    for a in alternatives:
-      try:
-        re.compile(a)
-      except re.error as e:
-        raise ValueError(f"{factory}(): {a!r} is not a valid regular expression: {e}") from e
     rules.append(alternatives)
   return tuple(rules)
 
 
 def _rule_str(alternatives: tuple[str, ...]) -> str:
   return repr(alternatives[0]) if len(alternatives) == 1 else repr(alternatives)
-
-
-def _closest(pattern: str, paths: Sequence[str]) -> list[str]:
-  lowered = {p.lower(): p for p in paths}
-  parts = {c.lower(): p for p in paths for c in p.split("/")}
-  hits = difflib.get_close_matches(pattern.lower(), list(parts), n=3, cutoff=0.5)
-  found = [parts[h] for h in hits]
-  hits = difflib.get_close_matches(pattern.lower(), list(lowered), n=3, cutoff=0.3)
-  found += [lowered[h] for h in hits]
-  return list(dict.fromkeys(found))[:3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,9 +166,9 @@ class _NameRules(Predicate):
     out = []
     for alternatives in self.rules:
       if not any(re.search(a, p) for a in alternatives for p in paths):
-        close = [c for a in alternatives for c in _closest(a, paths)]
-        hint = f" Closest paths: {close[:3]}." if close else ""
-        out.append(f"pattern {_rule_str(alternatives)} of {self!r} matches no parameter.{hint}")
+        close = [c for a in alternatives for c in _rules.closest(a, paths)]
+        hint = f". Closest paths: {close[:3]}" if close else ""
+        out.append(f"pattern {_rule_str(alternatives)} of {self!r} matches no parameter{hint}")
     return out
 
   def decide(self, path: str, leaf: Any) -> Decision:

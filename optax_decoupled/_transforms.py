@@ -13,27 +13,26 @@ algorithm it is.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_decoupled import _decay, _hyperparams
-from optax_decoupled._hyperparams import DType, ScalarOrSchedule
+from optax_decoupled import _decay, _hyperparams, _multipliers, _paths, _rules
+from optax_decoupled._hyperparams import ArrayLike, DType, ScalarOrSchedule
 from optax_decoupled._masks import MaskLike
 
 __all__ = [
   "add_decoupled_decay",
   "add_l2_to_grad",
+  "adam_scaling",
+  "check_adam",
   "scale_by_adam",
+  "scale_by_lr_multipliers",
 ]
-
-
-def _checked(weight_decay: ScalarOrSchedule, who: str) -> Any:
-  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
-                                        hint="A negative value would grow the weights.")
-  return weight_decay
 
 
 def add_l2_to_grad(weight_decay: ScalarOrSchedule, mask: MaskLike = None) -> optax.GradientTransformation:
@@ -71,7 +70,8 @@ def add_l2_to_grad(weight_decay: ScalarOrSchedule, mask: MaskLike = None) -> opt
     ``grad = grad.add(param, alpha=weight_decay)`` before the moment updates.
   """
   who = "add_l2_to_grad"
-  return _decay.decay(_checked(weight_decay, who), mask, who=who, sign=+1,
+  _hyperparams.check_weight_decay(weight_decay, who)
+  return _decay.decay(weight_decay, mask, who=who, sign=+1,
                       state=_decay.WeightDecayState)
 
 
@@ -116,20 +116,21 @@ def add_decoupled_decay(weight_decay: ScalarOrSchedule, mask: MaskLike = None) -
     https://arxiv.org/abs/1711.05101 (Algorithm 2, line 12).
   """
   who = "add_decoupled_decay"
-  return _decay.decay(_checked(weight_decay, who), mask, who=who, sign=+1,
+  _hyperparams.check_weight_decay(weight_decay, who)
+  return _decay.decay(weight_decay, mask, who=who, sign=+1,
                       state=_decay.WeightDecayState)
 
 
 def scale_by_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: DType = None,
     *,
+    nesterov: bool = False,
     bias_correction: bool = True,
     eps_hat: bool = False,
-    mu_dtype: DType = None,
-    nesterov: bool = False,
     nu_dtype: DType = None,
 ) -> optax.GradientTransformation:
   r"""Adam's preconditioning, with BERT's and Keras's variants as keywords.
@@ -151,12 +152,16 @@ def scale_by_adam(
   ``optax.ScaleByAdamState(count, mu, nu)`` in every case, so optax's tree
   utilities and checkpoints see the usual fields.
 
+  The positional arguments are ``optax.scale_by_adam``'s, in its order
+  (``b1, b2, eps, eps_root, mu_dtype``); everything after them is keyword-only.
+
   Args:
-    b1, b2: moment decay rates. eps, eps_root: see the formula.
-    bias_correction: divide the moments by :math:`1-\beta^t` (Adam) or not (BERT).
-    eps_hat: Keras/TF placement of ε (outside the bias correction).
+    b1, b2: moment decay rates, in [0, 1) (torch.optim.Adam's range).
+    eps, eps_root: see the formula; finite and >= 0.
     mu_dtype: dtype of the first moment (None: that of the parameters).
     nesterov: Nesterov momentum (NAdam), as in ``optax.scale_by_adam``.
+    bias_correction: divide the moments by :math:`1-\beta^t` (Adam) or not (BERT).
+    eps_hat: Keras/TF placement of ε (outside the bias correction).
     nu_dtype: dtype of the second moment (None: that of the parameters). With
       bfloat16/float16 parameters, ``mu_dtype=nu_dtype=jnp.float32`` keeps both
       moments, the update and the decay term in float32; ``optax.apply_updates``
@@ -177,10 +182,67 @@ def scale_by_adam(
   References:
     Kingma & Ba, Adam, https://arxiv.org/abs/1412.6980.
   """
+  who = "scale_by_adam"
+  check_adam(who, b1, b2, eps, eps_root)
+  for name, flag in (("nesterov", nesterov), ("bias_correction", bias_correction),
+                     ("eps_hat", eps_hat)):
+    _hyperparams.check_flag(flag, name, who)
   if eps_hat and nesterov:
-    raise ValueError("scale_by_adam: eps_hat=True (Keras) has no Nesterov form; set nesterov=False.")
+    raise ValueError(f"{who}: eps_hat=True (Keras) has no Nesterov form; set nesterov=False.")
+  return adam_scaling(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+                      bias_correction=bias_correction, eps_hat=eps_hat, nu_dtype=nu_dtype)
+
+
+def check_adam(who: str, b1: Any, b2: Any, eps: Any, eps_root: Any) -> None:
+  """Adam's hyperparameters, in the ranges torch.optim.Adam accepts.
+
+  ``0 <= b1, b2 < 1`` and ``eps >= 0`` (torch/optim/adam.py, ``Adam.__init__``), all
+  finite; ``eps_root >= 0`` and finite (inside the square root, as optax adds it). A NaN
+  or an out-of-range value would make every weight NaN (or grow) after one step. Traced
+  values (``jax.vmap`` over a hyperparameter, ``optax.inject_hyperparams``) pass unchecked.
+  """
+  _hyperparams.check_decay_rate(b1, "b1", who)
+  _hyperparams.check_decay_rate(b2, "b2", who)
+  _hyperparams.check_number(eps, "eps", who)
+  _hyperparams.check_number(eps_root, "eps_root", who)
+
+
+def adam_scaling(
+    b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: DType, *, nesterov: bool,
+    bias_correction: bool = True, eps_hat: bool = False, nu_dtype: DType = None,
+) -> optax.GradientTransformation:
+  """The builder of :func:`scale_by_adam` (arguments checked by the caller).
+
+  Complex parameters follow optax: m is complex, v holds :math:`|g|^2` (real values). A
+  real ``mu_dtype`` would drop the imaginary part of m, so ``init`` refuses it for complex
+  leaves.
+  """
   if bias_correction and not eps_hat and nu_dtype is None:
-    return optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+    tx = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+  else:
+    tx = _adam_variant(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
+                       bias_correction=bias_correction, eps_hat=eps_hat, nu_dtype=nu_dtype)
+  if mu_dtype is None or jnp.issubdtype(mu_dtype, jnp.complexfloating):
+    return tx
+
+  def init_fn(params):
+    for path, leaf in _paths.leaves_with_paths(params):
+      if jnp.issubdtype(_paths.leaf_dtype(leaf), jnp.complexfloating):
+        raise TypeError(
+            f"scale_by_adam: mu_dtype={np.dtype(mu_dtype).name} is real, but the parameter "
+            f"{path!r} is {_paths.leaf_dtype(leaf)}: its first moment would lose the imaginary "
+            "part. Pass a complex mu_dtype (e.g. jnp.complex64) or mu_dtype=None."
+        )
+    return tx.init(params)
+
+  return optax.GradientTransformation(init_fn, tx.update)
+
+
+def _adam_variant(
+    b1: Any, b2: Any, eps: Any, eps_root: Any, mu_dtype: DType, *, nesterov: bool,
+    bias_correction: bool, eps_hat: bool, nu_dtype: DType,
+) -> optax.GradientTransformation:
+  """Adam with BERT's or Keras's variant, or float32 moments of low-precision parameters."""
   mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype) if mu_dtype is not None else None
   nu_dtype = jax.dtypes.canonicalize_dtype(nu_dtype) if nu_dtype is not None else None
 
@@ -229,5 +291,70 @@ def scale_by_adam(
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
     return updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_lr_multipliers(
+    rules: Sequence[tuple[str, float]], *, default: float = 1.0, allow_unmatched: bool = False
+) -> optax.GradientTransformation:
+  r"""Per-group learning-rate multipliers from regex rules, first full match wins.
+
+  .. math:: u \leftarrow \text{mult}(path)\cdot u
+
+  ``mult`` is the multiplier of the first rule whose regular expression fully matches the
+  leaf's path (``re.fullmatch``, the matching and unmatched-rule check of
+  :func:`decay_multipliers`), else ``default``; resolved at trace time. A multiplier of
+  exactly 1 leaves the update untouched (bitwise), 0 zeroes it (freezes the group).
+
+  Place it anywhere after the learning-rate scaling, e.g.
+  ``optax.chain(od.adamw(...), od.scale_by_lr_multipliers(...))``: it is linear, so it
+  multiplies the step of the group as a per-group learning rate would. After an alias
+  that decays, it multiplies the decay term too, as torch's per-group ``lr`` does with
+  lr-coupled AdamW. It is not a decay: to weight λ per group use
+  :func:`decay_multipliers`. Layer-wise learning-rate decay for fine-tuning is one rule
+  per layer with multiplier :math:`\gamma^{L-l}`.
+
+  Decay convention: none of its own; placed after a decaying alias it scales the decay term
+  with the rest of the update, as torch's per-group learning rates do.
+
+  Args:
+    rules: ``[(regex, multiplier), ...]``; multipliers finite and >= 0.
+    default: the multiplier of leaves no rule matches (1 = unchanged).
+    allow_unmatched: allow rules that fully match no path, or only paths an earlier
+      rule decides (else ``ValueError`` at ``init`` and at trace time).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state ``optax.EmptyState()``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_decoupled as od
+    >>> tx = optax.chain(optax.sgd(1.0), od.scale_by_lr_multipliers([("head/.*", 0.1)]))
+    >>> params = {"head": {"kernel": jnp.ones(2)}, "body": {"kernel": jnp.ones(2)}}
+    >>> updates, _ = tx.update(params, tx.init(params))
+    >>> updates["head"]["kernel"].tolist(), updates["body"]["kernel"].tolist()
+    ([-0.10000000149011612, -0.10000000149011612], [-1.0, -1.0])
+
+  References:
+    google-research/big_vision, big_vision/optax.py (``config.lr_mults``: first match
+    wins, applied after the optimizer and ``optax.scale(config.lr)``); layer-wise lr decay:
+    Clark et al., ELECTRA, https://arxiv.org/abs/2003.10555; Bao et al., BEiT,
+    https://arxiv.org/abs/2106.08254.
+  """
+  mults = _multipliers.parse(_multipliers.LrMultipliers, rules, default, allow_unmatched)
+
+  def scaled(u: Any, mult: float) -> Any:
+    if mult == 1.0:
+      return u
+    return jnp.zeros_like(u) if mult == 0.0 else mult * u
+
+  def init_fn(params):
+    mults.decisions(params)  # a rule that matches nothing fails at init, not mid-run.
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    decided = mults.decisions(updates)
+    return _rules.unflatten_like(updates, [scaled(d.leaf, d.multiplier) for d in decided]), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -36,8 +36,7 @@ def _check_inner(inner: Any, who: str) -> None:
 
 def _check(inner: Any, weight_decay: ScalarOrSchedule, who: str) -> None:
   _check_inner(inner, who)
-  _hyperparams.check_schedule_or_number(weight_decay, "weight_decay", who,
-                                        hint="A negative value would grow the weights.")
+  _hyperparams.check_weight_decay(weight_decay, who)
 
 
 def with_decoupled_decay(

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -322,3 +324,230 @@ def test_bert_adamw_without_exclude_list_decays_everything(exclude):
   ref = R.bert_adamw_trajectory(R.to_leaves(params), R.leaf_names(params), grads, steps,
                                 ADAM_LR, weight_decay_rate=WD, exclude_from_weight_decay=exclude)
   np.testing.assert_allclose(ours, ref, rtol=0, atol=tolerance(ref))
+
+
+# --------------------------------------------------------------------- optax's exact face
+
+_OPTAX_COUNTERPART = {  # ours -> the optax function whose positional order and type it takes.
+    "adamw": optax.adamw, "adam_l2": optax.adam, "sgd_l2": optax.sgd, "sgdw": optax.sgd,
+    "scale_by_adam": optax.scale_by_adam,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OPTAX_COUNTERPART))
+def test_positional_order_and_return_type_are_optax(name):
+  import inspect
+
+  ours, theirs = getattr(od, name), _OPTAX_COUNTERPART[name]
+  positional = [p.name for p in inspect.signature(theirs).parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD]
+  mine = [p.name for p in inspect.signature(ours).parameters.values()
+          if p.kind is p.POSITIONAL_OR_KEYWORD]
+  assert mine[:len(positional)] == positional
+  args = {"sgdw": dict(weight_decay=1e-4)}.get(name, {})
+  lr = () if name == "scale_by_adam" else (1e-3,)
+  assert type(ours(*lr, **args)) is type(theirs(*lr))
+
+
+def test_scale_by_adam_takes_optax_positional_arguments():
+  """Five positional arguments (b1, b2, eps, eps_root, mu_dtype) and nesterov: optax's step."""
+  params = small_named_params()
+  grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+  ours = od.scale_by_adam(0.8, 0.95, 1e-6, 1e-9, jnp.float32, nesterov=True)
+  ref = optax.scale_by_adam(0.8, 0.95, 1e-6, 1e-9, jnp.float32, nesterov=True)
+  s1, s2 = ours.init(params), ref.init(params)
+  for _ in range(3):
+    u1, s1 = ours.update(grads, s1)
+    u2, s2 = ref.update(grads, s2)
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
+
+
+_ADAM_BAD = [("b1", float("nan"), "b1 must be finite and in [0, 1)"),
+             ("b1", 1.0, "b1 must be finite and in [0, 1)"),
+             ("b1", -0.1, "b1 must be finite and in [0, 1)"),
+             ("b2", 1.0, "b2 must be finite and in [0, 1)"),
+             ("b2", float("inf"), "b2 must be finite and in [0, 1)"),
+             ("eps", float("nan"), "eps must be finite and >= 0"),
+             ("eps", -1.0, "eps must be finite and >= 0"),
+             ("eps_root", float("nan"), "eps_root must be finite and >= 0"),
+             ("eps_root", -1e-8, "eps_root must be finite and >= 0")]
+_ADAM_MAKERS = {
+    "adamw": lambda **kw: od.adamw(1e-3, **kw),
+    "adam_l2": lambda **kw: od.adam_l2(1e-3, **kw),
+    "bert_adamw": lambda **kw: od.bert_adamw(1e-3, exclude=(), **kw),
+    "scale_by_adam": lambda **kw: od.scale_by_adam(**kw),
+}
+
+
+@pytest.mark.parametrize("maker", sorted(_ADAM_MAKERS))
+@pytest.mark.parametrize("name,value,fragment", _ADAM_BAD,
+                         ids=[f"{n}={v}" for n, v, _ in _ADAM_BAD])
+def test_adam_hyperparameters_are_checked_at_construction(maker, name, value, fragment):
+  """torch.optim.Adam's ranges (0 <= betas < 1, eps >= 0), finite; the error says the range."""
+  if maker == "bert_adamw" and name == "eps_root":
+    pytest.skip("BERT's Adam has no eps_root")
+  with pytest.raises(ValueError, match=re.escape(fragment)):
+    _ADAM_MAKERS[maker](**{name: value})
+
+
+@pytest.mark.parametrize("maker", sorted(_ADAM_MAKERS))
+def test_adam_hyperparameters_at_the_edges_of_the_range_are_accepted(maker):
+  kw = dict(b1=0.0, b2=0.0, eps=0.0) if maker == "bert_adamw" else dict(
+      b1=0.0, b2=0.0, eps=0.0, eps_root=0.0)
+  _ADAM_MAKERS[maker](**kw)
+
+
+def test_traced_adam_hyperparameters_pass_unchecked_under_vmap():
+  """jax.vmap over b1 and eps (as over learning_rate): each slice is optax.adamw's step."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 4)}
+  grads = {"w": jnp.asarray([0.3, -0.2, 0.1, 0.5])}
+
+  def step(b1, eps):
+    tx = od.adamw(1e-2, b1=b1, eps=eps, weight_decay=0.1)
+    return tx.update(grads, tx.init(params), params)[0]["w"]
+
+  b1s, epss = jnp.asarray([0.5, 0.9]), jnp.asarray([1e-3, 1e-8])
+  got = jax.vmap(step)(b1s, epss)
+  for k in range(2):
+    ref = optax.adamw(1e-2, b1=float(b1s[k]), eps=float(epss[k]), weight_decay=0.1)
+    expected = ref.update(grads, ref.init(params), params)[0]["w"]
+    np.testing.assert_allclose(got[k], expected, rtol=1e-6)
+
+
+def test_bert_adamw_takes_a_bare_string_as_one_pattern():
+  """exclude="bias" excludes the paths containing "bias" (not b, i, a, s). Oracle: with zero
+  gradients BERT's step is -η·λ·θ on decayed leaves and 0 on excluded ones."""
+  params = {"dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 3.0)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = od.bert_adamw(0.1, weight_decay=0.5, exclude="bias")
+  u, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(u["dense"]["kernel"], -0.1 * 0.5 * 2.0 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(u["dense"]["bias"], np.zeros(2))
+  with pytest.raises(TypeError, match="exclude takes a pattern"):
+    od.bert_adamw(0.1, exclude=od.exclude_names("bias"))
+
+
+def test_bert_adamw_case_insensitive_pattern_for_mindspore_names():
+  """MindSpore's BERT spells the norm ``layernorm``: the default rule is unmatched (an
+  error); ``(?i)`` makes a case-insensitive pattern that excludes it."""
+  params = {"layernorm": {"gamma": jnp.ones(2)}, "dense": {"kernel": jnp.ones((2, 2)),
+                                                          "bias": jnp.ones(2)}}
+  with pytest.raises(ValueError, match="matches no parameter"):
+    od.bert_adamw(1e-3).init(params)
+  mask = od.exclude_names(r"(?i)layer_?norm", "bias")
+  assert od.resolve_mask(params, mask) == {
+      "layernorm": {"gamma": False}, "dense": {"kernel": True, "bias": False}}
+  od.bert_adamw(1e-3, exclude=(r"(?i)layer_?norm", "bias")).init(params)
+
+
+@pytest.mark.parametrize("alias,reference", [
+    ("adam_l2", lambda: optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.01))),
+    ("sgd_l2", lambda: optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.01, 0.9))),
+])
+def test_l2_aliases_take_python_float_leaves(alias, reference):
+  """A Python-float parameter and gradient: torch's L2 (g + λθ) then the optimizer, as
+  optax.add_decayed_weights before optax.adam / optax.sgd computes it."""
+  make = {"adam_l2": lambda: od.adam_l2(0.01, weight_decay=0.1),
+          "sgd_l2": lambda: od.sgd_l2(0.01, momentum=0.9, weight_decay=0.1)}[alias]
+  params = {"w": jnp.ones(2), "scale": 2.0}
+  grads = {"w": jnp.full((2,), 0.5), "scale": 0.25}
+  ours, ref = make(), reference()
+  s1, s2 = ours.init(params), ref.init(params)
+  p1 = p2 = params
+  for _ in range(3):
+    u1, s1 = ours.update(grads, s1, p1)
+    u2, s2 = ref.update(grads, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p1, p2)
+
+
+def _complex_tree(seed):
+  rng = np.random.default_rng(seed)
+  return {"z": jnp.asarray(rng.normal(size=(3,)) + 1j * rng.normal(size=(3,)), jnp.complex64)}
+
+
+@pytest.mark.parametrize("alias,reference", [
+    ("adam_l2", lambda: optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.01))),
+    ("sgd_l2", lambda: optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.01, 0.9))),
+    ("adamw", lambda: optax.adamw(0.01, weight_decay=0.1)),
+    ("nu_dtype", lambda: optax.adamw(0.01, weight_decay=0.1)),
+])
+def test_complex_parameters_follow_optax(alias, reference):
+  """Complex θ as optax has it: m complex, v of |g|² (optax.tree.update_moment_per_elem_norm),
+  the decay λθ."""
+  make = {"adam_l2": lambda: od.adam_l2(0.01, weight_decay=0.1),
+          "sgd_l2": lambda: od.sgd_l2(0.01, momentum=0.9, weight_decay=0.1),
+          "adamw": lambda: od.adamw(0.01, weight_decay=0.1),
+          "nu_dtype": lambda: od.adamw(0.01, weight_decay=0.1, nu_dtype=jnp.float32)}[alias]
+  params = _complex_tree(0)
+  ours, ref = make(), reference()
+  s1, s2 = ours.init(params), ref.init(params)
+  p1 = p2 = params
+  for t in range(3):
+    g = _complex_tree(t + 1)
+    u1, s1 = ours.update(g, s1, p1)
+    u2, s2 = ref.update(g, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  assert p1["z"].dtype == jnp.complex64
+  np.testing.assert_allclose(p1["z"], p2["z"], rtol=1e-5)
+
+
+def test_complex_bert_adamw_is_bert_with_abs_squared():
+  """BERT's step (no bias correction) with v of |g|²: numpy transcription of
+  google-research/bert optimization.py apply_gradients with g² read as |g|² (optax's rule)."""
+  lr, wd, b1, b2, eps = 0.01, 0.1, 0.9, 0.999, 1e-6
+  params = _complex_tree(0)
+  tx = od.bert_adamw(lr, weight_decay=wd, exclude=())
+  state = tx.init(params)
+  th = np.asarray(params["z"], np.complex128)
+  m, v = np.zeros(3, np.complex128), np.zeros(3)
+  for t in range(3):
+    g = _complex_tree(t + 1)
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+    gz = np.asarray(g["z"], np.complex128)
+    m = b1 * m + (1 - b1) * gz
+    v = b2 * v + (1 - b2) * np.abs(gz) ** 2
+    th = th - lr * (m / (np.sqrt(v) + eps) + wd * th)
+  np.testing.assert_allclose(np.asarray(params["z"]), th, rtol=2e-5)
+
+
+def test_complex_parameters_refuse_what_has_no_complex_meaning():
+  params = _complex_tree(0)
+  with pytest.raises(TypeError, match="lose the imaginary part"):
+    od.adamw(1e-3, mu_dtype=jnp.float32).init(params)
+  od.adamw(1e-3, mu_dtype=jnp.complex64).init(params)  # a complex first moment is fine
+  with pytest.raises(TypeError, match="complex numbers do not have"):
+    od.with_decoupled_decay(optax.sgd(0.1), 0.1, cautious=True).init(params)
+
+
+def test_recipe_collectors_are_per_thread():
+  """Two threads build optimizers at once: each collecting() block sees only its own."""
+  import threading
+
+  from optax_decoupled import _recipes
+
+  barrier = threading.Barrier(2)
+  seen: dict[str, list[str]] = {}
+  errors: list[BaseException] = []
+
+  def worker(name, lr):
+    try:
+      with _recipes.collecting() as found:
+        barrier.wait()
+        for _ in range(20):
+          od.adamw(lr)
+          barrier.wait()  # the other thread builds between our builds
+      seen[name] = [r.args["learning_rate"] for r in found]
+    except BaseException as e:  # noqa: BLE001 - reported below
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=worker, args=("a", 0.1)),
+             threading.Thread(target=worker, args=("b", 0.2))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  assert seen == {"a": [0.1] * 20, "b": [0.2] * 20}

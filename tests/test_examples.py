@@ -48,6 +48,40 @@ def test_help_exits_without_running(path, tmp_path):
   assert elapsed < 60, f"--help took {elapsed:.0f} s"
 
 
+# Packages an example may use but its --help must not need: importing one raises.
+HEAVY = ("flax", "orbax", "sklearn", "matplotlib", "torch", "tqdm", "mnist1d",
+         "optax_decoupled.flax")
+_BLOCKING = """
+import importlib.abc, runpy, sys
+HEAVY = {heavy!r}
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if any(name == h or name.startswith(h + ".") for h in HEAVY):
+      raise ImportError(f"{{name}} is blocked: --help must not import it")
+    return None
+sys.meta_path.insert(0, Block())
+try:
+  import sklearn
+except ImportError:
+  pass
+else:
+  raise SystemExit("the blocker did not block sklearn")
+sys.argv = [{path!r}, "--help"]
+runpy.run_path({path!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_help_needs_no_heavy_package(path, tmp_path):
+  """``--help`` parses the arguments before any heavy optional package is imported."""
+  code = _BLOCKING.format(heavy=HEAVY, path=path)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=tmp_path, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("usage: "), proc.stdout[:500]
+  assert "blocked" not in proc.stderr
+
+
 # ------------------------------------------------------------------------- nnx_transformer
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 import optax_decoupled as od
 import optax_decoupled.flax as odf
-from optax_decoupled._labels import Labels, labels, scale_by_lr_multipliers
+from optax_decoupled import Labels, labels, scale_by_lr_multipliers
 
 STEPS = 4
 

@@ -318,3 +318,112 @@ def test_describe_mask_table_content():
 def test_describe_mask_raises_the_mask_errors():
   with pytest.raises(ValueError, match="matches no parameter"):
     od.describe_mask({"w": jnp.ones(2)}, od.exclude_names("bias"))
+
+
+# --------------------------------------------------------------------- one rule layer
+
+
+def _named_tree():
+  return {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+          "head": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
+
+
+def _decayed(tree, mask):
+  return {r.path for r in od.describe_mask(tree, mask).rows if r.decay}
+
+
+def _timm(patterns):
+  odf = pytest.importorskip("optax_decoupled.flax")
+  return odf.timm_mask(patterns, allow_unmatched=False)
+
+
+# Every entry point that takes a list of name patterns, given a bare string, then (the
+# oracle) the one-element list.
+_BARE_STRING = {
+    "exclude_names": (lambda s: od.exclude_names(s), lambda s: od.exclude_names(*[s])),
+    "exclude_names-alternatives": (lambda s: od.exclude_names(("bias", s)),
+                                   lambda s: od.exclude_names(("bias", *[s]))),
+    "include_names": (lambda s: od.include_names(s), lambda s: od.include_names(*[s])),
+    "timm_mask": (lambda s: _timm("*." + s), lambda s: _timm(["*." + s])),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_BARE_STRING))
+def test_a_bare_string_is_one_pattern(entry):
+  tree = _named_tree()
+  as_string, as_list = _BARE_STRING[entry]
+  got = _decayed(tree, as_string("bias"))
+  assert got == _decayed(tree, as_list("bias"))
+  # Read as the letters b, i, a, s it would select (or exclude) nearly everything.
+  assert ("dense/bias" in got) == (entry == "include_names")
+  assert ("dense/kernel" in got) != (entry == "include_names")
+
+
+def test_pattern_list_arguments_refuse_what_is_not_a_pattern_naming_the_fix():
+  with pytest.raises(TypeError, match=r"write od\.include_names\('bias'\)"):
+    od.labels({"muon": "bias"}, default="adam")
+  with pytest.raises(TypeError, match=r"the one pair \('head', 2\.0\).*write \[\('head', 2\.0\)\]"):
+    od.decay_multipliers(("head", 2.0), default=0.0)
+  with pytest.raises(TypeError, match=r"scale_by_lr_multipliers: rules must be a list.*one pair"):
+    od.scale_by_lr_multipliers(("head/.*", 0.1))
+  with pytest.raises(TypeError, match="rules must be a list"):
+    od.decay_multipliers("head", default=0.0)
+  with pytest.raises(TypeError, match="regular expressions"):
+    od.exclude_names(b"bias")
+  with pytest.raises(TypeError, match="exclude takes a pattern"):
+    od.bert_adamw(1e-3, exclude=3)
+
+
+def test_decision_is_one_type_through_every_rule_set():
+  """Predicates, multipliers and boolean trees all report od.Decision, with path and leaf."""
+  tree = _named_tree()
+  paths = ["dense/bias", "dense/kernel", "head/bias", "head/kernel"]
+  bools = {"dense": {"kernel": True, "bias": False}, "head": {"kernel": True, "bias": False}}
+  for mask in (od.exclude_names("bias"), od.decay_multipliers([("head/.*", 2.0)], default=1.0),
+               bools, None):
+    assert [r.path for r in od.describe_mask(tree, mask).rows] == paths
+  decisions = od.exclude_names("bias").decisions(tree)
+  assert all(type(d) is od.Decision for d in decisions)
+  assert [(d.path, d.decay) for d in decisions] == list(zip(paths, [False, True] * 2))
+  assert decisions[1].leaf is tree["dense"]["kernel"]
+  weighted = od.decay_multipliers([("head/.*", 2.0)], default=0.0).decisions(tree)
+  assert all(type(d) is od.Decision and d.weighted for d in weighted)
+  assert [d.multiplier for d in weighted] == [0.0, 0.0, 2.0, 2.0]
+  assert od.Decision(True, "r") == od.Decision(True, "r")  # what a predicate's decide() returns
+  with pytest.raises(ValueError, match="disagrees"):
+    od.Decision(True, "r", weight=0.0)
+
+
+def test_multipliers_inside_optax_masked_see_the_other_group_paths():
+  """Inside optax.masked the inner transform sees MaskedNode for the other group; a rule that
+  matches a leaf of that group is not unmatched (as for predicates), and the leaves it sees
+  decay as optax.masked(optax.add_decayed_weights) does. A rule that matches nothing at all
+  still fails, with the group hint."""
+  tree = _named_tree()
+  outer = {"dense": {"kernel": True, "bias": True}, "head": {"kernel": False, "bias": False}}
+  mults = od.decay_multipliers([("head/.*", 2.0), ("dense/kernel", 1.0)], default=0.0)
+  ours = optax.masked(od.add_decoupled_decay(0.5, mask=mults), outer)
+  ref = optax.masked(optax.add_decayed_weights(
+      0.5, mask={"dense": {"kernel": True, "bias": False}, "head": {"kernel": True,
+                                                                  "bias": True}}), outer)
+  zeros = jax.tree.map(jnp.zeros_like, tree)
+  u1, _ = ours.update(zeros, ours.init(tree), tree)
+  u2, _ = ref.update(zeros, ref.init(tree), tree)
+  jax.tree.map(np.testing.assert_array_equal, u1, u2)
+  typo = od.decay_multipliers([("heads/.*", 2.0)], default=1.0)
+  with pytest.raises(ValueError, match="fully matches no parameter.*sees only its own group"):
+    optax.masked(od.add_decoupled_decay(0.5, mask=typo), outer).init(tree)
+
+
+def test_step_count_guard_names_the_static_argument():
+  """optax.inject_hyperparams calls callables with the step count: the error names the
+  static_args entry of the argument that was mistaken for a schedule."""
+  tree = _named_tree()
+  lab = od.labels({"head": od.include_names("head")}, default="body")
+  tx = optax.inject_hyperparams(optax.multi_transform)(
+      {"head": optax.sgd(0.1), "body": optax.sgd(0.1)}, param_labels=lab)
+  with pytest.raises(TypeError, match=r"static_args=\('param_labels',\)"):
+    tx.init(tree)
+  tx = optax.inject_hyperparams(optax.adamw)(1e-3, mask=od.exclude_names("bias"))
+  with pytest.raises(TypeError, match=r"static_args=\('mask',\)"):
+    tx.init(tree)

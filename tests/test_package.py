@@ -34,3 +34,14 @@ def test_version_is_defined_once_in_pyproject_and_in_the_changelog():
   assert f"## [{version}]" in (ROOT / "CHANGELOG.md").read_text()
   sources = [p.read_text() for p in (ROOT / "optax_decoupled").rglob("*.py")]
   assert not any(f'"{version}"' in s for s in sources), "the version is written twice"
+
+
+def test_each_message_text_is_written_once():
+  """The hints every entry point shares live in one place, so they cannot drift apart."""
+  root = pathlib.Path(od.__file__).parent
+  source = "".join(p.read_text() for p in sorted(root.rglob("*.py")))
+  for text in ("A negative value would grow the weights.", "negate the loss",
+               "sees only its own", "was called with a step count",
+               "is not a valid regular expression"):
+    assert source.count(text) == 1, text
+  assert ".replace(\"decay_multipliers\"" not in source and "str(e).replace" not in source

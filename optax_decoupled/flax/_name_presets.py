@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_decoupled import _paths, _predicates
+from optax_decoupled import _paths, _predicates, _rules
 
 __all__ = ["bert_mask", "nanogpt_mask", "timm_mask"]
 
@@ -62,23 +62,23 @@ class _Timm(_predicates.Predicate):
   no_weight_decay: tuple[str, ...] = ()
   allow_unmatched: bool = True
 
-  def decide(self, path: str, leaf: Any) -> _predicates.Decision:
+  def decide(self, path: str, leaf: Any) -> _rules.Decision:
     name = path.replace("/", ".")
     nd = int(np.ndim(_paths.leaf_value(leaf)))
     if nd <= 1:
-      return _predicates.Decision(False, f"excluded: ndim {nd} <= 1")
+      return _rules.Decision(False, f"excluded: ndim {nd} <= 1")
     if name.endswith(".bias"):
-      return _predicates.Decision(False, "excluded: name ends with '.bias'")
+      return _rules.Decision(False, "excluded: name ends with '.bias'")
     for p in self.no_weight_decay:
       if fnmatch.fnmatch(name, p):
-        return _predicates.Decision(False, f"excluded: no_weight_decay {p!r}")
-    return _predicates.Decision(True, "ndim >= 2, not a bias, not in no_weight_decay")
+        return _rules.Decision(False, f"excluded: no_weight_decay {p!r}")
+    return _rules.Decision(True, "ndim >= 2, not a bias, not in no_weight_decay")
 
   def unmatched(self, paths: Sequence[str]) -> list[str]:
     names = [p.replace("/", ".") for p in paths]
     return [] if self.allow_unmatched else [
         f"pattern {p!r} of {self!r} matches no parameter name (timm patterns match the "
-        f"whole dotted name: for a nested parameter write '*.{p}')."
+        f"whole dotted name: for a nested parameter write '*.{p}')"
         for p in self.no_weight_decay if not any(fnmatch.fnmatch(n, p) for n in names)]
 
   def __repr__(self) -> str:
@@ -115,7 +115,7 @@ def timm_mask(
     >>> odf.timm_mask({"pos_embed", "cls_token"})(params)
     {'head': {'bias': False, 'kernel': True}, 'pos_embed': False}
   """
-  patterns = (no_weight_decay,) if isinstance(no_weight_decay, str) else no_weight_decay
+  patterns = _rules.patterns(no_weight_decay, "timm_mask()", "no_weight_decay")
   if not all(isinstance(p, str) for p in patterns):
     raise TypeError(f"timm_mask() takes fnmatch patterns (str); got {no_weight_decay!r}.")
   return _Timm(tuple(sorted(set(patterns))), bool(allow_unmatched))

@@ -15,7 +15,7 @@ from typing import Any
 
 from flax import nnx
 
-from optax_decoupled import _paths, _predicates
+from optax_decoupled import _paths, _predicates, _rules
 
 __all__ = ["NORM_TYPES", "exclude_module_types", "hf_trainer_mask", "norm_and_bias_mask",
            "stacked_ndim_mask"]
@@ -100,11 +100,11 @@ class _ModuleTypes(_predicates.Predicate):
   def owned(self) -> tuple[frozenset[str], ...]:
     return tuple(frozenset(d) for d in self._lookup)
 
-  def decide(self, path: str, leaf: Any) -> _predicates.Decision:
+  def decide(self, path: str, leaf: Any) -> _rules.Decision:
     for lookup in self._lookup:
       if path in lookup:
-        return _predicates.Decision(False, f"excluded: in a {lookup[path]} module")
-    return _predicates.Decision(True, "not in an excluded module type")
+        return _rules.Decision(False, f"excluded: in a {lookup[path]} module")
+    return _rules.Decision(True, "not in an excluded module type")
 
   def unmatched(self, paths: Sequence[str]) -> list[str]:
     if self.allow_unmatched:
@@ -183,10 +183,9 @@ def exclude_module_types(
   pred = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched)
   problems = pred.unmatched(all_paths)
   if problems:
-    raise ValueError(
-        "Weight-decay mask " + "; ".join(problems) + f" of {type(model).__name__}. "
-        "Name the module classes your model uses, or pass allow_unmatched=True."
-    )
+    raise _rules.unmatched_error(
+        f"exclude_module_types() on a {type(model).__name__}", problems,
+        "Name the module classes your model uses, or pass allow_unmatched=True.")
   return pred
 
 
@@ -196,12 +195,12 @@ class _DottedNames(_predicates.Predicate):
 
   patterns: tuple[str, ...]
 
-  def decide(self, path: str, leaf: Any) -> _predicates.Decision:
+  def decide(self, path: str, leaf: Any) -> _rules.Decision:
     name = path.replace("/", ".").lower()
     for p in self.patterns:
       if re.search(p, name):
-        return _predicates.Decision(False, f"excluded: {name!r} matches {p!r}")
-    return _predicates.Decision(True, "no forbidden name pattern matched")
+        return _rules.Decision(False, f"excluded: {name!r} matches {p!r}")
+    return _rules.Decision(True, "no forbidden name pattern matched")
 
   def __repr__(self) -> str:
     return f"hf_forbidden_names({', '.join(map(repr, self.patterns))})"
