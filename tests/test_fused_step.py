@@ -173,6 +173,18 @@ def _final(step_of, lr, wd, steps=2):
   return p
 
 
+def _recording(seen: list):
+  """``tx -> fused step`` that appends the path each trace takes to ``seen``."""
+  def fused_of(tx):
+    step = od.fused_step(tx)
+
+    def run(p, g, s):
+      seen.append(step.explain(p, g, s).split(":")[0])
+      return step(p, g, s)
+    return run
+  return fused_of
+
+
 def _loss(step_of):
   return lambda lr, wd: sum(jnp.sum(x**2) for x in jax.tree.leaves(_final(step_of, lr, wd)))
 
@@ -181,13 +193,7 @@ def _loss(step_of):
 def test_grad_and_jvp_with_respect_to_a_closed_over_learning_rate_and_weight_decay():
   seen = []
 
-  def fused_of(tx):
-    step = od.fused_step(tx)
-
-    def run(p, g, s):
-      seen.append(step.explain(p, g, s).split(":")[0])
-      return step(p, g, s)
-    return run
+  fused_of = _recording(seen)
 
   fused, plain = _loss(fused_of), _loss(plain_step)
   got = jax.grad(fused, argnums=(0, 1))(1e-2, 0.1)
@@ -207,13 +213,7 @@ def test_vmap_over_a_closed_over_learning_rate_runs_the_kernel_per_element():
   lrs = jnp.array([1e-3, 1e-2, 3e-2])
   seen = []
 
-  def fused_of(tx):
-    step = od.fused_step(tx)
-
-    def run(p, g, s):
-      seen.append(step.explain(p, g, s).split(":")[0])
-      return step(p, g, s)
-    return run
+  fused_of = _recording(seen)
 
   got = jax.jit(jax.vmap(lambda lr: _final(fused_of, lr, 0.1)))(lrs)
   want = jax.vmap(lambda lr: _final(plain_step, lr, 0.1))(lrs)

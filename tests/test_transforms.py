@@ -97,6 +97,22 @@ def run_updates(tx, params, steps, wrap=jax.jit, apply=True):
 # --- under each variant: structure, shape and dtype of state and updates; formulas -------------
 
 
+
+def _assert_moments_follow(params, all_updates, states, oracle, ulps=8.0):
+  """Each step's updates and moments equal ``oracle(g, m, v, t) -> (u, m, v)`` (a numpy
+  transcription, run leaf by leaf from zero moments on the same gradients)."""
+  treedef = jax.tree.structure(params)
+  m = [np.zeros(x.shape, np.float32) for x in jax.tree.leaves(params)]
+  v = [np.zeros(x.shape, np.float32) for x in jax.tree.leaves(params)]
+  for t, updates in enumerate(all_updates):
+    ref = []
+    for i, g in enumerate(jax.tree.leaves(random_grads(params, t))):
+      u, m[i], v[i] = oracle(np.asarray(g), m[i], v[i], t + 1)
+      ref.append(u)
+    assert_roundoff_close(updates, jax.tree.unflatten(treedef, ref), ulps=ulps)
+    assert_roundoff_close(states[t + 1].mu, jax.tree.unflatten(treedef, m))
+    assert_roundoff_close(states[t + 1].nu, jax.tree.unflatten(treedef, v))
+
 class TracedAlgebraTest(chex.TestCase):
 
   @chex.variants(**VARIANTS)
@@ -129,18 +145,8 @@ class TracedAlgebraTest(chex.TestCase):
     params = small_params()
     tx = od.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, nesterov=nesterov)
     all_updates, states = run_updates(tx, params, 20, self.variant, apply=False)
-    treedef = jax.tree.structure(params)
-    m = [np.zeros(x.shape, np.float32) for x in jax.tree.leaves(params)]
-    v = [np.zeros(x.shape, np.float32) for x in jax.tree.leaves(params)]
-    for t, updates in enumerate(all_updates):
-      grads = jax.tree.leaves(random_grads(params, t))
-      ref = []
-      for i, g in enumerate(grads):
-        u, m[i], v[i] = R.adam_update(np.asarray(g), m[i], v[i], t + 1, nesterov=nesterov)
-        ref.append(u)
-      assert_roundoff_close(updates, jax.tree.unflatten(treedef, ref), ulps=16)
-      assert_roundoff_close(states[t + 1].mu, jax.tree.unflatten(treedef, m))
-      assert_roundoff_close(states[t + 1].nu, jax.tree.unflatten(treedef, v))
+    _assert_moments_follow(params, all_updates, states, lambda g, m, v, t: R.adam_update(
+        g, m, v, t, nesterov=nesterov), ulps=16)
     # The two variants differ by far more than round-off, so the parameter is wired through.
     other, _ = run_updates(od.scale_by_adam(nesterov=not nesterov), params, 2, self.variant,
                            apply=False)
@@ -153,18 +159,8 @@ class TracedAlgebraTest(chex.TestCase):
     params = small_params()
     tx = od.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6, bias_correction=False)
     all_updates, states = run_updates(tx, params, 20, self.variant, apply=False)
-    treedef = jax.tree.structure(params)
-    m = [np.zeros(x.shape, np.float32) for x in jax.tree.leaves(params)]
-    v = [np.zeros(x.shape, np.float32) for x in jax.tree.leaves(params)]
-    for t, updates in enumerate(all_updates):
-      grads = jax.tree.leaves(random_grads(params, t))
-      ref = []
-      for i, g in enumerate(grads):
-        u, m[i], v[i] = R.bert_adam_update(np.asarray(g), m[i], v[i], 0.9, 0.999, 1e-6)
-        ref.append(u)
-      assert_roundoff_close(updates, jax.tree.unflatten(treedef, ref))
-      assert_roundoff_close(states[t + 1].mu, jax.tree.unflatten(treedef, m))
-      assert_roundoff_close(states[t + 1].nu, jax.tree.unflatten(treedef, v))
+    _assert_moments_follow(params, all_updates, states, lambda g, m, v, t: R.bert_adam_update(
+        g, m, v, 0.9, 0.999, 1e-6))
     # It is not Adam: with bias correction the first steps differ by far more than round-off.
     adam, _ = run_updates(od.scale_by_adam(eps=1e-6), params, 1, self.variant, apply=False)
     assert np.abs(R.flat(jax.tree.leaves(adam[0])) /
