@@ -149,6 +149,17 @@ def summary(tags: list[str]) -> None:
     if any(v is not None for v in vals):
       print(f"\nRecipes, one leaf of 1e7: {a} ÷ {b}: "
             + " / ".join("-" if v is None else f"{v:.2f}" for v in vals))
+  grids = [_load("grid", tag) for tag in tags]
+  if any(grids):
+    k = next(g["K"] for g in grids if g)
+    print(f"\nGrid of K={k} optimizers, vmapped ÷ a Python loop over them (speed-up): "
+          + " / ".join("-" if g is None else f"{g['speedup_vs_python_loop']:.1f}×"
+                       for g in grids))
+  compiles = [max(c.values()) for run in runs if (c := run.get("compilations_over_100_steps"))]
+  if compiles:
+    print("\nMost compilations of any step over 100 steps (od.adamw, plain and fused; also "
+          "with the learning rate and weight decay injected and changed every step): "
+          + " / ".join(str(c) for c in compiles))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,9 @@
    decay on every parameter, or without clipping, does not agree.
 3. ``sphinx-build -W --keep-going -b html docs <tmp>`` passes (skipped without sphinx), and
    the generated API reference documents every name of ``od.__all__`` and ``odf.__all__``.
+4. The benchmark numbers live in one generated file, ``benchmarks/results/summary.md``:
+   README.md and docs/performance.md quote it verbatim, and it is what ``benchmarks.report``
+   generates from the runs it names.
 """
 
 from __future__ import annotations
@@ -220,3 +223,19 @@ def test_sphinx_build(tmp_path: Path):
       assert anchor in api, f"the API reference does not document {module.__name__}.{name}"
   for page in PAGES:
     assert (out / page.with_suffix(".html").name).exists(), page.name
+
+
+def test_benchmark_numbers_are_the_one_generated_summary_quoted_verbatim():
+  from benchmarks import report
+
+  summary = report.SUMMARY.read_text()
+  for path in report.QUOTED_IN:
+    assert report.quoted(path.read_text()) == summary.strip("\n"), (
+        f"{path.name} does not quote {report.SUMMARY.name}: run python -m benchmarks.report "
+        "--quote")
+  tags = re.search(r"--tag ([\w|]+)`", summary).group(1).split("|")
+  regenerated = subprocess.run(
+      [sys.executable, "-c", "import sys; from benchmarks import report; "
+       "report.summary(sys.argv[1:])", *tags], cwd=ROOT, capture_output=True, text=True,
+      check=True).stdout
+  assert regenerated.strip("\n") == summary.strip("\n"), "summary.md is not what the runs give"
