@@ -446,19 +446,21 @@ def reference(prepared: Prepared, params: Any, grads: Any, state: Any) -> list[t
       p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
       treedef.flatten_up_to(adam.nu))):  # type: ignore[attr-defined]
     theta, g, m, v = (np.asarray(x, np.float64) for x in (theta, g, m, v))
+    # A segment without decay (index 0) has no term at all (the C++ loop's mode -1).
+    term = mode if prepared.decay[k] else -1
     c = s[14 + prepared.decay[k]] if prepared.decay[k] else 0.0
     if clip:
       g = (g / g_norm) * max_norm
-    if mode == 1:
+    if term == 1:
       g = g + c * theta
     m = omb1 * g + b1 * m
     v = omb2 * (g * g) + b2 * v
     m_hat = b1 * (m / bc1_next) + omb1 * (g / bc1) if nesterov else m / bc1
     u = m_hat / (np.sqrt(v / bc2 + eps_root) + eps)
-    if mode == 0:
+    if term == 0:
       u = u + c * theta
     u = neg_lr * u
-    if mode == 2:
+    if term == 2:
       u = u - c * theta
     out.append((u, m, v))
   return out

@@ -171,15 +171,19 @@ def test_clipped_step_in_the_flat_buffer_mode_equals_the_plain_step():
 
 @needs_kernel
 def test_optax_adamw_with_an_array_zero_decay_adds_zero_times_theta_as_optax_does():
-  # optax.add_decayed_weights skips the term only for a Python 0; an array 0 adds 0·θ, so an
-  # infinite weight becomes NaN there (0·inf), and must in the kernel step too.
+  # optax.add_decayed_weights (optax 0.2.7 and later) skips the term only for a Python 0; an
+  # array 0 adds 0·θ, so an infinite weight becomes NaN there (0·inf), and must in the kernel
+  # step too. (Earlier optax adds 0·θ for a Python 0 too: the probe check then sees the NaN
+  # the kernel would not make, and the step is the plain one.)
   params = {"w": jnp.array([1.0, jnp.inf, -2.0] * 30000, jnp.float32)}
   for weight_decay in (0.0, jnp.float32(0.0)):
     tx = optax.adamw(1e-3, weight_decay=weight_decay)
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
-    assert od.fused_step(tx).explain(params, grads, state).startswith("kernel")
+    why = od.fused_step(tx).explain(params, grads, state)
+    assert why.startswith("kernel") or "does not compute what the kernel would" in why, why
     want = jax.jit(plain_step(tx))(params, grads, state)[0]["w"]
     got = jax.jit(od.fused_step(tx))(params, grads, state)[0]["w"]
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    assert bool(np.isnan(want).any()) == (not isinstance(weight_decay, float))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=why)
+    if not isinstance(weight_decay, float):  # an array 0 adds 0·θ in every optax release
+      assert bool(np.isnan(want).any())
