@@ -193,6 +193,10 @@ def _moving(u: Any) -> bool:
   return any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u))
 
 
+def _same_array(a: np.ndarray | None, b: np.ndarray) -> bool:
+  return a is not None and a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
+
+
 def _state_array(x: Any) -> np.ndarray | None:
   """A state leaf as numpy (PRNG keys by their key data); None for what is not an array."""
   if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -295,7 +299,7 @@ def _describe(thetas: Sequence[np.ndarray], us: Sequence[np.ndarray], tol: float
       return f"a power of θ: u = −{np.exp(a):.3g}·sign(θ)·|θ|^{q:.3g}"
   slopes = [-float(np.real(np.vdot(x.ravel(), y.ravel()))) / float(np.sum(np.abs(x) ** 2))
             for x, y in zip(thetas, us)]
-  if all(np.linalg.norm(y.ravel() + s * x.ravel()) <= tol * max(np.linalg.norm(y), 1e-300)
+  if all(np.linalg.norm(y.ravel() + s * x.ravel()) <= tol * max(float(np.linalg.norm(y)), 1e-300)
          for x, y, s in zip(thetas, us, slopes)):
     return (f"u = −c·θ at each point, but c changes with ‖θ‖ from {min(slopes):.3g} to "
             f"{max(slopes):.3g} (a clip or a normalisation)")
@@ -325,9 +329,7 @@ def _statistics_that_follow_theta(inits: Sequence[Any], afters: Sequence[Sequenc
   unattributed = None
   for i, (spath, _) in enumerate(flat0[0]):
     first = init_arrays[0][i]
-    if first is None or any(a[i] is None or a[i].shape != first.shape
-                            or not np.array_equal(a[i], first, equal_nan=True)
-                            for a in init_arrays[1:]):
+    if first is None or any(not _same_array(a[i], first) for a in init_arrays[1:]):
       continue  # holds θ (differs at init), or is not an array.
     for after in afters:
       leaves = [jax.tree.leaves(a) for a in after]
@@ -407,7 +409,7 @@ def _classify(steps: Sequence[Pairs], grad_step: Pairs, held: Pairs, base: np.nd
         kind, shrink = "toward_reference", h.c
         detail = ("toward the parameters given to init" if at_init
                   else "toward a point the state holds")
-    c, d = 0.0, 0.0
+    c, d = 0.0, np.zeros(())
   else:
     signs = {np.sign(f.c) for f, ok in zip(fits, follows) if ok}
     if len(signs) > 1 or not follows[0]:
@@ -561,7 +563,7 @@ def audit_decay(
   dependent, unattributed = _statistics_that_follow_theta(inits, afters, paths, shapes)
 
   def leaf(pairs, k):
-    return [(_num(treedef.flatten_up_to(p)[k]), _num(treedef.flatten_up_to(u)[k]))  # type: ignore[attr-defined]
+    return [(_num(treedef.flatten_up_to(p)[k]), _num(treedef.flatten_up_to(u)[k]))
             for p, u in pairs]
 
   rows, decoupled_leaf = [], None

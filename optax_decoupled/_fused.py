@@ -132,8 +132,8 @@ def fused_step(
                                                                             state))
     if prepared is not None:
       where = "one flat buffer, decay decided per original leaf" if layout else "all leaves"
-      clipped = ", the global-norm clip applied as g is read" if target.max_norm is not None \
-          else ""
+      clipped = (", the global-norm clip applied as g is read"
+                 if target is not None and target.max_norm is not None else "")
       return "kernel", (f"the C++ kernel: the Adam step and its decay term with float32 "
                         f"moments{clipped}, one pass on all CPU threads over {where}, per shard "
                         "when sharded"), prepared
@@ -203,14 +203,14 @@ def _kernel_plan(tx, target, not_recognised, params, grads, state):
 def _same_layout(params: Any, grads: Any) -> str | None:
   """Why the kernel cannot pair θ and g leaf by leaf, or None (the plain step then gives
   optax's own error or broadcasting)."""
-  p_leaves, treedef = jax.tree.flatten(params)
   try:
-    g_leaves = treedef.flatten_up_to(grads)
+    same = jax.tree.leaves(jax.tree.map(lambda p, g: np.shape(p) == np.shape(g), params, grads))
   except (ValueError, TypeError):
     return "grads and params have different tree structures"
-  for p, g in zip(p_leaves, g_leaves):
-    if np.shape(p) != np.shape(g):
-      return f"a gradient of shape {np.shape(g)} for a parameter of shape {np.shape(p)}"
+  if len(same) != len(jax.tree.leaves(grads)):
+    return "grads and params have different tree structures"
+  if not all(same):
+    return "grads and params have leaves of different shapes"
   return None
 
 

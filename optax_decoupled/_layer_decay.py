@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_decoupled import _hyperparams, _paths, _report
+from optax_decoupled import _hyperparams, _paths, _report, _rules
 
 __all__ = ["LayerDecay", "layer_decay", "scale_by_layer_decay"]
 
@@ -231,17 +231,7 @@ class LayerDecay:
 def _patterns(x: Patterns | None, name: str, who: str) -> tuple[str, ...]:
   if x is None:
     return ()
-  ps = (x,) if isinstance(x, str) else x
-  if not isinstance(ps, Sequence) or not all(isinstance(p, str) for p in ps):
-    raise TypeError(f"{who}: {name} takes a regular expression (str) or a list of them, "
-                    f"got {x!r}.")
-  for p in ps:
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"{who}: {name} pattern {p!r} is not a valid regular expression: "
-                       f"{e}") from e
-  return tuple(ps)
+  return tuple(_rules.regex(p, f"{who} {name}") for p in _rules.patterns(x, who, name))
 
 
 def _check_int(x: Any, name: str, who: str, low: int, high: int | None = None) -> int:

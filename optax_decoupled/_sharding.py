@@ -15,6 +15,7 @@ device's shards of sharded arrays, with no collective, keeping their shardings.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,19 @@ from optax_decoupled import _flat
 
 __all__ = ["per_shard", "shard_state_like"]
 
-try:  # removed from newer jax releases, without a public successor.
-  from jax.experimental.shard_alike import shard_alike as _shard_alike
-except ImportError:  # pragma: no cover - depends on the installed jax.
-  _shard_alike = None
+
+
+def _find_shard_alike() -> Callable[..., Any] | None:
+  """``jax.experimental.shard_alike.shard_alike``, or None on a jax without it (removed from
+  newer releases, without a public successor)."""
+  try:
+    module = importlib.import_module("jax.experimental.shard_alike")
+  except ImportError:
+    return None
+  return getattr(module, "shard_alike", None)
+
+
+_shard_alike = _find_shard_alike()
 
 #: Whether ``shard_state_like`` can tie the state to the params (see the module docstring).
 TIES_STATE = _shard_alike is not None
