@@ -132,6 +132,7 @@ def _run(phase, workdir):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # runs in a fresh process
 def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
   _run("first", tmp_path)
   _run("resume", tmp_path)

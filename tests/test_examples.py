@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the examples in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
 

@@ -8,12 +8,16 @@ predicates equal the split rule written out here by path and shape: "muon" exact
 
 from __future__ import annotations
 
+import pytest
+
 import math
 
 import numpy as np
 from flax import nnx
 
 from examples import muon_partition as mp
+
+pytestmark = pytest.mark.slow  # trains the Muon example
 
 
 def expected_label(path: str, shape: tuple[int, ...]) -> str:

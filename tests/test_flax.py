@@ -352,6 +352,7 @@ def _load_example():
   return module
 
 
+@pytest.mark.slow  # runs in a fresh process
 def test_example_resumes_in_a_fresh_process_bitwise_identical(tmp_path):
   example = _load_example()
   common = ["--quick", "--steps", "6", "--no-progress"]

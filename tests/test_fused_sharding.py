@@ -133,6 +133,7 @@ def _worker() -> None:
   print("OK shard_map", flush=True)
 
 
+@pytest.mark.slow  # runs in a fresh process
 def test_kernel_step_runs_per_shard_without_collectives_and_keeps_shardings():
   # Imported here: the script run must set the device count before any backend starts.
   from tests.test_kernel import needs_kernel

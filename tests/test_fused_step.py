@@ -86,6 +86,7 @@ def test_the_walk_finds_the_optimizers():
   assert len(OPTIMIZERS) >= 30
 
 
+@pytest.mark.slow  # compiles two steps of every optimizer of optax
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optax_optimizer_is_the_plain_step_or_the_kernel(name):
@@ -145,7 +146,7 @@ ANY_OPERATION = {
 
 
 @pytest.mark.filterwarnings("ignore::optax_decoupled.LowPrecisionDecayWarning")
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(ANY_OPERATION))
 def test_any_operation_is_the_plain_step_never_an_error(name, dtype):
   tx = ANY_OPERATION[name]()

@@ -289,6 +289,7 @@ def test_kernel_inside_a_loop_of_steps_and_under_vmap():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # compiles the kernel
 def test_build_compiles_a_loadable_kernel_into_the_cache_or_says_why_not(tmp_path,
                                                                          monkeypatch):
   monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL", raising=False)

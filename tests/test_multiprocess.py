@@ -27,6 +27,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # starts several processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "multiprocess_train.py")
 TIMEOUT = 180

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains small grids
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 

@@ -24,6 +24,8 @@ across shards) shows that the HLO check does detect communication.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.fixtures import run_script
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -172,6 +174,7 @@ def _worker() -> None:
   print("OK init", flush=True)
 
 
+@pytest.mark.slow  # runs in a fresh process
 def test_fsdp_sharded_update_has_no_communication_and_equals_single_device():
   from optax_decoupled import _sharding
   placed = ["init"] if _sharding.TIES_STATE else []  # else: jit(init) is not tied (documented)

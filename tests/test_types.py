@@ -16,6 +16,8 @@ import pytest
 
 import optax_decoupled as od
 
+pytestmark = pytest.mark.slow  # runs mypy over the package
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
