@@ -298,6 +298,7 @@ def test_the_suite_tells_optimizers_apart(setup: Setup):
     assert gap > 100 * tolerance(trajectory(name, setup)), name
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_default_weight_decays_are_the_documented_ones():
   """od.adamw defaults to optax.adamw's λ=1e-4; od.bert_adamw to BERT's 0.01 and eps 1e-6."""
   params = small_named_params()
@@ -349,6 +350,7 @@ def test_positional_order_and_return_type_are_optax(name):
   assert type(ours(*lr, **args)) is type(theirs(*lr))
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_scale_by_adam_takes_optax_positional_arguments():
   """Five positional arguments (b1, b2, eps, eps_root, mu_dtype) and nesterov: optax's step."""
   params = small_named_params()

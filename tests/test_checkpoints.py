@@ -228,6 +228,7 @@ def test_restore_refuses_a_template_of_another_dtype(tmp_path):
     odf.restore_checkpoint(tmp_path, like)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_restore_with_a_matching_template_is_bitwise(tmp_path):
   import optax_decoupled.flax as odf
 

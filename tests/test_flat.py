@@ -107,6 +107,7 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @pytest.mark.parametrize("kernel", ["auto", "off"])
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_step_on_flat_buffers_equals_the_plain_step_on_the_tree(name, kernel):
@@ -174,6 +175,7 @@ def test_kernel_on_flat_buffers_is_one_in_place_call_over_four_arrays():
   assert ma.alias_size_in_bytes >= 12 * n and ma.temp_size_in_bytes <= 4096
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_a_train_step_can_differentiate_with_respect_to_the_flat_buffer():
   # What the README shows: the loss reads layout.unpack(flat), jax.grad gives the flat
   # gradient directly; it equals the packed tree gradient (oracle: grad on the tree).

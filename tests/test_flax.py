@@ -90,6 +90,7 @@ def _tx():
   return od.adamw(sched, weight_decay=0.1, mask=odf.bert_mask())
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_nnx_and_linen_train_to_the_same_parameters_with_the_same_mask_compiling_once():
   model = NnxNet(nnx.Rngs(0))
   # linen starts from the nnx initial values: same names, so the same tree. Copies:
@@ -131,6 +132,7 @@ def test_nnx_and_linen_train_to_the_same_parameters_with_the_same_mask_compiling
     nnx_step(model, optimizer, *_batch(0, batch=3))
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_fused_train_steps_equal_the_plain_ones_and_compile_once():
   # Oracle: the same train step with optimizer.update / state.apply_gradients (optax's
   # tx.update + apply_updates). The fused step must leave the same parameters, the same
@@ -239,6 +241,7 @@ class StackedNet(nnx.Module):
     return body(self.embed(tokens), self.blocks)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_stacked_nnx_layers_keep_norms_and_biases_out_of_the_presets():
   model = StackedNet(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
@@ -309,6 +312,7 @@ def _spy(record: list):
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_mask_is_identical_at_init_and_update_through_nnx_optimizer():
   model = NnxNet(nnx.Rngs(0))
   mask = odf.hf_trainer_mask(model) & odf.exclude_module_types(model, nnx.Embed)
@@ -323,6 +327,7 @@ def test_mask_is_identical_at_init_and_update_through_nnx_optimizer():
       p for p in _params(model) if "bias" in p or p.startswith(("layer_norm/", "embed/")))
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_linen_train_state_checkpoint_round_trip_is_bitwise(tmp_path):
   linen = LinenNet()
   params = linen.init(jax.random.key(0), _batch(0)[0])["params"]

@@ -138,6 +138,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 @pytest.mark.parametrize("name", list(CASES))
 def test_recipe_takes_the_fast_path_and_equals_the_plain_step(name):
@@ -152,6 +153,7 @@ def test_recipe_takes_the_fast_path_and_equals_the_plain_step(name):
   assert_kernel_close((p2, s2), (p1, s1), name)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_clipped_step_in_the_flat_buffer_mode_equals_the_plain_step():
   tx = optax.chain(optax.clip_by_global_norm(1.0), od.adamw(1e-3, weight_decay=0.1, mask=MASK))

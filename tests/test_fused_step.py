@@ -190,6 +190,7 @@ def _loss(step_of):
   return lambda lr, wd: sum(jnp.sum(x**2) for x in jax.tree.leaves(_final(step_of, lr, wd)))
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_grad_and_jvp_with_respect_to_a_closed_over_learning_rate_and_weight_decay():
   seen = []
@@ -209,6 +210,7 @@ def test_grad_and_jvp_with_respect_to_a_closed_over_learning_rate_and_weight_dec
   np.testing.assert_allclose(got, jax.grad(plain, argnums=1)(1e-2, 0.1), rtol=1e-5)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_vmap_over_a_closed_over_learning_rate_runs_the_kernel_per_element():
   lrs = jnp.array([1e-3, 1e-2, 3e-2])
@@ -225,6 +227,7 @@ def test_vmap_over_a_closed_over_learning_rate_runs_the_kernel_per_element():
                         _final(plain_step, float(lr), 0.1), f"lr={lr}")
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_scan_over_steps_equals_the_plain_steps():
   tx = optax.chain(optax.clip_by_global_norm(1.0), od.adamw(1e-2, weight_decay=0.1))

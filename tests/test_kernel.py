@@ -83,6 +83,7 @@ def test_kernel_is_built_on_first_use_when_a_compiler_is_present():
     assert "no C++ compiler" in _kernel.unavailable()
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_kernel_matches_a_numpy_transcription_of_adamw():
   b1, b2, eps, eps_root, wd = 0.9, 0.999, 1e-8, 1e-12, 0.05
@@ -264,6 +265,7 @@ def test_kernel_step_is_one_in_place_custom_call():
   assert ma.alias_size_in_bytes >= 12 * n and ma.temp_size_in_bytes <= 4096
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_kernel_inside_a_loop_of_steps_and_under_vmap():
   tx = od.adamw(1e-2, weight_decay=1e-1)

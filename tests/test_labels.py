@@ -47,6 +47,7 @@ HAND = {
 }
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_labels_from_predicates_and_default():
   assert labels({"muon": HIDDEN}, default="adam")(make_params()) == HAND
 
@@ -140,6 +141,7 @@ def _transforms():
           "adam": od.adamw(1e-2, weight_decay=0.1, mask=odf.bert_mask())}
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_multi_transform_with_labels_equals_hand_written_labels():
   params = make_params()
   got = _run(optax.multi_transform(_transforms(), labels({"muon": HIDDEN}, default="adam")),
@@ -169,6 +171,7 @@ def _loss(model, tokens):
   return optax.softmax_cross_entropy_with_integer_labels(model(tokens), tokens).mean()
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_nnx_optimizer_init_with_variables_update_with_arrays():
   model = Net(nnx.Rngs(0))
   hidden = (od.min_ndim(2) & odf.exclude_module_types(model, nnx.Embed)

@@ -100,6 +100,7 @@ def test_scales_and_decay_mask_match_timm_vit_tiny():
   assert len({s for s, _ in timm_says.values()}) == depth + 2
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_torch_adamw_on_timm_groups_matches_od_100_steps():
   timm = R.import_timm()
   import torch
@@ -211,6 +212,7 @@ def test_stacked_multipliers_broadcast_along_the_stacked_axis():
   assert mults["embed"]["embedding"] == 0.5 ** (L + 1) and mults["head"]["bias"] == 1.0
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_linen_scan_tree():
   nn = pytest.importorskip("flax.linen")
 
@@ -242,6 +244,7 @@ def test_linen_scan_tree():
   np.testing.assert_array_equal(updates["params"]["head"]["bias"], -1.0)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_nnx_vmap_stack_with_nnx_optimizer_equals_named():
   nnx = pytest.importorskip("flax.nnx")
 

@@ -117,6 +117,7 @@ def test_frozendict_gives_same_paths_as_dict():
   assert decisions(frozen, mask) == decisions(params, mask)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_equinox_module_paths():
   eqx = pytest.importorskip("equinox")
   model = eqx.nn.MLP(3, 2, width_size=4, depth=1, key=jax.random.PRNGKey(0))

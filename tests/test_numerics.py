@@ -109,6 +109,7 @@ def test_no_precision_warning_when_decay_survives(make, params):
     make().init(params)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_stochastic_rounding_is_unbiased(dtype):
   """E[SR(x)] = x: the mean over many draws is within 5 standard errors of x."""

@@ -105,6 +105,7 @@ class ConvNet(nnx.Module):
     self.head = nnx.Linear(D, 4, rngs=rngs)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_hf_decays_batchnorm_groupnorm_and_rmsnorm_weights_not_named_like_norms():
   got = _check_hf(ConvNet(nnx.Rngs(0)))
   assert got["bn/scale"] and got["gn/scale"] and got["rms/scale"]  # only nn.LayerNorm by type

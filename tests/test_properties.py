@@ -67,6 +67,7 @@ def _equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @SETTINGS
 @given(data=trees(), lr=st.sampled_from([1e-3, 1e-2, 0.1]))
 def test_zero_weight_decay_equals_the_undecayed_optimizer_exactly(data, lr):
@@ -105,6 +106,7 @@ def test_bert_adamw_zero_weight_decay_regression_pin(data, lr):
   _equal(p1, p2)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @SETTINGS
 @given(data=trees(), bits=st.lists(st.booleans(), min_size=15, max_size=15),
        wd=st.sampled_from([1e-3, 0.1, 0.5]))
@@ -151,6 +153,7 @@ def test_l2_and_decoupled_decay_agree_for_plain_sgd(data, lr, wd):
       assert np.all(np.abs(np.asarray(x, np.float64) - expected) <= tol * scale + 1e-30)
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @SETTINGS
 @given(data=trees())
 def test_init_update_dtypes_and_shapes_follow_the_parameters(data):

@@ -50,6 +50,7 @@ def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
         ("adafactor", optax.adafactor(1e-2)),
     ],
 )
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 def test_update_is_inner_update_minus_shrink(name, inner):
   """Step by step: u = inner(g) − c_t·θ_before on decayed leaves, inner(g) elsewhere."""
   params = bert_linen_params(seed=1)
