@@ -175,8 +175,8 @@ def test_clipped_step_in_the_flat_buffer_mode_equals_the_plain_step():
 def test_optax_adamw_with_an_array_zero_decay_adds_zero_times_theta_as_optax_does():
   # optax.add_decayed_weights (optax 0.2.7 and later) skips the term only for a Python 0; an
   # array 0 adds 0·θ, so an infinite weight becomes NaN there (0·inf), and must in the kernel
-  # step too. (Earlier optax adds 0·θ for a Python 0 too: the probe check then sees the NaN
-  # the kernel would not make, and the step is the plain one.)
+  # step too. (optax 0.2.6 and earlier add 0·θ for a Python 0 too: the probe check then sees
+  # the NaN the kernel would not make, and the step is the plain one.)
   params = {"w": jnp.array([1.0, jnp.inf, -2.0] * 30000, jnp.float32)}
   for weight_decay in (0.0, jnp.float32(0.0)):
     tx = optax.adamw(1e-3, weight_decay=weight_decay)

@@ -299,7 +299,9 @@ def test_nnx_vmap_stack_with_nnx_optimizer_equals_named():
              unroll(start), lambda t, p: unroll(grads_seen[t]), 3)
   for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
                           jax.tree.leaves(unroll(got))):
-    np.testing.assert_allclose(g, w, rtol=0, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    # nnx.Optimizer's step and the oracle's are compiled apart: XLA may round an op
+    # differently (an ulp; flax 0.12.12 with jax 0.12).
+    np.testing.assert_allclose(g, w, rtol=4e-7, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 # --- composition ------------------------------------------------------------------------------
