@@ -236,6 +236,11 @@ def _with_plain_derivative(fast, plain, params, grads, state):
   ``jax.grad``, ``jax.jvp``, ``jax.vmap`` or ``jax.jit``) become explicit arguments
   (``jax.closure_convert``), so the derivative also flows to them."""
   fast_c, fast_consts = jax.closure_convert(fast, params, grads, state)
+  if not fast_consts:  # nothing traced from outside: plain's derivative w.r.t. the arguments.
+    simple = jax.custom_jvp(lambda p, g, s: fast_c(p, g, s))
+    simple.defjvp(lambda primals, tangents: (fast_c(*primals),
+                                             jax.jvp(plain, primals, tangents)[1]))
+    return simple(params, grads, state)
   plain_c, plain_consts = jax.closure_convert(plain, params, grads, state)
 
   @jax.custom_jvp
