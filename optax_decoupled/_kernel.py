@@ -114,7 +114,7 @@ def build(directory: Path | None = None) -> tuple[Path | None, str]:
 def unavailable() -> str | None:
   """None when the kernel is registered with XLA, otherwise why it is not.
 
-  The first call builds the kernel if no build for this jaxlib is cached (a few seconds;
+  The first call builds the kernel if no build for this jaxlib is cached (about 8 s on 2 cores;
   :func:`build`)."""
   library, why = build()
   if library is None:
