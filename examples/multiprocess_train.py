@@ -68,7 +68,10 @@ def train(steps: int) -> tuple[dict, float]:
   import optax_decoupled as od
 
   n_proc, pid = jax.process_count(), jax.process_index()
-  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  # Auto axes: XLA places the arrays. (With make_mesh's default Explicit axes, jax 0.11
+  # refuses the transpose of the loss's label gather without an explicit out_sharding.)
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   replicated = NamedSharding(mesh, P())
   data_sharded = NamedSharding(mesh, P("data"))
   local = GLOBAL_BATCH // n_proc
