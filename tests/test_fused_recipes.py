@@ -1,7 +1,6 @@
 """The fast path for the recipes people run: each equals ``tx.update`` + ``apply_updates``.
 
-``od.fused_step`` computes, in one pass over θ, g and the moments (the C++ kernel where it
-is built, else the pure-JAX chunk loop):
+``od.fused_step`` computes, in one pass over θ, g and the moments (the C++ kernel):
 
 * ``optax.chain(optax.clip_by_global_norm(c), od.adamw(...))``: the global norm in one read
   of g, the clip applied as the kernel reads g (both when the clip triggers and when not);
@@ -14,8 +13,8 @@ is built, else the pure-JAX chunk loop):
   clip); ``od.decay_multipliers`` (one coefficient c·mult per distinct multiplier, rounded
   as ``_decay.decay`` rounds it); ``od.adamw``'s other couplings (θ shrinks by c_t after the
   finished step: ``"schedule"``, ``"none"``, ``"corrected"``); Nesterov (optax's NAdam m̂);
-* a clip in front of a transformation the kernel does not compute (``od.sgdw``): the chunk
-  loop after the norm.
+* a clip in front of a transformation the kernel does not compute (``od.sgdw``): the plain
+  step.
 
 Oracle: the plain step of the same transformation (``tests.fixtures.plain_step``), to the
 kernel tests' tolerance (a few float32 ulp of each array's scale: XLA's plain step fuses
