@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
+import sys
 import types
+import zipfile
+
+import pytest
 
 import optax_decoupled as od
 
@@ -45,3 +50,18 @@ def test_each_message_text_is_written_once():
                "is not a valid regular expression"):
     assert source.count(text) == 1, text
   assert ".replace(\"decay_multipliers\"" not in source and "str(e).replace" not in source
+
+
+@pytest.mark.slow  # builds a wheel
+def test_the_wheel_is_pure_python_and_carries_the_kernel_source(tmp_path):
+  # The kernel is compiled on first use against the installed jaxlib, so a plain (not
+  # editable) install must ship its source, and nothing built or machine-specific.
+  root = pathlib.Path(__file__).resolve().parents[1]
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+                  str(root)], check=True, capture_output=True)
+  wheel, = tmp_path.glob("optax_decoupled-*.whl")
+  assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+  names = zipfile.ZipFile(wheel).namelist()
+  assert "optax_decoupled/csrc/adam_step.cc" in names
+  assert "optax_decoupled/py.typed" in names
+  assert not [n for n in names if n.endswith((".so", ".json"))], names
