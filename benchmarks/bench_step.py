@@ -42,7 +42,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optax_decoupled as od
 from benchmarks import _timing
-from optax_decoupled import _kernel as od_kernel
+from optax_decoupled import _kernel_build as od_kernel
 
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2
 BERT_EPS = 1e-6

@@ -28,7 +28,7 @@ from optax_decoupled._flat import FlatLayout as FlatLayout
 from optax_decoupled._labels import Labels as Labels
 from optax_decoupled._layer_decay import LayerDecay as LayerDecay
 from optax_decoupled._layer_decay import layer_decay as layer_decay
-from optax_decoupled._layer_decay import scale_by_layer_decay as scale_by_layer_decay
+from optax_decoupled._lr_scaling import scale_by_layer_decay as scale_by_layer_decay
 from optax_decoupled._labels import labels as labels
 from optax_decoupled._fused import fused_step as fused_step
 from optax_decoupled._masks import resolve_mask as resolve_mask
@@ -52,7 +52,7 @@ from optax_decoupled._schedules import (
 from optax_decoupled._transforms import add_decoupled_decay as add_decoupled_decay
 from optax_decoupled._transforms import add_l2_to_grad as add_l2_to_grad
 from optax_decoupled._transforms import scale_by_adam as scale_by_adam
-from optax_decoupled._transforms import scale_by_lr_multipliers as scale_by_lr_multipliers
+from optax_decoupled._lr_scaling import scale_by_lr_multipliers as scale_by_lr_multipliers
 from optax_decoupled._wrappers import with_decay_toward as with_decay_toward
 from optax_decoupled._wrappers import with_decoupled_decay as with_decoupled_decay
 

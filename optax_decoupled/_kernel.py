@@ -1,8 +1,7 @@
 """The optional CPU kernel behind :func:`optax_decoupled.fused_step` for Adam chains.
 
-``csrc/adam_step.cc`` is compiled on first use (:func:`unavailable`) against the FFI headers
-of the jaxlib that is installed (``jax.ffi.include_dir()``), cached per jaxlib version and
-source (:func:`cache_dir`), and registered with XLA (``jax.ffi``). It computes the step
+``csrc/adam_step.cc``, compiled on first use and registered with XLA by ``_kernel_build``,
+computes the step
 of the Adam chains ``_targets`` recognises (``od.adamw`` with any coupling, ``od.bert_adamw``,
 ``od.adam_l2``, ``optax.adamw``; inside ``optax.inject_hyperparams``; behind
 ``optax.clip_by_global_norm``) with the operations and float32 rounding of the optax chain
@@ -20,111 +19,25 @@ Dtypes: float32 moments; θ and g float32 or bfloat16 (bfloat16 gradients only w
 ``mu_dtype=nu_dtype=jnp.float32``, whose ``od.scale_by_adam`` widens g before the moments,
 as the kernel does; float32 θ and g for L2 and for a clip). When no C++ compiler is present,
 or the kernel cannot be built or loaded, or does not cover a case, ``fused_step`` takes the
-plain step; :func:`unavailable` and ``step.explain`` say why.
+plain step; ``_kernel_build.unavailable`` and ``step.explain`` say why.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import hashlib
-import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from optax_decoupled import _flat, _hyperparams, _masks, _recipes, _sharding, _targets
+from optax_decoupled import (_flat, _hyperparams, _kernel_build, _masks, _recipes, _sharding,
+                             _targets)
 
-SOURCE = Path(__file__).parent / "csrc" / "adam_step.cc"
-_TARGET = "optax_decoupled_adam_step"
 _GROUP = 32  # leaves per kernel call (see adamw_step)
-# -ffp-contract=off: no fused multiply-add, so float32 rounding is that of the optax chain.
-# -fno-math-errno: sqrt need not set errno (lets the loop vectorize; no numeric effect).
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
-
-
-def cache_dir() -> Path:
-  """Where built kernels are kept: ``$OPTAX_DECOUPLED_CACHE``, else
-  ``$XDG_CACHE_HOME/optax_decoupled``, else ``~/.cache/optax_decoupled``."""
-  if os.environ.get("OPTAX_DECOUPLED_CACHE"):
-    return Path(os.environ["OPTAX_DECOUPLED_CACHE"])
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return Path(base) / "optax_decoupled"
-
-
-def build(directory: Path | None = None) -> tuple[Path | None, str]:
-  """Compiles the kernel against the installed jaxlib's FFI headers, once per jaxlib and
-  source: ``(library, how)``, or ``(None, why not)``.
-
-  The library's name holds the jaxlib version and a hash of the source, flags and compiler,
-  so another jaxlib (or a changed source) gets its own build, and a kernel is never loaded
-  into a jaxlib it was not compiled for. It is written to a temporary file and renamed, so
-  processes building at once do not see a partial file. ``$CXX`` (default ``c++``) compiles.
-  """
-  if os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"):
-    return None, "OPTAX_DECOUPLED_NO_KERNEL is set"
-  if not sys.platform.startswith("linux"):
-    return None, f"the kernel is built on Linux only (this is {sys.platform})"
-  cxx = shlex.split(os.environ.get("CXX", "c++"))
-  if not cxx or shutil.which(cxx[0]) is None:
-    return None, (f"no C++ compiler ({cxx[0] if cxx else '$CXX'!r} not found): install one "
-                  "(e.g. g++) or set CXX")
-  include = Path(jax.ffi.include_dir())
-  if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
-    return None, f"jaxlib {jaxlib.__version__} has no XLA FFI headers in {include}"
-  key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, cxx)).encode()).hexdigest()[:16]
-  directory = cache_dir() if directory is None else directory
-  library = directory / f"libod_adam_step-jaxlib{jaxlib.__version__}-{key}.so"
-  if library.exists():
-    return library, f"cached in {directory}"
-  try:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-  except OSError as e:
-    return None, (f"cannot write the kernel to {directory} ({e}); set OPTAX_DECOUPLED_CACHE "
-                  "to a writable folder")
-  cmd = [*cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
-  try:
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    os.unlink(tmp)
-    return None, f"the C++ compiler failed to run: {e}"
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    return None, f"the C++ compiler exited with {proc.returncode}: {proc.stderr[-2000:]}"
-  os.replace(tmp, library)
-  return library, f"built in {directory}"
-
-
-@functools.cache
-def unavailable() -> str | None:
-  """None when the kernel is registered with XLA, otherwise why it is not.
-
-  The first call builds the kernel if no build for this jaxlib is cached (about 8 s on 2 cores;
-  :func:`build`)."""
-  library, why = build()
-  if library is None:
-    return f"the CPU kernel is not available: {why}"
-  try:
-    lib = ctypes.CDLL(str(library))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.OdAdamStep), platform="cpu")
-  except (OSError, AttributeError, ValueError, RuntimeError) as e:
-    return f"the CPU kernel could not be loaded from {library}: {e}"
-  return None
 
 
 def _adam_path(inner: Any) -> tuple[int, ...] | None:
@@ -256,7 +169,7 @@ def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, 
              else jnp.shape(value))
     if shape != ():
       return f"the kernel takes a scalar {name}, and this one has shape {shape}"
-  return unavailable()
+  return _kernel_build.unavailable()
 
 
 def _standins(tree: Any) -> Any:
@@ -340,7 +253,7 @@ def _call(scalars, leaves, segment_sizes, decay, shard=None, shard_size=0):
     outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.result_type(leaf[0]))]
     outs += [jax.ShapeDtypeStruct(jnp.shape(leaf[0]), jnp.float32)] * 2
     aliases.update({2 + 4 * k: 3 * k, 2 + 4 * k + 2: 3 * k + 1, 2 + 4 * k + 3: 3 * k + 2})
-  res = jax.ffi.ffi_call(_TARGET, outs, input_output_aliases=aliases,
+  res = jax.ffi.ffi_call(_kernel_build.TARGET, outs, input_output_aliases=aliases,
                          vmap_method="sequential")(
       *args, segment_sizes=np.asarray(segment_sizes, np.int64),
       decay=np.asarray(decay, np.int8), shard_size=np.int64(shard_size), whole=whole)

@@ -29,13 +29,9 @@ import optax
 
 from optax_decoupled import _hyperparams, _paths, _report, _rules
 
-__all__ = ["LayerDecay", "layer_decay", "scale_by_layer_decay"]
+__all__ = ["LayerDecay", "layer_decay"]
 
 Patterns = str | Sequence[str]
-
-
-def _is_leaf_or_masked(x: Any) -> bool:
-  return _paths.is_variable(x) or isinstance(x, optax.MaskedNode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +123,7 @@ class LayerDecay:
     Leaves that are ``optax.MaskedNode`` (inside ``optax.multi_transform``) get no decision
     but count for the check that every rule takes a leaf.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf_or_masked)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_rules.is_leaf_or_masked)
     every = [(_paths.path_to_str(p), x) for p, x in flat]
     if not every:
       return []
@@ -173,6 +169,27 @@ class LayerDecay:
                     else d.multipliers[0])
     treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
     return jax.tree_util.tree_unflatten(treedef, values)
+
+  def scale(self, updates: Any) -> Any:
+    """``updates`` with each leaf (each slice of a stacked leaf) times its multiplier; the
+    arithmetic of ``od.scale_by_layer_decay``. ``optax.MaskedNode`` leaves pass through."""
+    decided = iter(self.decisions(updates))
+
+    def scale(u: Any) -> Any:
+      if isinstance(u, optax.MaskedNode):
+        return u
+      d = next(decided)
+      if not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+        raise TypeError(f"scale_by_layer_decay: the update at {d.path!r} has dtype "
+                        f"{jnp.result_type(u)}; updates are floating point. Keep integer "
+                        "leaves out of the optimizer (optax.multi_transform with "
+                        "optax.set_to_zero).")
+      if d.stacked:
+        return u * jnp.asarray(self._array(d, jnp.ndim(u)), dtype=u.dtype)
+      mult = d.multipliers[0]
+      return u if mult == 1.0 else mult * u
+
+    return jax.tree_util.tree_map(scale, updates, is_leaf=_rules.is_leaf_or_masked)
 
   def _array(self, d: LayerDecision, ndim: int) -> np.ndarray:
     shape = [1] * ndim
@@ -325,7 +342,7 @@ def layer_decay(
   who = "layer_decay"
   _hyperparams.check_number(decay, "decay", who, positive=True,
                             hint="Layer-wise decay multiplies by decay ** (L + 1 - layer).")
-  if isinstance(decay, jax.core.Tracer):
+  if _hyperparams.is_traced(decay):
     raise TypeError(f"{who}: decay must be a concrete number (the multipliers are computed "
                     "when the rules are built), got a traced value.")
   decay = float(decay)
@@ -357,74 +374,3 @@ def layer_decay(
     raise ValueError(f"{who}: no rule gives a block its layer: pass layers= (named blocks, "
                      r"e.g. r'blocks/(\d+)/.*') or stacked= (a scanned stack).")
   return LayerDecay(decay, n, tuple(rules), axis, bool(allow_unmatched))
-
-
-def scale_by_layer_decay(rules: LayerDecay) -> optax.GradientTransformation:
-  r"""Multiplies each update by its layer's learning-rate multiplier.
-
-  .. math:: u \leftarrow s_{l(\text{path})}\, u, \qquad s_l = \gamma^{\,L + 1 - l}
-
-  per leaf, and per slice of a stacked leaf (``u * s`` with ``s`` of shape
-  ``(L, 1, ..., 1)``). The rules are resolved against the updates' paths at ``init`` and at
-  trace time (errors as :func:`layer_decay` lists them). A multiplier of exactly 1 leaves a
-  named leaf's update untouched.
-
-  Decay convention: placed after a decaying alias, e.g.
-  ``optax.chain(od.adamw(lr, weight_decay=wd, mask=...), od.scale_by_layer_decay(rules))``,
-  it multiplies the whole step, decay term included:
-  :math:`\theta \leftarrow \theta - s_l\eta_t(\hat m/(\sqrt{\hat v}+\epsilon) + \lambda\theta)`.
-  That is torch's ``AdamW`` with timm's parameter groups, whose ``lr`` is ``lr * lr_scale``
-  (lr-coupled: the per-step shrink is :math:`s_l\eta_t\lambda`). To decay every layer
-  alike, put it before the decay, e.g. ``optax.chain(od.scale_by_adam(),
-  od.scale_by_layer_decay(rules), optax.scale_by_learning_rate(lr),
-  od.add_decoupled_decay(...))``.
-
-  Args:
-    rules: a :class:`LayerDecay` from :func:`layer_decay`.
-
-  Returns:
-    An ``optax.GradientTransformation`` with state ``optax.EmptyState()``.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, optax_decoupled as od
-    >>> ld = od.layer_decay(0.5, 2, embeddings="embed", stacked="blocks", head="head")
-    >>> tx = optax.chain(optax.sgd(1.0), od.scale_by_layer_decay(ld))
-    >>> g = {"embed": jnp.ones(2), "blocks": jnp.ones((2, 3)), "head": jnp.ones(2)}
-    >>> u, _ = tx.update(g, tx.init(g))
-    >>> u["embed"].tolist(), u["blocks"][:, 0].tolist(), u["head"].tolist()
-    ([-0.125, -0.125], [-0.25, -0.5], [-1.0, -1.0])
-
-  References:
-    timm ``timm/optim/_param_groups.py`` (``param_groups_layer_decay``: ``lr_scale``) and
-    ``timm/scheduler/scheduler.py`` (a group's lr is the scheduled value times ``lr_scale``);
-    torch ``torch.optim.AdamW``.
-  """
-  if not isinstance(rules, LayerDecay):
-    raise TypeError(f"scale_by_layer_decay takes the rules of od.layer_decay(...), got "
-                    f"{rules!r}.")
-
-  def init_fn(params: Any) -> optax.EmptyState:
-    rules.decisions(params)
-    return optax.EmptyState()
-
-  def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-    del params
-    decided = iter(rules.decisions(updates))
-
-    def scale(u: Any) -> Any:
-      if isinstance(u, optax.MaskedNode):
-        return u
-      d = next(decided)
-      if not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
-        raise TypeError(f"scale_by_layer_decay: the update at {d.path!r} has dtype "
-                        f"{jnp.result_type(u)}; updates are floating point. Keep integer "
-                        "leaves out of the optimizer (optax.multi_transform with "
-                        "optax.set_to_zero).")
-      if d.stacked:
-        return u * jnp.asarray(rules._array(d, jnp.ndim(u)), dtype=u.dtype)
-      mult = d.multipliers[0]
-      return u if mult == 1.0 else mult * u
-
-    return jax.tree_util.tree_map(scale, updates, is_leaf=_is_leaf_or_masked), state
-
-  return optax.GradientTransformation(init_fn, update_fn)

@@ -31,7 +31,7 @@ def _to_bool(x: Any, path: str) -> bool:
   x = _paths.leaf_value(x)  # nnx: a mask function of a State of Variables returns Variables.
   if isinstance(x, (bool, np.bool_)):
     return bool(x)
-  if isinstance(x, jax.core.Tracer):
+  if _hyperparams.is_traced(x):
     raise TypeError(
         f"The mask leaf at {path!r} is a traced value. Masks are resolved at trace "
         "time: give Python bools, a predicate (od.exclude_names, ...) or a function "
@@ -55,7 +55,7 @@ def _is_number(x: Any) -> bool:
 
 def _is_bool(x: Any) -> bool:
   x = _paths.leaf_value(x)
-  return isinstance(x, (bool, np.bool_, jax.core.Tracer)) or (
+  return isinstance(x, (bool, np.bool_)) or _hyperparams.is_traced(x) or (
       np.ndim(x) == 0 and np.asarray(x).dtype == np.bool_)
 
 

@@ -89,7 +89,7 @@ GROUPED_HINT = ("This runs inside optax.masked or optax.multi_transform and sees
                 "group: pass allow_unmatched=True, or give the rules to the outer transform.")
 
 
-def _is_leaf_or_masked(x: Any) -> bool:
+def is_leaf_or_masked(x: Any) -> bool:
   return _paths.is_variable(x) or isinstance(x, optax.MaskedNode)
 
 
@@ -126,7 +126,7 @@ def read(tree: Any, owner: Any, argument: str = "mask") -> Tree:
   their paths are read; nnx Variables are leaves.
   """
   _check_not_a_count(tree, owner, argument)
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf_or_masked)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf_or_masked)
   every = [(_paths.path_to_str(p), x) for p, x in flat]
   return Tree(tuple(p for p, _ in every),
               tuple((p, x) for p, x in every if not isinstance(x, optax.MaskedNode)))

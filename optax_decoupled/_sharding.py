@@ -25,7 +25,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optax_decoupled import _flat
+from optax_decoupled import _flat, _hyperparams
 
 __all__ = ["per_shard", "shard_state_like"]
 
@@ -63,7 +63,7 @@ def shard_state_like(state: Any, params: Any) -> Any:
     leaves, sdef = jax.tree.flatten(subtree)
     # Concrete arrays already carry their sharding (jnp.zeros_like copies it); only traced
     # ones need the tie, and shard_alike on concrete arrays would consume its inputs.
-    return sdef.unflatten([_shard_alike(p, s)[1] if isinstance(s, jax.core.Tracer) else s  # type: ignore[attr-defined]
+    return sdef.unflatten([_shard_alike(p, s)[1] if _hyperparams.is_traced(s) else s  # type: ignore[attr-defined]
                            for p, s in zip(p_leaves, leaves)])
 
   return jax.tree.map(tie, state, is_leaf=params_like)

@@ -12,8 +12,6 @@ algorithm it is.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_decoupled import _decay, _hyperparams, _multipliers, _paths, _rules
+from optax_decoupled import _decay, _hyperparams, _paths
 from optax_decoupled._hyperparams import ArrayLike, DType, ScalarOrSchedule
 from optax_decoupled._masks import MaskLike
 
@@ -31,7 +29,6 @@ __all__ = [
   "adam_scaling",
   "check_adam",
   "scale_by_adam",
-  "scale_by_lr_multipliers",
 ]
 
 
@@ -291,70 +288,5 @@ def _adam_variant(
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
     return updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def scale_by_lr_multipliers(
-    rules: Sequence[tuple[str, float]], *, default: float = 1.0, allow_unmatched: bool = False
-) -> optax.GradientTransformation:
-  r"""Per-group learning-rate multipliers from regex rules, first full match wins.
-
-  .. math:: u \leftarrow \text{mult}(path)\cdot u
-
-  ``mult`` is the multiplier of the first rule whose regular expression fully matches the
-  leaf's path (``re.fullmatch``, the matching and unmatched-rule check of
-  :func:`decay_multipliers`), else ``default``; resolved at trace time. A multiplier of
-  exactly 1 leaves the update untouched (bitwise), 0 zeroes it (freezes the group).
-
-  Place it anywhere after the learning-rate scaling, e.g.
-  ``optax.chain(od.adamw(...), od.scale_by_lr_multipliers(...))``: it is linear, so it
-  multiplies the step of the group as a per-group learning rate would. After an alias
-  that decays, it multiplies the decay term too, as torch's per-group ``lr`` does with
-  lr-coupled AdamW. It is not a decay: to weight λ per group use
-  :func:`decay_multipliers`. Layer-wise learning-rate decay for fine-tuning is one rule
-  per layer with multiplier :math:`\gamma^{L-l}`.
-
-  Decay convention: none of its own; placed after a decaying alias it scales the decay term
-  with the rest of the update, as torch's per-group learning rates do.
-
-  Args:
-    rules: ``[(regex, multiplier), ...]``; multipliers finite and >= 0.
-    default: the multiplier of leaves no rule matches (1 = unchanged).
-    allow_unmatched: allow rules that fully match no path, or only paths an earlier
-      rule decides (else ``ValueError`` at ``init`` and at trace time).
-
-  Returns:
-    An ``optax.GradientTransformation`` with state ``optax.EmptyState()``.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, optax_decoupled as od
-    >>> tx = optax.chain(optax.sgd(1.0), od.scale_by_lr_multipliers([("head/.*", 0.1)]))
-    >>> params = {"head": {"kernel": jnp.ones(2)}, "body": {"kernel": jnp.ones(2)}}
-    >>> updates, _ = tx.update(params, tx.init(params))
-    >>> updates["head"]["kernel"].tolist(), updates["body"]["kernel"].tolist()
-    ([-0.10000000149011612, -0.10000000149011612], [-1.0, -1.0])
-
-  References:
-    google-research/big_vision, big_vision/optax.py (``config.lr_mults``: first match
-    wins, applied after the optimizer and ``optax.scale(config.lr)``); layer-wise lr decay:
-    Clark et al., ELECTRA, https://arxiv.org/abs/2003.10555; Bao et al., BEiT,
-    https://arxiv.org/abs/2106.08254.
-  """
-  mults = _multipliers.parse(_multipliers.LrMultipliers, rules, default, allow_unmatched)
-
-  def scaled(u: Any, mult: float) -> Any:
-    if mult == 1.0:
-      return u
-    return jnp.zeros_like(u) if mult == 0.0 else mult * u
-
-  def init_fn(params):
-    mults.decisions(params)  # a rule that matches nothing fails at init, not mid-run.
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    decided = mults.decisions(updates)
-    return _rules.unflatten_like(updates, [scaled(d.leaf, d.multiplier) for d in decided]), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -31,7 +31,7 @@ import optax
 import pytest
 
 import optax_decoupled as od
-from optax_decoupled import _kernel
+from optax_decoupled import _kernel, _kernel_build
 from tests.fixtures import assert_kernel_close, plain_step
 
 CXX = os.environ.get("CXX", "c++").split()[0]
@@ -40,7 +40,7 @@ OPTED_OUT = bool(os.environ.get("OPTAX_DECOUPLED_NO_KERNEL"))
 # that need it are skipped there, never on a machine with a compiler (where a missing kernel
 # fails the first test below).
 needs_kernel = pytest.mark.skipif(
-    _kernel.unavailable() is not None and (OPTED_OUT or shutil.which(CXX) is None),
+    _kernel_build.unavailable() is not None and (OPTED_OUT or shutil.which(CXX) is None),
     reason="no kernel here (no C++ compiler, or OPTAX_DECOUPLED_NO_KERNEL): fallback only")
 
 
@@ -73,14 +73,14 @@ def test_kernel_is_built_on_first_use_when_a_compiler_is_present():
   # The first kernel step compiles csrc/adam_step.cc against the installed jaxlib; the only
   # accepted reasons for its absence are the opt-out and a machine without a C++ compiler.
   if OPTED_OUT:
-    assert "OPTAX_DECOUPLED_NO_KERNEL" in _kernel.unavailable()
+    assert "OPTAX_DECOUPLED_NO_KERNEL" in _kernel_build.unavailable()
   elif shutil.which(CXX):
-    assert _kernel.unavailable() is None, _kernel.unavailable()
-    library, how = _kernel.build()
+    assert _kernel_build.unavailable() is None, _kernel_build.unavailable()
+    library, how = _kernel_build.build()
     assert library is not None and library.exists() and "cached" in how
     assert f"jaxlib{jaxlib.__version__}-" in library.name  # one build per jaxlib
   else:
-    assert "no C++ compiler" in _kernel.unavailable()
+    assert "no C++ compiler" in _kernel_build.unavailable()
 
 
 @pytest.mark.slow  # over a second: the quick suite leaves it out
@@ -234,7 +234,7 @@ def test_bfloat16_gradients_need_od_scale_by_adams_float32_moments():
 
 def test_without_the_kernel_fused_step_is_the_plain_step(monkeypatch):
   why = "the CPU kernel is not available: no C++ compiler (test)"
-  monkeypatch.setattr(_kernel, "unavailable", lambda: why)
+  monkeypatch.setattr(_kernel_build, "unavailable", lambda: why)
   tx = od.adamw(1e-2, weight_decay=1e-1, mask=od.min_ndim(2))
   params = _tree(2)
   step = od.fused_step(tx)
@@ -296,17 +296,17 @@ def test_build_compiles_a_loadable_kernel_into_the_cache_or_says_why_not(tmp_pat
                                                                          monkeypatch):
   monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL", raising=False)
   monkeypatch.setenv("CXX", "no-such-compiler-od")
-  library, message = _kernel.build(tmp_path)
+  library, message = _kernel_build.build(tmp_path)
   assert library is None and "no C++ compiler" in message and "set CXX" in message
   monkeypatch.setenv("CXX", CXX)
   monkeypatch.setenv("OPTAX_DECOUPLED_NO_KERNEL", "1")
-  assert _kernel.build(tmp_path) == (None, "OPTAX_DECOUPLED_NO_KERNEL is set")
+  assert _kernel_build.build(tmp_path) == (None, "OPTAX_DECOUPLED_NO_KERNEL is set")
   monkeypatch.delenv("OPTAX_DECOUPLED_NO_KERNEL")
-  library, message = _kernel.build(tmp_path)
+  library, message = _kernel_build.build(tmp_path)
   if shutil.which(CXX):
     assert library is not None and library.parent == tmp_path, message
     assert ctypes.CDLL(str(library)).OdAdamStep
-    assert _kernel.build(tmp_path) == (library, f"cached in {tmp_path}")  # built once
+    assert _kernel_build.build(tmp_path) == (library, f"cached in {tmp_path}")  # built once
     assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no temporary left
   else:
     assert library is None and "no C++ compiler" in message
