@@ -58,7 +58,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import optax_decoupled as od
 from benchmarks import _timing
-from optax_decoupled import _kernel as od_kernel
+from optax_decoupled import _kernel_build as od_kernel
 from benchmarks.bench_step import (B1, B2, BYTES_PER_PARAM, EPS, LR, WD, JaxStepper,
                                    StreamStepper, flat_params, grads_like, plain_step)
 
@@ -191,7 +191,7 @@ def build(n: int, torch_device: str | None, on_gpu: bool) -> tuple[dict, str]:
   c["od.fused_step(od.adamw)"] = JaxStepper(fused, params, grads, adamw.init(params))
   cpu_path = fused.explain(params, grads, adamw.init(params))
   # Whether the compiled program calls the C++ kernel (it does on a CPU when it is built).
-  kernel = od_kernel._TARGET in c["od.fused_step(od.adamw)"].fn.as_text()
+  kernel = od_kernel.TARGET in c["od.fused_step(od.adamw)"].fn.as_text()
   if on_gpu:
     path = ("the plain XLA step (lax.platform_dependent's default branch on this device); "
             f"calls the CPU kernel: {'yes (unexpected)' if kernel else 'no'}; on a CPU it "
