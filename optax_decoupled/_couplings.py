@@ -116,6 +116,12 @@ def build(weight_decay: Any, coupling: str, learning_rate: Any, peak_learning_ra
           "(e.g. 1e-3 for optax.warmup_cosine_decay_schedule(0.0, 1e-3, ...)); the shrink "
           "is then η_t/α·λ. A schedule's peak is not inferred."
       )
+    if _hyperparams.constant(learning_rate) == 0:
+      raise ValueError(
+          f"{who}: coupling={coupling!r} takes a constant learning_rate as its own peak, and "
+          "learning_rate=0 gives the shrink η_t/η_peak·λ = 0/0. Pass peak_learning_rate=... "
+          "(> 0), or use coupling='lr' or 'none'."
+      )
     peak_learning_rate = learning_rate
   return CoupledWeightDecay(weight_decay, coupling, learning_rate, peak_learning_rate)
 
@@ -140,7 +146,8 @@ def coupled_weight_decay(
   ``peak_learning_rate`` always wins; a constant ``learning_rate`` is its own
   peak (so :math:`s_t = 1`); a learning-rate *schedule* without
   ``peak_learning_rate`` is an error, because a schedule's maximum cannot be
-  read off it (a warmup schedule is 0 at step 0). ``peak_learning_rate`` is
+  read off it (a warmup schedule is 0 at step 0), and so is a constant
+  ``learning_rate=0`` without one (0/0). ``peak_learning_rate`` is
   ignored for ``"lr"`` and ``"none"``, so a sweep can switch coupling without
   changing its call.
 
@@ -346,6 +353,7 @@ def timescale_from_weight_decay(
   who = "timescale_from_weight_decay"
   check_coupling(coupling, who)
   _hyperparams.check_number(weight_decay, "weight_decay", who, positive=True)
+  _hyperparams.check_number(learning_rate, "learning_rate", who, positive=True)
   shrink = convert_weight_decay(weight_decay, from_coupling=coupling, to_coupling="none",
                                 learning_rate=learning_rate)
   tau = 1.0 / shrink

@@ -83,6 +83,12 @@ BAD = [
     # Learning-rate values.
     Row("lr-nan", lambda: od.adamw(float("nan")), ValueError, "learning_rate must be finite"),
     Row("lr-negative", lambda: od.adamw(-1e-3), ValueError, "negate the loss"),
+    # A constant learning rate is its own peak for 'schedule'/'corrected': 0 would be 0/0.
+    Row("lr-zero-adamw-schedule-coupling",
+        lambda: od.adamw(0.0, weight_decay=1e-3, coupling="schedule"), ValueError,
+        "Pass peak_learning_rate=..."),
+    Row("lr-zero-sgdw", lambda: od.sgdw(0, weight_decay=1e-3), ValueError,
+        "Pass peak_learning_rate=..."),
     # Masks where a schedule/number is expected, and the reverse.
     Row("predicate-as-wd", lambda: od.adamw(1e-3, weight_decay=od.exclude_names("bias")),
         TypeError, "pass it as mask="),

@@ -134,6 +134,11 @@ def test_timescale_helpers():
     od.weight_decay_from_timescale(tau, eta, tau_epochs=5, iterations_per_epoch=10)
   with pytest.raises(ValueError, match="iterations_per_epoch"):
     od.weight_decay_from_timescale(learning_rate=eta, tau_epochs=5)
+  # a missing or zero learning rate is named by the function that was called.
+  for bad in (None, 0.0):
+    with pytest.raises((TypeError, ValueError),
+                       match="^timescale_from_weight_decay: learning_rate"):
+      od.timescale_from_weight_decay(lam, bad)
 
 
 @pytest.mark.parametrize("t0, t_mult", [(10, 1), (10, 2), (7, 3)])
