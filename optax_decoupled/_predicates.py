@@ -138,8 +138,25 @@ def _normalize_rules(patterns: Sequence[Rule], factory: str) -> tuple[tuple[str,
           f"{factory}() takes regular expressions (str), or tuples of str "
           f"that are alternative spellings of one rule; got {p!r}."
       )
+    for a in alternatives:
+      if _matches_every_path(a):
+        raise ValueError(
+            f"{factory}(): the pattern {a!r} matches every path (re.search finds it in "
+            "any string, as it matches the empty string), so it would decide every leaf "
+            "alike. Name what it should match, e.g. 'bias'; to decay every leaf pass "
+            "mask=None."
+        )
     rules.append(alternatives)
   return tuple(rules)
+
+
+def _matches_every_path(pattern: str) -> bool:
+  """``re.search(pattern, path)`` succeeds for any path: '' , 'x*', 'bias|', '(?i)'.
+
+  Such a pattern matches the empty string at the start of any text; '^$' (a root leaf's
+  empty path only) does not.
+  """
+  return re.match(pattern, "") is not None and re.match(pattern, "\x00") is not None
 
 
 def _rule_str(alternatives: tuple[str, ...]) -> str:

@@ -130,6 +130,13 @@ BAD = [
     Row("include-matches-nothing",
         lambda: od.adamw(1e-3, mask=od.include_names("kernel", "weight")),
         ValueError, "pattern 'weight'"),
+    # A name pattern that matches the empty string matches every path (re.search).
+    Row("pattern-every-empty", lambda: od.adamw(1e-3, mask=od.exclude_names("")), ValueError,
+        "matches every path"),
+    Row("pattern-every-alternative", lambda: od.adamw(1e-3, mask=od.include_names("kernel|")),
+        ValueError, "matches every path"),
+    Row("pattern-every-bert", lambda: od.bert_adamw(1e-3, exclude=("bias", ".*")), ValueError,
+        "matches every path"),
     Row("bert-on-model-without-bias",
         lambda: od.bert_adamw(1e-4), ValueError, "matches no parameter",
         params=lambda: {"LayerNorm": {"scale": jnp.ones(2)}, "w": jnp.ones((2, 2))}),
@@ -167,7 +174,7 @@ def test_errors_are_raised_before_any_step_runs():
   """Construction-time rows raise from the factory itself, not from init/update."""
   for row in BAD:
     if row.id.startswith(("wd-", "shrink-", "lr-", "predicate-as", "array-as", "bool-as",
-                          "mask-tree-as", "l2-", "adam-l2", "bert-negative")):
+                          "mask-tree-as", "l2-", "adam-l2", "bert-negative", "pattern-every")):
       with pytest.raises(row.error):
         row.make()
 
