@@ -144,15 +144,32 @@ def decay(
   def update_fn(updates, opt_state, params=None):
     if params is None:
       raise ValueError(f"{who} needs the parameters: call tx.update(updates, state, params).")
+    if not isinstance(opt_state, state):
+      raise TypeError(
+          f"{who}: the state is {type(opt_state).__name__}, not the {state.__name__} this "
+          "transform's init returns: it was made by another optimizer or another part of the "
+          "chain. Pass the state returned by tx.init(params) of this same tx."
+      )
     mults = multipliers(params, mask, who, cautious)
     c = _hyperparams.value_at(weight_decay, opt_state.decay_count)
     treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
     mults = treedef.unflatten(mults)
     refs = opt_state.reference if toward else treedef.unflatten([None] * treedef.num_leaves)
 
-    def leaf(u, p, mult, ref):
+    def leaf(keypath, u, p, mult, ref):
       if u is None or not mult or zero:
         return u
+      value = _paths.leaf_value(u)
+      if np.shape(value) != np.shape(_paths.leaf_value(p)):
+        # c·θ would broadcast into the update and change its shape (or fail deep in jax).
+        raise ValueError(
+            f"{who}: the update at {_paths.path_to_str(keypath)!r} has shape "
+            f"{np.shape(value)}, the parameter {np.shape(_paths.leaf_value(p))}. Pass the "
+            "parameters the updates are for: tx.update(updates, state, params)."
+        )
+      return _paths.with_value(u, term_of(value, p, mult, ref))
+
+    def term_of(u, p, mult, ref):
       u = jnp.asarray(u)  # a Python-float gradient (a Python-float parameter) is a weak array.
       p = jnp.asarray(_paths.leaf_value(p))
       # The wider of the update's and θ's dtype: a float32 update of a bfloat16 θ gets
@@ -167,10 +184,15 @@ def decay(
       out = u.astype(dtype) + term if sign > 0 else u.astype(dtype) - term
       return out.astype(u.dtype)
 
-    try:  # the updates keep their own containers (a FrozenDict stays one).
-      updates = jax.tree.map(leaf, updates, params, mults, refs, is_leaf=lambda x: x is None)
-    except ValueError as e:
+    # nnx Variables are leaves: updates that are a State of Variables stay one.
+    is_leaf = lambda x: x is None or _paths.is_variable(x)  # noqa: E731
+    try:
+      jax.tree_util.tree_structure(updates, is_leaf=is_leaf).flatten_up_to(params)
+    except (ValueError, TypeError) as e:
       raise ValueError(f"{who}: updates and params have different tree structures: {e}") from e
+    # The updates keep their own containers (a FrozenDict stays one).
+    updates = jax.tree_util.tree_map_with_path(leaf, updates, params, mults, refs,
+                                               is_leaf=is_leaf)
     count = optax.safe_increment(opt_state.decay_count)
     new_state = (state(decay_count=count) if not toward
                  else state(decay_count=count, reference=opt_state.reference))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 __all__ = ["is_variable", "leaf_dtype", "leaf_value", "leaves_with_paths", "map_with_path",
-           "path_to_str"]
+           "path_to_str", "with_value"]
 
 
 def is_variable(x: Any) -> bool:
@@ -33,6 +33,17 @@ def leaf_value(x: Any) -> Any:
   if is_variable(x):
     return x.get_value() if hasattr(x, "get_value") else x.value
   return x
+
+
+def with_value(x: Any, value: Any) -> Any:
+  """``value`` in the container of the leaf ``x``: a Variable like ``x`` for nnx Variables.
+
+  Updates computed from a State of Variables (``jax.grad`` with respect to the output of
+  ``nnx.split``) hold Variables; a transform keeps them Variables, as optax's do.
+  """
+  if is_variable(x):
+    return x.replace(value)
+  return value
 
 
 def leaf_dtype(x: Any) -> np.dtype:

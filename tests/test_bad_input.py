@@ -213,6 +213,39 @@ def test_schedules_are_accepted_as_weight_decay_and_learning_rate():
     p = optax.apply_updates(p, u)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: od.add_decoupled_decay(1e-2),
+    lambda: od.add_l2_to_grad(1e-2, mask=od.exclude_names("bias")),
+], ids=["add_decoupled_decay", "add_l2_to_grad"])
+def test_state_of_another_optimizer_is_named(make):
+  """A decay transform given another optimizer's state says so (not an AttributeError)."""
+  params = _params()
+  tx = make()
+  foreign = optax.adam(1e-3).init(params)
+  with pytest.raises(TypeError, match=r"the state is tuple, not the WeightDecayState.*tx\.init"):
+    tx.update(_grads(params), foreign, params)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: od.adamw(1e-2, weight_decay=0.1),
+    lambda: od.add_decoupled_decay(0.1),
+    lambda: od.with_decoupled_decay(optax.sgd(0.1), 0.01),
+], ids=["adamw", "add_decoupled_decay", "with_decoupled_decay"])
+@pytest.mark.parametrize("wrong", [(1,), (3, 2)], ids=["broadcasts", "incompatible"])
+def test_params_whose_shapes_are_not_the_updates_are_refused(make, wrong):
+  """λ·θ with a θ of another shape would broadcast into the update (changing its shape, or
+  silently for a (1,) θ) or fail deep in jax: the error names the leaf and both shapes."""
+  params = _params()
+  grads = _grads(params)
+  tx = make()
+  state = tx.init(params)
+  other = jax.tree.map(lambda x: x, params)
+  other["dense"]["bias"] = jnp.ones(wrong, jnp.float32)
+  with pytest.raises(ValueError, match=re.escape(f"'dense/bias' has shape (2,), the parameter "
+                                                 f"{wrong}")):
+    tx.update(grads, state, other)
+
+
 def _optax_adamw_step(params, grads, **kw):
   tx = optax.adamw(1e-2, weight_decay=0.1, **kw)
   return tx.update(grads, tx.init(params), params)[0]
