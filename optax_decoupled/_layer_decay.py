@@ -175,9 +175,13 @@ class LayerDecay:
     arithmetic of ``od.scale_by_layer_decay``. ``optax.MaskedNode`` leaves pass through."""
     decided = iter(self.decisions(updates))
 
-    def scale(u: Any) -> Any:
-      if isinstance(u, optax.MaskedNode):
-        return u
+    def scale(leaf: Any) -> Any:
+      if isinstance(leaf, optax.MaskedNode):
+        return leaf
+      # An nnx Variable stays one (updates that are a State of Variables).
+      return _paths.with_value(leaf, scaled(_paths.leaf_value(leaf)))
+
+    def scaled(u: Any) -> Any:
       d = next(decided)
       if not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
         raise TypeError(f"scale_by_layer_decay: the update at {d.path!r} has dtype "

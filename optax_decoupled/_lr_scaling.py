@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from optax_decoupled import _layer_decay, _multipliers, _rules
+from optax_decoupled import _layer_decay, _multipliers, _paths, _rules
 
 __all__ = ["scale_by_layer_decay", "scale_by_lr_multipliers"]
 
@@ -69,7 +69,8 @@ def scale_by_lr_multipliers(
   def scaled(u: Any, mult: float) -> Any:
     if mult == 1.0:
       return u
-    return jnp.zeros_like(u) if mult == 0.0 else mult * u
+    value = _paths.leaf_value(u)  # an nnx Variable stays one (updates that are a State).
+    return _paths.with_value(u, jnp.zeros_like(value) if mult == 0.0 else mult * value)
 
   def init_fn(params):
     mults.decisions(params)  # a rule that matches nothing fails at init, not mid-run.

@@ -341,3 +341,49 @@ def test_complex_parameters_adam_algebra():
     u2, s2 = ref.update({"z": jnp.asarray(g)}, s2, p2)
     p2 = optax.apply_updates(p2, u2)
   np.testing.assert_array_equal(params["z"], p2["z"])
+
+
+def _nnx_state():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  _, state = nnx.split(model, nnx.Param)
+  grads = jax.tree.map(lambda x: jnp.sin(3 * x + 1), state)  # a State of Param too.
+  return nnx, state, grads
+
+
+@pytest.mark.parametrize("mask", [None, od.min_ndim(2)], ids=["all", "min_ndim"])
+def test_nnx_state_of_variables_as_updates_and_params_matches_optax(mask):
+  """``jax.grad`` with respect to the State of ``nnx.split`` gives a State of Variables; the
+  decay keeps them Variables, so optax.apply_updates works. Oracle: optax.adamw on the same
+  States (it maps over the Variables' values)."""
+  nnx, state, grads = _nnx_state()
+  for ours, ref in [(od.adamw(1e-2, weight_decay=0.1, mask=mask),
+                     optax.adamw(1e-2, weight_decay=0.1, mask=mask)),
+                    (od.sgdw(1e-2, momentum=None, weight_decay=1e-3, coupling="lr", mask=mask),
+                     optax.chain(optax.sgd(1e-2), optax.masked(optax.add_decayed_weights(
+                         -1e-5), mask if mask is not None else lambda p: jax.tree.map(
+                             lambda _: True, p))))]:
+    u, _ = ours.update(grads, ours.init(state), state)
+    expected, _ = ref.update(grads, ref.init(state), state)
+    assert jax.tree.structure(u) == jax.tree.structure(grads)
+    assert all(isinstance(x, nnx.Param) for x in jax.tree.leaves(
+        u, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), u,
+                 expected)
+    optax.apply_updates(state, u)  # the structures agree.
+
+
+def test_nnx_state_of_variables_through_lr_multipliers_and_layer_decay():
+  """The per-group scalings keep Variables Variables. Oracle: the same transform on the
+  plain arrays (``nnx.to_pure_dict``)."""
+  nnx, state, grads = _nnx_state()
+  pure = nnx.to_pure_dict(grads)
+  for tx in (od.scale_by_lr_multipliers([("kernel", 0.5), ("bias", 0.0)]),
+             od.scale_by_layer_decay(od.layer_decay(0.5, 2, embeddings="kernel",
+                                                    stacked="bias"))):
+    u, _ = tx.update(grads, tx.init(state), state)
+    expected, _ = tx.update(pure, tx.init(pure))
+    assert jax.tree.structure(u) == jax.tree.structure(grads)
+    np.testing.assert_array_equal(u["kernel"].get_value(), expected["kernel"])
+    np.testing.assert_array_equal(u["bias"].get_value(), expected["bias"])
+    optax.apply_updates(state, u)
