@@ -158,6 +158,17 @@ def stochastic_rounding(
     Gupta et al., Deep Learning with Limited Numerical Precision, ICML 2015
     (stochastic rounding); Zamirai et al., Revisiting BFloat16 Training, 2020.
   """
+  who = "stochastic_rounding"
+  if not isinstance(inner, optax.GradientTransformation):
+    hint = " (a factory? call it, e.g. od.adamw(1e-3))" if callable(inner) else ""
+    raise TypeError(f"{who}: inner must be an optax.GradientTransformation{hint}, got "
+                    f"{inner!r}.")
+  is_int = isinstance(seed, (int, np.integer)) or (
+      hasattr(seed, "dtype") and np.ndim(seed) == 0
+      and jnp.issubdtype(seed.dtype, jnp.integer))  # an int array (traced in a seed sweep).
+  if isinstance(seed, (bool, np.bool_)) or not is_int:
+    raise TypeError(f"{who}: seed must be an int (the rounding noise's key is made from it), "
+                    f"got {seed!r}.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -170,17 +181,21 @@ def stochastic_rounding(
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError("stochastic_rounding needs the parameters: tx.update(updates, state, params).")
+      raise ValueError(f"{who} needs the parameters: tx.update(updates, state, params).")
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     key, sub = jax.random.split(state.key)
     leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-    p_leaves = treedef.flatten_up_to(params)
+    try:
+      p_leaves = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{who}: updates and params have different tree structures: {e}") from e
     out = []
     for i, (u, p) in enumerate(zip(leaves, p_leaves)):
-      if u is None or not is_low_precision(p.dtype):
+      # Python-float parameters (float64 to numpy) are never low precision: passed through.
+      if u is None or not is_low_precision(_paths.leaf_dtype(p)):
         out.append(u)
         continue
-      p32 = p.astype(jnp.float32)
+      p32 = jnp.asarray(p).astype(jnp.float32)
       q = _round_stochastically(p32 + u.astype(jnp.float32), p.dtype, jax.random.fold_in(sub, i))
       out.append(q.astype(jnp.float32) - p32)
     return jax.tree.unflatten(treedef, out), StochasticRoundingState(inner_state, key)

@@ -7,6 +7,7 @@ decoupled decay θ ← θ(1 − ηλ) (Loshchilov & Hutter, Algorithm 2, line 12
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax
@@ -134,6 +135,39 @@ def test_stochastic_rounding_passes_float32_leaves_bit_for_bit():
   u1, _ = tx.update(grads, tx.init(params), params)
   u2, _ = inner.update(grads, inner.init(params), params)
   _assert_tree_equal(u1, u2)
+
+
+def test_stochastic_rounding_passes_python_float_leaves():
+  """Python-float parameters (float64 to numpy, never low precision) pass through, as in
+  the wrapped optimizer (the oracle)."""
+  params = {"a": 1.5, "b": jnp.ones(2, jnp.float32)}
+  grads = {"a": 0.25, "b": jnp.full(2, 0.5, jnp.float32)}
+  inner = optax.sgd(0.1)
+  tx = od.stochastic_rounding(inner)
+  u1, _ = tx.update(grads, tx.init(params), params)
+  u2, _ = inner.update(grads, inner.init(params), params)
+  _assert_tree_equal(u1, u2)
+
+
+@pytest.mark.parametrize("inner, seed, fragment", [
+    (optax.sgd, 0, "a factory? call it"),
+    (None, 0, "inner must be an optax.GradientTransformation"),
+    ("tx", 1.5, "seed must be an int"),
+    ("tx", jax.random.key(0), "seed must be an int"),
+    ("tx", True, "seed must be an int"),
+])
+def test_stochastic_rounding_refuses_bad_arguments_at_construction(inner, seed, fragment):
+  """Not at init, deep in jax (an AttributeError, or PRNGKey's message)."""
+  inner = optax.sgd(0.1) if inner == "tx" else inner
+  with pytest.raises(TypeError, match=re.escape(fragment)):
+    od.stochastic_rounding(inner, seed=seed)
+
+
+def test_stochastic_rounding_names_mismatched_trees():
+  tx = od.stochastic_rounding(optax.sgd(0.1))
+  params = {"w": jnp.ones(2, jnp.bfloat16)}
+  with pytest.raises(ValueError, match="stochastic_rounding: updates and params have different"):
+    tx.update({"v": jnp.ones(2, jnp.bfloat16)}, tx.init(params), {"v": jnp.ones(2)} | params)
 
 
 def _decay_only(dtype, rounding: str, steps: int, lr=1e-3, wd=1e-2):
