@@ -135,6 +135,12 @@ def decisions(params: chex.ArrayTree, mask: MaskLike, *, warn: bool = True) -> l
   Validates ``mask`` (unmatched name rules, structure, leaf types) and, with ``warn``,
   warns for boolean masks that decay nothing or every leaf including 1-D ones.
   """
+  if isinstance(params, _hyperparams.MaskSpec) or getattr(params, _hyperparams.MASK_FACTORY,
+                                                          False):
+    raise TypeError(
+        f"The parameters are {params!r}, a mask: the arguments are (params, mask), e.g. "
+        "od.resolve_mask(params, od.exclude_names('bias')) or od.describe_mask(params, mask)."
+    )
   if mask is None:
     return [Decision(True, "mask=None: every leaf", path=p, leaf=x)
             for p, x in _paths.leaves_with_paths(params)]

@@ -428,3 +428,29 @@ def test_step_count_guard_names_the_static_argument():
   tx = optax.inject_hyperparams(optax.adamw)(1e-3, mask=od.exclude_names("bias"))
   with pytest.raises(TypeError, match=r"static_args=\('mask',\)"):
     tx.init(tree)
+
+
+@pytest.mark.parametrize("fn", [od.resolve_mask, od.describe_mask], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mask", [od.min_ndim(2), od.exclude_names("bias"), od.min_ndim,
+                                  od.decay_multipliers([("a", 1.0)], default=0.0)],
+                         ids=["predicate", "names", "factory", "multipliers"])
+def test_swapped_params_and_mask_say_the_argument_order(fn, mask):
+  """fn(mask, params) read the mask as a one-leaf parameter tree and the params as its mask
+  ("the mask leaf at '' is {...}"); the error now names the order."""
+  params = {"a": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+  with pytest.raises(TypeError, match=r"the arguments are \(params, mask\)"):
+    fn(mask, params)
+
+
+@pytest.mark.parametrize("pattern", ["", "bias|", ".*", "(?i)", ("LayerNorm", "")])
+@pytest.mark.parametrize("factory", [od.exclude_names, od.include_names],
+                         ids=lambda f: f.__name__)
+def test_a_pattern_that_matches_every_path_is_refused(factory, pattern):
+  """re.search of a pattern that matches the empty string succeeds on every path, so the
+  rule would decide every leaf alike (exclude_names('') silently decayed nothing)."""
+  with pytest.raises(ValueError, match="matches every path"):
+    factory(pattern)
+  # The anchored empty path (a bare-array parameter tree) is a real pattern.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # a one-leaf mask decays all or nothing.
+    assert factory("^$")(jnp.ones(3)) is (factory is od.include_names)
