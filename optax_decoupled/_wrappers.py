@@ -34,9 +34,16 @@ def _check_inner(inner: Any, who: str) -> None:
     )
 
 
+#: Said when the constant per-step shrink given to a wrapper is >= 1.
+_SHRINK_HINT = ("Here weight_decay is the per-step shrink c_t itself (typically 1e-5 ... 1e-2; "
+                "for with_decay_toward it acts on θ − θ_ref). For λ in torch's units pass "
+                "od.coupled_weight_decay(λ, coupling='lr', learning_rate=η).")
+
+
 def _check(inner: Any, weight_decay: ScalarOrSchedule, who: str) -> None:
   _check_inner(inner, who)
   _hyperparams.check_weight_decay(weight_decay, who)
+  _hyperparams.check_shrink(weight_decay, who, _SHRINK_HINT)
 
 
 def with_decoupled_decay(

@@ -307,6 +307,11 @@ def test_multiplier_rule_errors(rules, default, error, match):
         ({"weight_decay": -0.1}, ValueError, ">= 0"),
         ({"weight_decay": "0.1"}, TypeError, "number or a schedule"),
         ({"cautious": 1}, TypeError, "cautious"),
+        # weight_decay is the per-step shrink c: θ(1 − c) flips every weight for c > 1.
+        ({"weight_decay": 2.0}, ValueError, "flip sign"),
+        ({"weight_decay": 1.0}, ValueError, "per-step shrink c_t itself"),
+        ({"weight_decay": od.coupled_weight_decay(20.0, coupling="lr", learning_rate=0.1)},
+         ValueError, ">= 1"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
@@ -314,6 +319,12 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
   inner, wd = args.pop("inner"), args.pop("weight_decay")
   with pytest.raises(error, match=match):
     od.with_decoupled_decay(inner, wd, **args)
+
+
+def test_decay_toward_refuses_a_shrink_that_overshoots_the_reference():
+  """c > 1 moves θ − θ_ref past zero every step (it grows in magnitude for c > 2)."""
+  with pytest.raises(ValueError, match="shrink is 1.5 >= 1"):
+    od.with_decay_toward(optax.sgd(0.1), 1.5)
 
 
 def test_update_without_params_is_an_error():
