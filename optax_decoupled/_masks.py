@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 import chex
 import jax
 import numpy as np
+import optax
 
 from optax_decoupled import _hyperparams, _multipliers, _paths, _predicates, _rules
 from optax_decoupled._rules import Decision
@@ -112,9 +113,11 @@ def _tree_decisions(params: Any, mask: Any) -> list[Decision]:
         "as od.exclude_names('bias'), or a pytree of bools); the decay strength goes "
         "to weight_decay=."
     )
-  params_def = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
+  # optax.MaskedNode leaves (inside optax.masked / multi_transform) are leaves here, so a
+  # mask tree with the full parameters' structure fits, as optax's own masks do; their
+  # entries are dropped below (they get no decision).
+  flat_params, params_def = jax.tree_util.tree_flatten(params, is_leaf=_rules.is_leaf_or_masked)
   try:
-    # flatten_up_to also accepts a FrozenDict mask for dict params.
     mask_leaves = params_def.flatten_up_to(mask)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     mask_def = jax.tree_util.tree_structure(mask, is_leaf=_paths.is_variable)
@@ -123,6 +126,8 @@ def _tree_decisions(params: Any, mask: Any) -> list[Decision]:
         f"  parameters: {params_def}\n  mask:       {mask_def}\n"
         "Build the mask from the parameters, e.g. mask=od.exclude_names('bias')."
     ) from e
+  mask_leaves = [m for x, m in zip(flat_params, mask_leaves)
+                 if not isinstance(x, optax.MaskedNode)]
   return [
       Decision(_to_bool(m, p), "mask tree", path=p, leaf=x)
       for (p, x), m in zip(leaves, mask_leaves)

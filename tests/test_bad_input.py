@@ -287,6 +287,28 @@ def test_inside_optax_masked_equals_optax():
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
 
 
+@pytest.mark.parametrize("as_fn", [False, True], ids=["tree", "function"])
+def test_full_structure_bool_mask_inside_optax_masked_equals_optax(as_fn):
+  """Inside optax.masked (or multi_transform) the inner transform sees MaskedNode leaves; a
+  bool mask tree with the full parameters' structure fits there for optax.adamw, whose
+  result is the oracle. Its entries at MaskedNode leaves are ignored."""
+  params = _params()
+  grads = _grads(params)
+  outer = {"dense": {"kernel": True, "bias": False}, "norm": {"scale": True}}
+  inner = {"dense": {"kernel": True, "bias": True}, "norm": {"scale": False}}
+  mask = (lambda p: inner) if as_fn else inner
+  ours = optax.masked(od.adamw(1e-2, weight_decay=0.1, mask=mask), outer)
+  ref = optax.masked(optax.adamw(1e-2, weight_decay=0.1, mask=mask), outer)
+  u1, _ = ours.update(grads, ours.init(params), params)
+  u2, _ = ref.update(grads, ref.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, u1, u2)
+  # A mask built from the masked tree (MaskedNode where the params have one) fits too.
+  ours = optax.masked(od.adamw(1e-2, weight_decay=0.1, mask=lambda p: jax.tree.map(
+      lambda x: x.ndim > 1, p)), outer)
+  u3, _ = ours.update(grads, ours.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, u3, u2)
+
+
 def test_masked_node_leaves_in_params():
   """A tree that already holds optax.MaskedNode (as under optax.masked) is handled."""
   params = {"w": jnp.ones((2, 2)), "frozen": optax.MaskedNode()}
