@@ -87,12 +87,16 @@ def multipliers(params: Any, mask: Any, who: str, cautious: bool = False) -> lis
 
 def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any:
   """θ_ref, stored for the decayed leaves only (None elsewhere)."""
-  treedef = jax.tree_util.tree_structure(params, is_leaf=_paths.is_variable)
+  # optax.MaskedNode leaves (inside optax.masked / multi_transform) are leaves here, so a
+  # reference with the full parameters' structure fits; they stay MaskedNodes in the state.
+  flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_rules.is_leaf_or_masked)
   source = params if reference is None else reference
   try:
     refs = treedef.flatten_up_to(source)  # type: ignore[attr-defined]
   except (ValueError, TypeError) as e:
     raise ValueError(f"{who}: reference and params have different tree structures: {e}") from e
+  masked = [isinstance(x, optax.MaskedNode) for x in flat]
+  refs = [r for r, m in zip(refs, masked) if not m]
   out: list[Any] = []
   for (path, p), r, mult in zip(_paths.leaves_with_paths(params), refs, mults):
     if not mult:
@@ -106,7 +110,9 @@ def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any
           "(broadcasting is not applied)."
       )
     out.append(jnp.array(r, dtype=_paths.leaf_dtype(p), copy=True))
-  return treedef.unflatten(out)  # type: ignore[attr-defined]
+  values = iter(out)
+  return treedef.unflatten([x if m else next(values)  # type: ignore[attr-defined]
+                            for x, m in zip(flat, masked)])
 
 
 def decay(

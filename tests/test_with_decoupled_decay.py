@@ -379,3 +379,22 @@ def test_bfloat16_weight_with_float32_update_is_decayed_in_float32():
   updates, _ = tx.update({"w": jnp.zeros(4, jnp.float32)}, tx.init(params), params)
   assert updates["w"].dtype == jnp.float32
   np.testing.assert_array_equal(updates["w"], np.full(4, -np.float32(1e-3), np.float32))
+
+
+def test_decay_toward_full_reference_inside_optax_masked():
+  """Inside optax.masked / multi_transform the inner transform sees optax.MaskedNode
+  leaves; a reference with the full parameters' structure fits, its entries there unused.
+  Oracle: L2-SP's u = −η·g − c·(θ − θ_ref) on the selected leaf (Li et al. 2018), and the
+  untouched update elsewhere (optax.masked)."""
+  params = {"w": jnp.full((2, 2), 3.0), "b": jnp.ones(2)}
+  reference = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+  grads = {"w": jnp.full((2, 2), 0.5), "b": jnp.full((2,), 0.25)}
+  inner = od.with_decay_toward(optax.sgd(0.1), 0.25, reference=reference)
+  for tx, expected_b in [
+      (optax.masked(inner, {"w": True, "b": False}), grads["b"]),  # passed through
+      (optax.multi_transform({"l2sp": inner, "sgd": optax.sgd(0.1)},
+                             {"w": "l2sp", "b": "sgd"}), -0.1 * grads["b"]),
+  ]:
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(u["w"], -0.1 * 0.5 - 0.25 * (3.0 - 1.0))
+    np.testing.assert_allclose(u["b"], expected_b)
