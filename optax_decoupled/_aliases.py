@@ -111,6 +111,7 @@ def adamw(
   _couplings.check_args(who, weight_decay=weight_decay, coupling=coupling,
                         learning_rate=learning_rate, peak_learning_rate=peak_learning_rate)
   _transforms.check_adam(who, b1, b2, eps, eps_root)
+  _transforms.check_moment_dtypes(who, mu_dtype, nu_dtype)
   _hyperparams.check_flag(nesterov, "nesterov", who)
   shrink = _couplings.build(weight_decay, coupling, learning_rate, peak_learning_rate, who)
   adam = _transforms.adam_scaling(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
@@ -182,6 +183,7 @@ def adam_l2(
   who = "adam_l2"
   _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
   _transforms.check_adam(who, b1, b2, eps, eps_root)
+  _transforms.check_moment_dtypes(who, mu_dtype, nu_dtype)
   _hyperparams.check_flag(nesterov, "nesterov", who)
   tx = optax.chain(
       _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
@@ -247,6 +249,7 @@ def sgd_l2(
   who = "sgd_l2"
   _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
   _alias_checks.check_momentum(who, momentum, nesterov)
+  _hyperparams.check_dtype(accumulator_dtype, "accumulator_dtype", who)
   tx = optax.chain(
       _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),
       _momentum(momentum, nesterov, accumulator_dtype),
@@ -324,6 +327,7 @@ def sgdw(
   _couplings.check_args(who, weight_decay=weight_decay, coupling=coupling,
                         learning_rate=learning_rate, peak_learning_rate=peak_learning_rate)
   _alias_checks.check_momentum(who, momentum, nesterov)
+  _hyperparams.check_dtype(accumulator_dtype, "accumulator_dtype", who)
   shrink = _couplings.build(weight_decay, coupling, learning_rate, peak_learning_rate, who)
   tx = optax.chain(
       optax.chain(

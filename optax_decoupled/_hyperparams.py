@@ -23,6 +23,7 @@ from typing import Any, TypeAlias
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -34,6 +35,7 @@ __all__ = [
     "Schedule",
     "ScalarOrSchedule",
     "check_decay_rate",
+    "check_dtype",
     "check_flag",
     "check_learning_rate",
     "check_number",
@@ -236,6 +238,34 @@ def check_decay_rate(x: Any, name: str, who: str) -> None:
   correction. Tracers pass unchecked.
   """
   check_number(x, name, who, below=1.0)
+
+
+def check_dtype(x: Any, name: str, who: str) -> None:
+  """None, or a floating/complex dtype (``jnp.float32``, ``"bfloat16"``, ``np.dtype``).
+
+  An optimizer's moments and buffers accumulate fractions: an integer dtype would truncate
+  them to 0. A number here is a positional argument in the wrong place.
+  """
+  if x is None:
+    return
+  if isinstance(x, (bool, np.bool_, int, float, complex, np.number)) or is_traced(x):
+    raise TypeError(
+        f"{who}: {name}={x!r} is a number, not a dtype: check the positional order of "
+        f"{who}'s arguments, or pass the hyperparameters after eps_root by keyword "
+        "(e.g. weight_decay=1e-4)."
+    )
+  try:
+    dtype = jnp.dtype(x)
+  except TypeError as e:
+    raise TypeError(f"{who}: {name}={x!r} is not a dtype ({e}). Pass e.g. jnp.float32, "
+                    "or None for the parameters' dtype.") from e
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(
+        f"{who}: {name}={dtype.name} is not a floating-point dtype: the optimizer's "
+        "running averages would be truncated to integers. Pass jnp.float32 (or bfloat16/"
+        "float16, or a complex dtype for complex parameters), or None for the parameters' "
+        "dtype."
+    )
 
 
 def check_flag(x: Any, name: str, who: str) -> None:

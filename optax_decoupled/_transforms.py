@@ -28,6 +28,7 @@ __all__ = [
   "add_l2_to_grad",
   "adam_scaling",
   "check_adam",
+  "check_moment_dtypes",
   "scale_by_adam",
 ]
 
@@ -181,6 +182,7 @@ def scale_by_adam(
   """
   who = "scale_by_adam"
   check_adam(who, b1, b2, eps, eps_root)
+  check_moment_dtypes(who, mu_dtype, nu_dtype)
   for name, flag in (("nesterov", nesterov), ("bias_correction", bias_correction),
                      ("eps_hat", eps_hat)):
     _hyperparams.check_flag(flag, name, who)
@@ -202,6 +204,12 @@ def check_adam(who: str, b1: Any, b2: Any, eps: Any, eps_root: Any) -> None:
   _hyperparams.check_decay_rate(b2, "b2", who)
   _hyperparams.check_number(eps, "eps", who)
   _hyperparams.check_number(eps_root, "eps_root", who)
+
+
+def check_moment_dtypes(who: str, mu_dtype: Any, nu_dtype: Any) -> None:
+  """``mu_dtype`` and ``nu_dtype``: None or a floating/complex dtype."""
+  _hyperparams.check_dtype(mu_dtype, "mu_dtype", who)
+  _hyperparams.check_dtype(nu_dtype, "nu_dtype", who)
 
 
 def adam_scaling(

@@ -118,6 +118,20 @@ BAD = [
         "pass it as mask="),
     Row("number-as-mask", lambda: od.adamw(1e-3, mask=0.01), TypeError,
         "the decay strength goes to weight_decay="),
+    # Moment/buffer dtypes: a number in a dtype slot is a positional slip; an integer dtype
+    # would truncate the running averages (optax accepts both and fails late or silently).
+    Row("dtype-number-adamw", lambda: od.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-4), TypeError,
+        "mu_dtype=0.0001 is a number, not a dtype"),
+    Row("dtype-int-adamw", lambda: od.adamw(1e-3, mu_dtype=jnp.int32), ValueError,
+        "mu_dtype=int32 is not a floating-point dtype"),
+    Row("dtype-int-nu", lambda: od.scale_by_adam(nu_dtype="int8"), ValueError,
+        "nu_dtype=int8 is not a floating-point dtype"),
+    Row("dtype-unknown-adam-l2", lambda: od.adam_l2(1e-3, mu_dtype="foo"), TypeError,
+        "mu_dtype='foo' is not a dtype"),
+    Row("dtype-int-sgdw", lambda: od.sgdw(0.1, 0.9, False, jnp.int32, weight_decay=1e-4),
+        ValueError, "accumulator_dtype=int32"),
+    Row("dtype-number-sgd-l2", lambda: od.sgd_l2(0.1, 0.9, False, 5e-4), TypeError,
+        "accumulator_dtype=0.0005 is a number"),
     # Mask structure and names.
     Row("mask-structure", lambda: od.adamw(1e-3, mask={"dense": {"kernel": True}}), ValueError,
         "Build the mask from the parameters"),
@@ -174,7 +188,8 @@ def test_errors_are_raised_before_any_step_runs():
   """Construction-time rows raise from the factory itself, not from init/update."""
   for row in BAD:
     if row.id.startswith(("wd-", "shrink-", "lr-", "predicate-as", "array-as", "bool-as",
-                          "mask-tree-as", "l2-", "adam-l2", "bert-negative", "pattern-every")):
+                          "mask-tree-as", "l2-", "adam-l2", "bert-negative", "pattern-every",
+                          "dtype-")):
       with pytest.raises(row.error):
         row.make()
 
