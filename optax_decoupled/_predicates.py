@@ -226,7 +226,8 @@ def exclude_names(*patterns: Rule, allow_unmatched: bool = False) -> Predicate:
     >>> od.exclude_names("bias")(params)
     {'dense': {'bias': False, 'kernel': True}}
   """
-  return _NameRules(_normalize_rules(patterns, "exclude_names"), allow_unmatched)
+  _hyperparams.check_flag(allow_unmatched, "allow_unmatched", "exclude_names")
+  return _NameRules(_normalize_rules(patterns, "exclude_names"), bool(allow_unmatched))
 
 
 setattr(exclude_names, _hyperparams.MASK_FACTORY, True)
@@ -243,7 +244,9 @@ def include_names(*patterns: Rule, allow_unmatched: bool = False) -> Predicate:
     >>> od.include_names("kernel$")(params)
     {'dense': {'bias': False, 'kernel': True}}
   """
-  return _NameRules(_normalize_rules(patterns, "include_names"), allow_unmatched, include=True)
+  _hyperparams.check_flag(allow_unmatched, "allow_unmatched", "include_names")
+  return _NameRules(_normalize_rules(patterns, "include_names"), bool(allow_unmatched),
+                    include=True)
 
 
 setattr(include_names, _hyperparams.MASK_FACTORY, True)

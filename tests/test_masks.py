@@ -454,3 +454,13 @@ def test_a_pattern_that_matches_every_path_is_refused(factory, pattern):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # a one-leaf mask decays all or nothing.
     assert factory("^$")(jnp.ones(3)) is (factory is od.include_names)
+
+
+@pytest.mark.parametrize("value", ["False", 1, None])
+@pytest.mark.parametrize("factory", [od.exclude_names, od.include_names],
+                         ids=lambda f: f.__name__)
+def test_allow_unmatched_is_a_bool(factory, value):
+  """A truthy non-bool (the string "False") silently turned the unmatched-pattern check
+  off, and the repr then claimed allow_unmatched=True."""
+  with pytest.raises(TypeError, match="allow_unmatched must be True or False"):
+    factory("bias", allow_unmatched=value)
