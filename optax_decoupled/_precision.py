@@ -137,8 +137,9 @@ def stochastic_rounding(
   Args:
     inner: the optimizer, e.g. ``od.adamw(...)``; its update must be the last
       step before ``optax.apply_updates``.
-    seed: seed of the rounding noise (a threefry key in the state, so a
-      checkpointed run resumes with the same noise).
+    seed: an int (or an integer array, e.g. traced in a seed sweep), the seed
+      of the rounding noise (a threefry key in the state, so a checkpointed run
+      resumes with the same noise).
 
   Returns:
     A transformation with state :class:`StochasticRoundingState`.

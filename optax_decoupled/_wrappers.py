@@ -79,7 +79,8 @@ def with_decoupled_decay(
 
   Args:
     inner: a complete ``optax.GradientTransformation``.
-    weight_decay: c_t, the per-step shrink (number, array or schedule).
+    weight_decay: c_t, the per-step shrink (number, array or schedule); a
+      constant c_t >= 1 (every weight zeroed or flipped) is a ``ValueError``.
     mask: None (all leaves), a predicate, a bool tree, a function of the
       params, or :func:`decay_multipliers` rules.
     cautious: decay only where sign(update direction) = sign(θ).
@@ -127,7 +128,8 @@ def with_decay_toward(
 
   Args:
     inner: a complete ``optax.GradientTransformation``.
-    weight_decay: c_t (number, array or schedule).
+    weight_decay: c_t (number, array or schedule); a constant c_t >= 1 is a
+      ``ValueError``, as in :func:`with_decoupled_decay`.
     reference: None (θ at ``init``) or a pytree with the params' structure
       and shapes (arrays of any kind: jax, numpy, Python floats).
     mask: which leaves are pulled back (as in :func:`with_decoupled_decay`).
