@@ -239,7 +239,9 @@ def _with_plain_derivative(fast, plain, params, grads, state):
   fast_c, fast_consts = jax.closure_convert(fast, params, grads, state)
   if not fast_consts:  # nothing traced from outside: plain's derivative w.r.t. the arguments.
     simple = jax.custom_jvp(lambda p, g, s: fast_c(p, g, s))
-    simple.defjvp(lambda primals, tangents: (fast_c(*primals),
+    # The primal output is the custom_jvp function itself, so that a derivative of the
+    # derivative (a Hessian, jacfwd of grad) also goes through this rule, not the FFI call.
+    simple.defjvp(lambda primals, tangents: (simple(*primals),
                                              jax.jvp(plain, primals, tangents)[1]))
     return simple(params, grads, state)
   plain_c, plain_consts = jax.closure_convert(plain, params, grads, state)
@@ -253,7 +255,7 @@ def _with_plain_derivative(fast, plain, params, grads, state):
   def _(primals, tangents):
     p, g, s, f_consts, p_consts = primals
     tp, tg, ts, _, tc = tangents
-    out = fast_c(p, g, s, *f_consts)
+    out = run(p, g, s, f_consts, p_consts)  # higher derivatives: this rule again.
     _, t_out = jax.jvp(lambda p, g, s, c: plain_c(p, g, s, *c), (p, g, s, p_consts),
                        (tp, tg, ts, tc))
     return out, t_out
