@@ -200,8 +200,9 @@ def statistics_that_follow_theta(inits: Sequence[Any], afters: Sequence[Sequence
                                   ) -> tuple[dict[int, str], str | None]:
   """Leaves whose statistics depend on θ, with the state path that showed it.
 
-  A statistic is a state array that ``init`` fills the same at every probe point (it does not
-  hold θ); it depends on θ if it differs between points after a step. A dependent statistic
+  A statistic is a float state array that ``init`` fills the same at every probe point (it
+  does not hold θ); it depends on θ if it differs between points after a step. Integer and
+  boolean state (counts, flags) holds no decay term, and is not a statistic. A dependent statistic
   that belongs to no one leaf (by path and shape) is returned as the second value.
   """
   flat0 = [jax.tree_util.tree_flatten_with_path(s)[0] for s in inits]
@@ -210,7 +211,7 @@ def statistics_that_follow_theta(inits: Sequence[Any], afters: Sequence[Sequence
   unattributed = None
   for i, (spath, _) in enumerate(flat0[0]):
     first = init_arrays[0][i]
-    if first is None or any(not same_array(a[i], first) for a in init_arrays[1:]):
+    if first is None or not np.issubdtype(first.dtype, np.inexact) or any(not same_array(a[i], first) for a in init_arrays[1:]):
       continue  # holds θ (differs at init), or is not an array.
     for after in afters:
       leaves = [jax.tree.leaves(a) for a in after]
@@ -323,6 +324,17 @@ def classify(steps: Sequence[Pairs], grad_step: Pairs, held: Pairs, base: np.nda
     return ("gradient_dependent", None, residual,
             "with a gradient the decay is not the same: it is rescaled by the gradient (a trust "
             "ratio, cautious masking, a clip after the decay)" + at_zero)
+  # A θ-proportional term that a gradient adds or rescales (a decay applied only where g ≠ 0,
+  # or scaled by ‖g‖) leaves the w's rank one, all along θ: with a gradient u is again affine
+  # in θ, with a slope the zero-gradient fit did not see. (A gradient's step rescaled per
+  # point, as Adafactor's parameter scale does, is |s|·v: not affine in θ = s·b.)
+  g_fit = fit([t for t, _ in grad_step], ws)
+  g_floor = max(tol * g_fit.u_norm, noise)
+  if g_fit.residual * g_fit.u_norm <= g_floor and g_fit.slope_norm > g_floor:
+    at_zero = "" if shrink is None else f"; c = {shrink:.3g} at g = 0 only"
+    return ("gradient_dependent", None, residual,
+            f"with a gradient the shrink changes by {g_fit.c:.3g}: the decay is applied or "
+            f"rescaled by the gradient{at_zero}")
   if kind not in ("none",) and decay_norm and noise > 0.5 * decay_norm:
     detail = (detail + "; " if detail else "") + (
         "gradient dependence not checked: the decay is below the float noise of the step")
