@@ -367,6 +367,9 @@ def test_a_look_alike_with_other_arithmetic_takes_the_plain_step(adam_faithful, 
                                 jax.jit(plain_step(tx))(params, g, state))
   with pytest.raises(ValueError, match="kernel='require'.*does not compute"):
     jax.jit(od.fused_step(tx, kernel="require"))(params, params, state)
+  # explain says so, and does not raise.
+  why = od.fused_step(tx, kernel="require").explain(params, params, state)
+  assert why.startswith("error: ") and "does not compute" in why, why
 
 
 @needs_kernel
@@ -399,6 +402,26 @@ def test_a_closed_over_traced_hyperparameter_of_optax_adamw_cannot_be_verified()
     tx = optax.adamw(1e-2, weight_decay=wd)
     return plain_step(tx)(params, params, tx.init(params))
   chex.assert_trees_all_equal(got, jax.jit(plain)(0.1))
+
+
+@needs_kernel
+def test_a_clip_on_bfloat16_weights_is_verified_with_the_gradients_dtype():
+  # The clip is read from optax's closures, so the kernel is checked on probes first; the
+  # probes' gradients take the real gradients' dtype (float32 here), not the weights'.
+  tx = optax.chain(optax.clip_by_global_norm(0.5),
+                   od.adamw(1e-2, weight_decay=0.1, mu_dtype=jnp.float32, nu_dtype=jnp.float32))
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree())
+  grads = _grads(_tree(), 0)
+  state = tx.init(params)
+  why = od.fused_step(tx).explain(params, grads, state)
+  assert why.startswith("kernel"), why
+  got = jax.jit(od.fused_step(tx))(params, grads, state)
+  want = jax.jit(plain_step(tx))(params, grads, state)
+  chex.assert_trees_all_equal_dtypes(got, want)
+  for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0])):  # one bfloat16 rounding
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2**-7, atol=0)
+  assert_kernel_close(got[1], want[1], "moments")
 
 
 # --- the boundary ----------------------------------------------------------------------------
