@@ -139,7 +139,8 @@ class DecayAudit:
              r.detail) for r in self.rows]
     lines = _report.table(head, body)
     counts = {k: sum(r.kind == k for r in self.rows) for k in KINDS}
-    lines.append(", ".join(f"{k}: {n}" for k, n in counts.items() if n) + " leaves")
+    lines.append(", ".join(f"{k}: {n}" for k, n in counts.items() if n) + " leaves"
+                 if self.rows else "no leaves")
     lines.append(f"shrink vs learning rate: {self.relation}")
     return "\n".join(lines)
 
