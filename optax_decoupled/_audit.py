@@ -73,7 +73,8 @@ first step is read as averaging, not decay. ``optax.MultiSteps`` is probed at it
 boundary step, and its schedule relation is not told (its inner count runs k times slower);
 an optimizer that moves neither at a zero gradient nor with one within ``max_micro_steps``
 calls, or only after them, is ``cannot_tell``. A ``tx.update`` that returns updates of
-another structure or shape than the parameters is a ``ValueError``.
+another structure or shape than the parameters is a ``ValueError``; one that cannot be traced
+by ``jax.jit`` (Python control flow on values) is probed without it.
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ class DecayAudit:
                  if self.rows else "no leaves")
     lines.append(f"shrink vs learning rate: {self.relation}")
     return "\n".join(lines)
+
+
+_NOT_JITTABLE = tuple(getattr(jax.errors, name) for name in (
+    "ConcretizationTypeError", "TracerArrayConversionError", "TracerBoolConversionError",
+    "TracerIntegerConversionError", "NonConcreteBooleanIndexError")
+    if hasattr(jax.errors, name))
 
 
 def _check_updates(updates: Any, params: Any) -> None:
@@ -230,7 +237,11 @@ def audit_decay(
   update = jax.jit(tx.update)
   inits = [tx.init(p) for p in points]
   try:
-    first, _ = update(zeros, inits[0], points[0])
+    try:
+      first, _ = update(zeros, inits[0], points[0])
+    except _NOT_JITTABLE:  # Python control flow on values: probed without jit, slower.
+      update = tx.update
+      first, _ = update(zeros, inits[0], points[0])
   except (TypeError, ValueError) as e:
     raise ValueError(
         "audit_decay probes tx.update(grads, state, params) with zero gradients, and this "

@@ -362,6 +362,18 @@ def test_updates_that_do_not_fit_the_parameters_are_a_clear_error(updates, match
     od.audit_decay(tx, PARAMS)
 
 
+def test_an_update_that_cannot_be_jitted_is_probed_without_jit():
+  # Python control flow on a value (float() of a traced norm) fails under jit; the update is
+  # still u = −0.01·θ.
+  def update(g, s, p=None):
+    c = 0.01 if float(optax.tree.norm(p)) > 0 else 0.0
+    return jax.tree.map(lambda x: -c * x, p), s
+  tx = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+  report = od.audit_decay(tx, PARAMS, probe_steps=())
+  assert report.kinds() == _kinds("decoupled")
+  assert all(c == pytest.approx(0.01, rel=1e-5) for c in report.shrink().values())
+
+
 def test_an_update_that_raises_keeps_its_error_and_says_where():
   def update(g, s, p=None):
     raise RuntimeError("boom")
