@@ -27,8 +27,10 @@ and checks the fit. Every label below is a promise about what was measured:
   ratio, cautious decay, a clip after the decay term), or a θ-proportional term appears
   only with a gradient (none at g = 0). The zero-gradient shrink is in ``detail``, and does
   not hold in training;
-* **cannot_tell**: the update is not finite, or the optimizer did not move within the
-  probe's budget (``detail`` says which);
+* **cannot_tell**: the update is not finite, the optimizer did not move within the probe's
+  budget, or a one-element leaf's update with a gradient changes between the points (a
+  gradient step rescaled per point and a decay rescaled by the gradient look the same on one
+  element); ``detail`` says which;
 * **not a float**: integer and boolean leaves, which no optimizer decays.
 
 An L2 term that no preconditioner or momentum transforms (plain SGD) is decoupled decay with

@@ -335,6 +335,17 @@ def classify(steps: Sequence[Pairs], grad_step: Pairs, held: Pairs, base: np.nda
     return ("gradient_dependent", None, residual,
             f"with a gradient the shrink changes by {g_fit.c:.3g}: the decay is applied or "
             f"rescaled by the gradient{at_zero}")
+  # One element: any w's are "multiples of one vector", so the rank test above is blind. A w
+  # that changes between points is a gradient step rescaled per point (Adafactor's parameter
+  # scale) or a decay rescaled by the gradient (LAMB's trust ratio), and one element cannot
+  # tell which.
+  if base.size == 1:
+    w = np.stack(ws)
+    if float(np.linalg.norm(w - w.mean(0))) > max(noise, tol * float(np.linalg.norm(w))):
+      return ("cannot_tell", None, residual,
+              "a one-element leaf whose update with a gradient changes between probe points: "
+              "a rescaled gradient step and a decay rescaled by the gradient look the same "
+              "on one element")
   if kind not in ("none",) and decay_norm and noise > 0.5 * decay_norm:
     detail = (detail + "; " if detail else "") + (
         "gradient dependence not checked: the decay is below the float noise of the step")

@@ -362,6 +362,21 @@ def test_updates_that_do_not_fit_the_parameters_are_a_clear_error(updates, match
     od.audit_decay(tx, PARAMS)
 
 
+@pytest.mark.parametrize("make, kind", [
+    (lambda: optax.adamw(1e-3, weight_decay=0.1), "decoupled"),
+    (lambda: optax.lion(1e-3, weight_decay=0.1), "decoupled"),
+    (lambda: optax.adam(1e-3), "none"),
+    (lambda: optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-3)), "coupled_l2"),
+    # optax lamb: u = −η·‖θ‖/‖adam(g) + λθ‖·(adam(g) + λθ); on one element that is
+    # −η·|θ|·sign(adam(g) + λθ), a decay the gradient rescales; the rank test cannot see it.
+    (lambda: optax.lamb(1e-3, weight_decay=0.1), "cannot_tell"),
+])
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_one_element_leaves(make, kind, shape):
+  report = od.audit_decay(make(), {"s": jnp.ones(shape)}, probe_steps=())
+  assert report.kinds() == {"s": kind}, report
+
+
 def test_an_update_that_cannot_be_jitted_is_probed_without_jit():
   # Python control flow on a value (float() of a traced norm) fails under jit; the update is
   # still u = −0.01·θ.
