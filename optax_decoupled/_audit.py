@@ -42,8 +42,8 @@ the gradient until it moves, and k is those calls):
 
 1. **Points.** Per leaf a base b whose elements have magnitudes 2^e·(1 + m/8), e in −3..2, and
    both signs; the points are θ = s·b for s in (1, −1, 4, −0.25, 8, −0.125, 1.5, −3), so every
-   element is probed on both sides of zero and most on both sides of |θ| = 1. The values are exact in
-   bfloat16 and float16, so no point is rounded. Complex leaves get a complex base.
+   element is probed on both sides of zero and most on both sides of |θ| = 1. The values are
+   exact in bfloat16 and float16, so no point is rounded. Complex leaves get a complex base.
 2. **Fresh runs** (P·k·(1 + 3) calls): each point gets its own ``init`` at that point (the
    optimizer as it will run), one moving step and three more, the updates applied to the
    parameters. The model is fitted at each of the four steps; the relative residual
@@ -156,7 +156,7 @@ _NOT_JITTABLE = tuple(getattr(jax.errors, name) for name in (
 
 def _check_updates(updates: Any, params: Any) -> None:
   """A clear error when ``tx.update`` returns updates that cannot be applied to ``params``."""
-  want, got = jax.tree.structure(params), jax.tree.structure(updates)
+  want, got = str(jax.tree.structure(params)), str(jax.tree.structure(updates))
   if got != want:
     raise ValueError(
         "audit_decay: tx.update returned updates whose tree structure is not the parameters' "

@@ -211,8 +211,10 @@ def statistics_that_follow_theta(inits: Sequence[Any], afters: Sequence[Sequence
   unattributed = None
   for i, (spath, _) in enumerate(flat0[0]):
     first = init_arrays[0][i]
-    if first is None or not np.issubdtype(first.dtype, np.inexact) or any(not same_array(a[i], first) for a in init_arrays[1:]):
-      continue  # holds θ (differs at init), or is not an array.
+    if first is None or not np.issubdtype(first.dtype, np.inexact):
+      continue  # not an array, or counts and flags.
+    if any(not same_array(a[i], first) for a in init_arrays[1:]):
+      continue  # holds θ (differs at init).
     for after in afters:
       leaves = [jax.tree.leaves(a) for a in after]
       if any(len(x) != len(leaves[0]) for x in leaves):
