@@ -24,20 +24,26 @@ and checks the fit. Every label below is a promise about what was measured:
   as behind a clip). No affine label is given to such an update;
 * **gradient_dependent**: affine at a zero gradient, but with a gradient present the
   decay is no longer the same −c·(θ − r): it is rescaled by the gradient (LAMB's trust
-  ratio, cautious decay, a clip after the decay term). The zero-gradient shrink is reported,
-  and does not hold in training;
+  ratio, cautious decay, a clip after the decay term), or a θ-proportional term appears
+  only with a gradient (none at g = 0). The zero-gradient shrink is in ``detail``, and does
+  not hold in training;
+* **cannot_tell**: the update is not finite, the optimizer did not move within the probe's
+  budget, or a one-element leaf's update with a gradient changes between the points (a
+  gradient step rescaled per point and a decay rescaled by the gradient look the same on one
+  element); ``detail`` says which;
 * **not a float**: integer and boolean leaves, which no optimizer decays.
 
 An L2 term that no preconditioner or momentum transforms (plain SGD) is decoupled decay with
 shrink η·λ (Loshchilov & Hutter 2019, Proposition 1), and is reported as such.
 
-The probe (its budget, with P = 6 probe points and k the calls until a first move, 1 for all
-but ``optax.MultiSteps``):
+The probe (its budget, with P = 8 probe points and k the calls until a first move, 1 for all
+but ``optax.MultiSteps``; an optimizer that does not move at a zero gradient is stepped with
+the gradient until it moves, and k is those calls):
 
-1. **Points.** Per leaf a base b whose elements have magnitudes 2^e·(1 + m/8), e in −3..3, and
-   both signs; the points are θ = s·b for s in (1, −1, 2, −0.5, 4, −0.25), so every element is
-   probed on both sides of zero and most on both sides of |θ| = 1. The values are exact in
-   bfloat16 and float16, so no point is rounded. Complex leaves get a complex base.
+1. **Points.** Per leaf a base b whose elements have magnitudes 2^e·(1 + m/8), e in −3..2, and
+   both signs; the points are θ = s·b for s in (1, −1, 4, −0.25, 8, −0.125, 1.5, −3), so every
+   element is probed on both sides of zero and most on both sides of |θ| = 1. The values are
+   exact in bfloat16 and float16, so no point is rounded. Complex leaves get a complex base.
 2. **Fresh runs** (P·k·(1 + 3) calls): each point gets its own ``init`` at that point (the
    optimizer as it will run), one moving step and three more, the updates applied to the
    parameters. The model is fitted at each of the four steps; the relative residual
@@ -66,7 +72,11 @@ cuts at the probe points, ``gradient_dependent`` where only the gradient makes i
 smaller than the float noise of the gradient's step (bfloat16 with λ·η ≪ ε) is not checked
 for gradient dependence (``detail`` says so). A state-held reference pulled with c = 1 at the
 first step is read as averaging, not decay. ``optax.MultiSteps`` is probed at its first
-boundary step, and its schedule relation is not told (its inner count runs k times slower).
+boundary step, and its schedule relation is not told (its inner count runs k times slower);
+an optimizer that moves neither at a zero gradient nor with one within ``max_micro_steps``
+calls, or only after them, is ``cannot_tell``. A ``tx.update`` that returns updates of
+another structure or shape than the parameters is a ``ValueError``; one that cannot be traced
+by ``jax.jit`` (Python control flow on values) is probed without it.
 """
 
 from __future__ import annotations
@@ -132,9 +142,32 @@ class DecayAudit:
              r.detail) for r in self.rows]
     lines = _report.table(head, body)
     counts = {k: sum(r.kind == k for r in self.rows) for k in KINDS}
-    lines.append(", ".join(f"{k}: {n}" for k, n in counts.items() if n) + " leaves")
+    lines.append(", ".join(f"{k}: {n}" for k, n in counts.items() if n) + " leaves"
+                 if self.rows else "no leaves")
     lines.append(f"shrink vs learning rate: {self.relation}")
     return "\n".join(lines)
+
+
+_NOT_JITTABLE = tuple(getattr(jax.errors, name) for name in (
+    "ConcretizationTypeError", "TracerArrayConversionError", "TracerBoolConversionError",
+    "TracerIntegerConversionError", "NonConcreteBooleanIndexError")
+    if hasattr(jax.errors, name))
+
+
+def _check_updates(updates: Any, params: Any) -> None:
+  """A clear error when ``tx.update`` returns updates that cannot be applied to ``params``."""
+  want, got = str(jax.tree.structure(params)), str(jax.tree.structure(updates))
+  if got != want:
+    raise ValueError(
+        "audit_decay: tx.update returned updates whose tree structure is not the parameters' "
+        f"({got} instead of {want}); an optax transformation returns one update per "
+        "parameter, in the parameters' tree.")
+  for (path, p), u in zip(_paths.leaves_with_paths(params), jax.tree.leaves(updates)):
+    if np.shape(u) != np.shape(p):
+      raise ValueError(
+          f"audit_decay: tx.update returned an update of shape {np.shape(u)} for {path!r}, "
+          f"whose shape is {np.shape(p)}; an optax transformation returns one update per "
+          "parameter, of its shape.")
 
 
 def audit_decay(
@@ -182,6 +215,10 @@ def audit_decay(
     >>> od.audit_decay(l1, params).kinds()
     {'bias': 'none', 'kernel': 'none'}
   """
+  if isinstance(max_micro_steps, bool) or not isinstance(max_micro_steps, (int, np.integer)) \
+      or max_micro_steps < 1:
+    raise ValueError(f"audit_decay: max_micro_steps must be an integer >= 1, got "
+                     f"{max_micro_steps!r}.")
   pure = jax.tree.map(_paths.leaf_value, params, is_leaf=_paths.is_variable)
   leaves, treedef = jax.tree.flatten(pure)
   paths = [p for p, _ in _paths.leaves_with_paths(pure)]
@@ -202,26 +239,51 @@ def audit_decay(
   update = jax.jit(tx.update)
   inits = [tx.init(p) for p in points]
   try:
-    update(zeros, inits[0], points[0])
+    try:
+      first, _ = update(zeros, inits[0], points[0])
+    except _NOT_JITTABLE:  # Python control flow on values: probed without jit, slower.
+      update = tx.update
+      first, _ = update(zeros, inits[0], points[0])
   except (TypeError, ValueError) as e:
     raise ValueError(
         "audit_decay probes tx.update(grads, state, params) with zero gradients, and this "
         f"optimizer failed on that call ({type(e).__name__}: {e}). Optimizers that need the "
         "loss or a function of it (optax.contrib.momo's value=, sophia's obj_fn=) cannot be "
         "audited from gradients alone; audit the same chain without that part.") from e
+  except Exception as e:
+    e.add_note("(raised by tx.update(zero grads, tx.init(params), params), audit_decay's "
+               "first probe call)")
+    raise
+  _check_updates(first, points[0])
 
   # Fresh runs: the first moving step (lock-step over the points), then _audit_fit.ADVANCE_STEPS more.
   runs = _audit_fit.Runs(update, list(inits), list(points))
-  calls = 0
+  calls, moved = 0, False
   for calls in range(1, max_micro_steps + 1):
     out = runs.call(zeros)
-    if any(_audit_fit.moving(u) for _, u in out):
+    moved = any(_audit_fit.moving(u) for _, u in out)
+    if moved:
       break
+  at_rest = False
+  if not moved:  # no decay to align on: a step is the calls until a gradient moves it.
+    g_runs = _audit_fit.Runs(update, list(inits), list(points))
+    for calls in range(1, max_micro_steps + 1):
+      if any(_audit_fit.moving(u) for _, u in g_runs.call(gradient)):
+        break
+    else:
+      at_rest, calls = True, 1
   steps, afters = [out], [list(runs.states)]
   for _ in range(_audit_fit.ADVANCE_STEPS):
     steps.append(runs.step(zeros, calls))
     afters.append(list(runs.states))
-  grad_step = _audit_fit.Runs(update, list(inits), list(points)).step(gradient, calls)
+  # Still at rest within the budget, and moving afterwards: the boundary of a step was not
+  # found (optax.MultiSteps with more micro-steps than max_micro_steps), and fits of calls
+  # that are not steps would mislabel it.
+  late = not moved and any(_audit_fit.moving(u) for s in steps[1:] for _, u in s)
+  # The gradient step: at the first move; an optimizer at rest at g = 0 is given the whole
+  # budget of gradient calls, so that a decay its statistics grow into (mechanize) is seen.
+  grad_step = _audit_fit.Runs(update, list(inits), list(points)).step(
+      gradient, calls if moved else max_micro_steps)
   held_state = inits[0]
   held = _audit_fit.Runs(update, [held_state] * len(points), list(points)).step(zeros, calls)
 
@@ -238,6 +300,11 @@ def audit_decay(
       kind, shrink, residual, detail = "not a float", None, None, ""
     elif not floats[k]:
       kind, shrink, residual, detail = "none", None, None, "empty leaf: nothing to decay"
+    elif late or at_rest:
+      seen = ("a move after them" if late else "and none with a gradient either")
+      kind, shrink, residual, detail = "cannot_tell", None, None, (
+          f"no move in the first {max_micro_steps} zero-gradient calls, {seen}: pass a larger "
+          "max_micro_steps (optax.MultiSteps: at least its every_k_schedule)")
     else:
       u_dtypes = [jnp.asarray(treedef.flatten_up_to(u)[k]).dtype  # type: ignore[attr-defined]
                   for _, u in steps[0]]

@@ -200,8 +200,9 @@ def statistics_that_follow_theta(inits: Sequence[Any], afters: Sequence[Sequence
                                   ) -> tuple[dict[int, str], str | None]:
   """Leaves whose statistics depend on θ, with the state path that showed it.
 
-  A statistic is a state array that ``init`` fills the same at every probe point (it does not
-  hold θ); it depends on θ if it differs between points after a step. A dependent statistic
+  A statistic is a float state array that ``init`` fills the same at every probe point (it
+  does not hold θ); it depends on θ if it differs between points after a step. Integer and
+  boolean state (counts, flags) holds no decay term, and is not a statistic. A dependent statistic
   that belongs to no one leaf (by path and shape) is returned as the second value.
   """
   flat0 = [jax.tree_util.tree_flatten_with_path(s)[0] for s in inits]
@@ -210,8 +211,10 @@ def statistics_that_follow_theta(inits: Sequence[Any], afters: Sequence[Sequence
   unattributed = None
   for i, (spath, _) in enumerate(flat0[0]):
     first = init_arrays[0][i]
-    if first is None or any(not same_array(a[i], first) for a in init_arrays[1:]):
-      continue  # holds θ (differs at init), or is not an array.
+    if first is None or not np.issubdtype(first.dtype, np.inexact):
+      continue  # not an array, or counts and flags.
+    if any(not same_array(a[i], first) for a in init_arrays[1:]):
+      continue  # holds θ (differs at init).
     for after in afters:
       leaves = [jax.tree.leaves(a) for a in after]
       if any(len(x) != len(leaves[0]) for x in leaves):
@@ -323,6 +326,28 @@ def classify(steps: Sequence[Pairs], grad_step: Pairs, held: Pairs, base: np.nda
     return ("gradient_dependent", None, residual,
             "with a gradient the decay is not the same: it is rescaled by the gradient (a trust "
             "ratio, cautious masking, a clip after the decay)" + at_zero)
+  # A θ-proportional term that a gradient adds or rescales (a decay applied only where g ≠ 0,
+  # or scaled by ‖g‖) leaves the w's rank one, all along θ: with a gradient u is again affine
+  # in θ, with a slope the zero-gradient fit did not see. (A gradient's step rescaled per
+  # point, as Adafactor's parameter scale does, is |s|·v: not affine in θ = s·b.)
+  g_fit = fit([t for t, _ in grad_step], ws)
+  g_floor = max(tol * g_fit.u_norm, noise)
+  if g_fit.residual * g_fit.u_norm <= g_floor and g_fit.slope_norm > g_floor:
+    at_zero = "" if shrink is None else f"; c = {shrink:.3g} at g = 0 only"
+    return ("gradient_dependent", None, residual,
+            f"with a gradient the shrink changes by {g_fit.c:.3g}: the decay is applied or "
+            f"rescaled by the gradient{at_zero}")
+  # One element: any w's are "multiples of one vector", so the rank test above is blind. A w
+  # that changes between points is a gradient step rescaled per point (Adafactor's parameter
+  # scale) or a decay rescaled by the gradient (LAMB's trust ratio), and one element cannot
+  # tell which.
+  if base.size == 1:
+    w = np.stack(ws)
+    if float(np.linalg.norm(w - w.mean(0))) > max(noise, tol * float(np.linalg.norm(w))):
+      return ("cannot_tell", None, residual,
+              "a one-element leaf whose update with a gradient changes between probe points: "
+              "a rescaled gradient step and a decay rescaled by the gradient look the same "
+              "on one element")
   if kind not in ("none",) and decay_norm and noise > 0.5 * decay_norm:
     detail = (detail + "; " if detail else "") + (
         "gradient dependence not checked: the decay is below the float noise of the step")

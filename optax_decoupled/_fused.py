@@ -80,7 +80,9 @@ def fused_step(
 
   Returns:
     ``step(params, grads, state) -> (new_params, new_state)``, with an ``explain(params,
-    grads, state) -> str`` attribute.
+    grads, state) -> str`` attribute: ``"kernel: why"`` or ``"plain: why"``, and with
+    ``kernel="require"`` where the kernel cannot run, ``"error: why"`` (the step raises;
+    ``explain`` does not).
 
   Raises:
     TypeError: at once, if ``tx`` is not a gradient transformation.
@@ -123,7 +125,8 @@ def fused_step(
     return params, state
 
   def plan(params, grads, state) -> tuple[str, str, _kernel.Prepared | None]:
-    """(path, why, what the kernel needs), decided at trace time."""
+    """(path, why, what the kernel needs), decided at trace time; path is "kernel",
+    "plain" or "error" (kernel='require' without a kernel: the step raises ``why``)."""
     if kernel == "off":
       why_not: str | None = "kernel='off'"
       prepared = None
@@ -138,14 +141,16 @@ def fused_step(
                         f"moments{clipped}, one pass on all CPU threads over {where}, per shard "
                         "when sharded"), prepared
     if kernel == "require":
-      raise ValueError(
+      return "error", (
           f"fused_step(kernel='require'): the CPU kernel cannot compute this step: {why_not}. "
-          "Use kernel='auto' to take the plain step instead (same results).")
+          "Use kernel='auto' to take the plain step instead (same results)."), None
     unpacked = " on the unpacked tree, packed again" if layout else ""
     return "plain", f"tx.update + optax.apply_updates{unpacked}; no kernel: {why_not}", None
 
   def step(params, grads, state):
-    path, _, _ = plan(params, grads, state)
+    path, why, _ = plan(params, grads, state)
+    if path == "error":
+      raise ValueError(why)
     if path == "plain":
       return plain(params, grads, state)
 
@@ -165,7 +170,8 @@ def fused_step(
     return _with_plain_derivative(fast, plain, params, grads, state)
 
   def explain(params, grads, state) -> str:
-    """Which path the CPU step takes for these arguments, and why."""
+    """Which path the CPU step takes for these arguments, and why (``"error: ..."`` where
+    ``kernel='require'`` makes the step raise; explain itself does not)."""
     path, why, _ = plan(params, grads, state)
     return f"{path}: {why}"
 
@@ -195,7 +201,7 @@ def _kernel_plan(tx, target, not_recognised, params, grads, state):
   if prepared is None:
     return None, why
   if target.read_from_closures:
-    why = _verify.kernel_agrees(tx, target, params)
+    why = _verify.kernel_agrees(tx, target, params, grads)
     if why is not None:
       return None, why
   return prepared, None
@@ -239,7 +245,9 @@ def _with_plain_derivative(fast, plain, params, grads, state):
   fast_c, fast_consts = jax.closure_convert(fast, params, grads, state)
   if not fast_consts:  # nothing traced from outside: plain's derivative w.r.t. the arguments.
     simple = jax.custom_jvp(lambda p, g, s: fast_c(p, g, s))
-    simple.defjvp(lambda primals, tangents: (fast_c(*primals),
+    # The primal output is the custom_jvp function itself, so that a derivative of the
+    # derivative (a Hessian, jacfwd of grad) also goes through this rule, not the FFI call.
+    simple.defjvp(lambda primals, tangents: (simple(*primals),
                                              jax.jvp(plain, primals, tangents)[1]))
     return simple(params, grads, state)
   plain_c, plain_consts = jax.closure_convert(plain, params, grads, state)
@@ -253,7 +261,7 @@ def _with_plain_derivative(fast, plain, params, grads, state):
   def _(primals, tangents):
     p, g, s, f_consts, p_consts = primals
     tp, tg, ts, _, tc = tangents
-    out = fast_c(p, g, s, *f_consts)
+    out = run(p, g, s, f_consts, p_consts)  # higher derivatives: this rule again.
     _, t_out = jax.jvp(lambda p, g, s, c: plain_c(p, g, s, *c), (p, g, s, p_consts),
                        (tp, tg, ts, tc))
     return out, t_out

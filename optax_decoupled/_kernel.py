@@ -131,10 +131,27 @@ def _prepare(target, tx, params, grads, state):
     return None, ("the state is not laid out as the chain's (adam, decay, lr), (decay, adam, "
                   "lr) or ((adam, lr), decay)")
   decay, mults = _decay_indices(spec, params)  # the mask, resolved once per trace
-  why = _unsupported(spec, target, inner, params, grads, mults)
+  why = (_unsupported(spec, target, inner, params, grads, mults)
+         or _moments_stay_float32(target, new_state))
   if why is not None:
     return None, why
   return Prepared(target, spec, new_state, tuple(decay), tuple(mults)), None
+
+
+def _moments_stay_float32(target: _targets.Target, new_state: Any) -> str | None:
+  """Why the chain's new moments are not the kernel's (float32, the input's layout), or None.
+
+  The kernel writes float32 moments in place; the chain may promote them (a float64 β₁ or
+  β₂ with ``jax_enable_x64`` makes ``β₁·m`` float64), which the stand-in update shows."""
+  new_inner = _adamw_state(target, new_state)
+  if new_inner is None:
+    return "the chain's new state is not laid out as its input state"
+  adam = _parts(new_inner)[0]
+  dtypes = {jnp.result_type(x) for x in jax.tree.leaves((adam.mu, adam.nu))}
+  if dtypes - {jnp.dtype(jnp.float32)}:
+    return (f"the chain's step returns moments in {sorted(str(d) for d in dtypes)} and the "
+            "kernel writes float32 ones (a float64 hyperparameter promotes them)")
+  return None
 
 
 def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, params: Any,

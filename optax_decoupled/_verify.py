@@ -36,11 +36,13 @@ _GRADS = (np.zeros(8),
 
 
 def kernel_agrees(tx: optax.GradientTransformation, target: _targets.Target,
-                  params: Any) -> str | None:
-  """None when the kernel computes ``tx``'s step on probes of ``params``' structure, else
-  why it was not trusted."""
+                  params: Any, grads: Any = None) -> str | None:
+  """None when the kernel computes ``tx``'s step on probes of ``params``' structure (and
+  ``params``' dtypes, ``grads``' for the gradients), else why it was not trusted."""
+  grads = params if grads is None else grads
   key = (jax.tree.structure(params),
-         tuple((jnp.ndim(x), jnp.result_type(x)) for x in jax.tree.leaves(params)))
+         tuple((jnp.ndim(x), jnp.result_type(x)) for x in jax.tree.leaves(params)),
+         tuple(jnp.result_type(x) for x in jax.tree.leaves(grads)))
   try:
     verdicts = _VERDICTS.setdefault(tx.update, {})
   except TypeError:  # not weakly referenceable: check every time.
@@ -48,30 +50,32 @@ def kernel_agrees(tx: optax.GradientTransformation, target: _targets.Target,
   if key not in verdicts:
     try:
       with jax.ensure_compile_time_eval(), np.errstate(all="ignore"):  # inf probes
-        verdicts[key] = _check(tx, target, params)
+        verdicts[key] = _check(tx, target, params, grads)
     except Exception as e:  # noqa: BLE001 - cannot be evaluated: not verified.
       return (f"the recognised optax chain could not be checked against the plain step "
               f"({type(e).__name__}: {e})")
   return verdicts[key]
 
 
-def _probe(params: Any, values: np.ndarray, scale: float = 1.0) -> Any:
-  """A tree of ``params``' structure, each leaf of its ndim and dtype with ``values``."""
-  def leaf(x):
+def _probe(params: Any, values: np.ndarray, scale: float = 1.0, like: Any = None) -> Any:
+  """A tree of ``params``' structure, each leaf of its ndim and dtype (``like``'s dtype, if
+  given) with ``values``."""
+  def leaf(x, d):
     shape = (1,) * (jnp.ndim(x) - 1) + (values.size,) if jnp.ndim(x) else ()
     v = values * scale if shape else values[3] * scale
-    return jnp.asarray(np.reshape(v, shape), jnp.result_type(x))
-  return jax.tree.map(leaf, params)
+    return jnp.asarray(np.reshape(v, shape), jnp.result_type(d))
+  return jax.tree.map(leaf, params, params if like is None else like)
 
 
-def _check(tx, target, params) -> str | None:
+def _check(tx, target, params, like_grads) -> str | None:
   theta = _probe(params, _THETA)
   state = tx.init(theta)
   for t, values in enumerate(_GRADS):
-    grads = _probe(params, values)
+    grads = _probe(params, values, like=like_grads)
     if target.max_norm is not None and t:
       norm = float(optax.tree.norm(grads))
-      grads = _probe(params, values, float(target.max_norm) * (3.0 if t == 1 else 1 / 3) / norm)
+      grads = _probe(params, values, float(target.max_norm) * (3.0 if t == 1 else 1 / 3) / norm,
+                     like=like_grads)
     prepared, why = _kernel.prepare(target, tx, theta, grads, state)
     if prepared is None:
       return f"the recognised optax chain could not be checked: {why}"

@@ -205,6 +205,13 @@ def test_a_clip_on_the_gradient_alone_is_not_seen():
   assert od.audit_decay(tx, PARAMS, probe_steps=()).kinds() == _kinds("decoupled")
 
 
+def _with_grads(rule):
+  """A stateless transformation u = rule(g, θ), leaf by leaf."""
+  return optax.GradientTransformation(
+      lambda p: optax.EmptyState(),
+      lambda g, s, p=None: (jax.tree.map(rule, g, p), s))
+
+
 GRADIENT_DEPENDENT = {
     # optax/_src/alias.py lamb: chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio,
     # scale_by_lr): the decay term is divided by ‖adam(g) + λθ‖ with the gradient's step.
@@ -213,6 +220,11 @@ GRADIENT_DEPENDENT = {
     "od.cautious": lambda: od.with_decoupled_decay(optax.adam(1e-3), 1e-3, cautious=True),
     # optax/contrib/_mechanic.py: + λ·s·‖g‖/‖θ‖·θ, scaled by the gradient's norm.
     "optax.contrib.mechanize": lambda: optax.contrib.mechanize(optax.sgd(1e-2), weight_decay=0.1),
+    # −λθ only where g ≠ 0: nothing at a zero gradient, a shrink λ with one (not "none").
+    "decay-where-g-is-nonzero": lambda: _with_grads(lambda g, p: -0.1 * p * (g != 0)),
+    # −λ·(1 + ‖g‖)·θ: λ at a zero gradient, more with one (not "decoupled" with shrink λ).
+    "decay-scaled-by-grad-norm": lambda: _with_grads(
+        lambda g, p: -0.1 * (1 + jnp.linalg.norm(g)) * p),
 }
 
 
@@ -301,6 +313,90 @@ def test_state_with_prng_keys_masked_nodes_and_nones():
                    optax.adamw(1e-3, weight_decay=0.1, mask=_matrices))
   report = od.audit_decay(tx, PARAMS, probe_steps=())
   assert report.kinds() == _kinds("decoupled", ("dense/kernel",))
+
+
+def test_integer_state_that_follows_theta_is_no_statistic():
+  # u = −0.01·θ at every step; an integer state counts positive weights. Counts hold no decay
+  # term: decoupled, not coupled_l2.
+  def init(p):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.int32), p)
+
+  def update(g, s, p=None):
+    return (jax.tree.map(lambda x: -0.01 * x, p),
+            jax.tree.map(lambda n, x: n + (x > 0).astype(jnp.int32), s, p))
+  report = od.audit_decay(optax.GradientTransformation(init, update), PARAMS, probe_steps=())
+  assert report.kinds() == _kinds("decoupled")
+  assert all(c == pytest.approx(0.01, rel=1e-5) for c in report.shrink().values())
+
+
+@pytest.mark.parametrize("every_k, budget", [(4, 3), (10, 3)])
+@pytest.mark.parametrize("inner", ["adamw", "adam"])
+def test_multisteps_beyond_the_call_budget_is_cannot_tell(every_k, budget, inner):
+  # optax.MultiSteps moves at call k only: with fewer probe calls than k, neither the decay
+  # (adamw) nor its absence (adam) was seen.
+  tx = optax.MultiSteps(optax.adamw(1e-3, weight_decay=0.1) if inner == "adamw"
+                        else optax.adam(1e-3), every_k)
+  report = od.audit_decay(tx, PARAMS, probe_steps=(), max_micro_steps=budget)
+  assert report.kinds() == _kinds("cannot_tell")
+  assert all("max_micro_steps" in r.detail for r in report.rows)
+  # Within the budget the boundary is found, with and without decay.
+  report = od.audit_decay(tx, PARAMS, probe_steps=(), max_micro_steps=every_k)
+  assert report.kinds() == _kinds("decoupled" if inner == "adamw" else "none")
+
+
+def test_an_optimizer_that_never_moves_is_cannot_tell():
+  # optax.set_to_zero moves at no call, with or without a gradient: nothing was measured.
+  report = od.audit_decay(optax.set_to_zero(), PARAMS, probe_steps=(), max_micro_steps=4)
+  assert report.kinds() == _kinds("cannot_tell")
+
+
+@pytest.mark.parametrize("updates, match", [
+    (lambda g, p: [jnp.zeros(())], "tree structure"),
+    (lambda g, p: None, "tree structure"),
+    (lambda g, p: jax.tree.map(lambda x: jnp.zeros(x.shape + (2,)), p), "shape"),
+])
+def test_updates_that_do_not_fit_the_parameters_are_a_clear_error(updates, match):
+  tx = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                    lambda g, s, p=None: (updates(g, p), s))
+  with pytest.raises(ValueError, match=f"audit_decay: tx.update returned .*{match}"):
+    od.audit_decay(tx, PARAMS)
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda: optax.adamw(1e-3, weight_decay=0.1), "decoupled"),
+    (lambda: optax.lion(1e-3, weight_decay=0.1), "decoupled"),
+    (lambda: optax.adam(1e-3), "none"),
+    (lambda: optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-3)), "coupled_l2"),
+    # optax lamb: u = −η·‖θ‖/‖adam(g) + λθ‖·(adam(g) + λθ); on one element that is
+    # −η·|θ|·sign(adam(g) + λθ), a decay the gradient rescales; the rank test cannot see it.
+    (lambda: optax.lamb(1e-3, weight_decay=0.1), "cannot_tell"),
+])
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_one_element_leaves(make, kind, shape):
+  report = od.audit_decay(make(), {"s": jnp.ones(shape)}, probe_steps=())
+  assert report.kinds() == {"s": kind}, report
+
+
+def test_an_update_that_cannot_be_jitted_is_probed_without_jit():
+  # Python control flow on a value (float() of a traced norm) fails under jit; the update is
+  # still u = −0.01·θ.
+  def update(g, s, p=None):
+    c = 0.01 if float(optax.tree.norm(p)) > 0 else 0.0
+    return jax.tree.map(lambda x: -c * x, p), s
+  tx = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+  report = od.audit_decay(tx, PARAMS, probe_steps=())
+  assert report.kinds() == _kinds("decoupled")
+  assert all(c == pytest.approx(0.01, rel=1e-5) for c in report.shrink().values())
+
+
+def test_an_update_that_raises_keeps_its_error_and_says_where():
+  def update(g, s, p=None):
+    raise RuntimeError("boom")
+  with pytest.raises(RuntimeError, match="boom") as e:
+    od.audit_decay(optax.GradientTransformation(lambda p: optax.EmptyState(), update), PARAMS)
+  assert any("first probe call" in note for note in getattr(e.value, "__notes__", []))
+  with pytest.raises(ValueError, match="max_micro_steps"):
+    od.audit_decay(optax.adam(1e-3), PARAMS, max_micro_steps=0)
 
 
 def test_noise_is_not_decay():

@@ -22,6 +22,8 @@ XLA's plain step fuses some multiply-adds).
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import chex
 import jax
@@ -242,6 +244,61 @@ def test_scan_over_steps_equals_the_plain_steps():
   assert_kernel_close(run(od.fused_step(tx)), run(plain_step(tx)), "scan")
 
 
+@needs_kernel
+def test_second_derivatives_of_a_kernel_step_are_the_plain_steps():
+  # A Hessian (jacfwd of grad) differentiates the derivative rule itself: its primal output
+  # must not be the FFI call, which has no derivative.
+  tx = od.adamw(1e-2, weight_decay=0.1)
+  params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.linspace(0.5, 1.5, 3)}
+  state = tx.init(params)
+  assert od.fused_step(tx).explain(params, params, state).startswith("kernel")
+
+  def loss(step_of):
+    return lambda g: sum(jnp.sum(x**3) for x in jax.tree.leaves(step_of(tx)(params, g, state)[0]))
+
+  g = _grads(params, 0)
+  got, want = jax.hessian(loss(od.fused_step))(g), jax.hessian(loss(plain_step))(g)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-9)
+
+  def outer(lr):
+    tx = od.adamw(lr, weight_decay=0.1)
+    return lambda step_of: jnp.sum(step_of(tx)(params, g, tx.init(params))[0]["w"] ** 3)
+  got = jax.grad(jax.grad(lambda lr: outer(lr)(od.fused_step)))(1e-2)
+  want = jax.grad(jax.grad(lambda lr: outer(lr)(plain_step)))(1e-2)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+_X64_MOMENTS = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np, optax, optax_decoupled as od
+params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32)}
+grads = {"w": jnp.linspace(0.5, -0.5, 6, dtype=jnp.float32)}
+for tx in (od.adamw(1e-2, b1=jnp.float64(0.9), weight_decay=0.1),
+           optax.adamw(1e-2, b1=jnp.float64(0.9), weight_decay=0.1)):
+  state = tx.init(params)
+  why = od.fused_step(tx).explain(params, grads, state)
+  assert why.startswith("plain") and "moments" in why, why
+  got = jax.jit(od.fused_step(tx))(params, grads, state)
+  u, want_state = tx.update(grads, state, params)
+  want = (optax.apply_updates(params, u), want_state)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    np.testing.assert_array_equal(a, b)
+print("ok")
+"""
+
+
+@pytest.mark.slow  # a fresh process with jax_enable_x64
+def test_a_float64_hyperparameter_that_promotes_the_moments_takes_the_plain_step():
+  # With x64, β₁ = jnp.float64(0.9) makes the chain's moments float64; the kernel writes
+  # float32 ones in place, so the two branches of the step would not even agree on types.
+  out = subprocess.run([sys.executable, "-c", _X64_MOMENTS], capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 # --- recognition from optax's closures is verified -------------------------------------------
 # Look-alikes of optax.adamw's pieces: functions with optax's names and closure variables
 # (what the recognition reads), whose arithmetic is optax's (faithful=True) or not.
@@ -310,6 +367,9 @@ def test_a_look_alike_with_other_arithmetic_takes_the_plain_step(adam_faithful, 
                                 jax.jit(plain_step(tx))(params, g, state))
   with pytest.raises(ValueError, match="kernel='require'.*does not compute"):
     jax.jit(od.fused_step(tx, kernel="require"))(params, params, state)
+  # explain says so, and does not raise.
+  why = od.fused_step(tx, kernel="require").explain(params, params, state)
+  assert why.startswith("error: ") and "does not compute" in why, why
 
 
 @needs_kernel
@@ -342,6 +402,26 @@ def test_a_closed_over_traced_hyperparameter_of_optax_adamw_cannot_be_verified()
     tx = optax.adamw(1e-2, weight_decay=wd)
     return plain_step(tx)(params, params, tx.init(params))
   chex.assert_trees_all_equal(got, jax.jit(plain)(0.1))
+
+
+@needs_kernel
+def test_a_clip_on_bfloat16_weights_is_verified_with_the_gradients_dtype():
+  # The clip is read from optax's closures, so the kernel is checked on probes first; the
+  # probes' gradients take the real gradients' dtype (float32 here), not the weights'.
+  tx = optax.chain(optax.clip_by_global_norm(0.5),
+                   od.adamw(1e-2, weight_decay=0.1, mu_dtype=jnp.float32, nu_dtype=jnp.float32))
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree())
+  grads = _grads(_tree(), 0)
+  state = tx.init(params)
+  why = od.fused_step(tx).explain(params, grads, state)
+  assert why.startswith("kernel"), why
+  got = jax.jit(od.fused_step(tx))(params, grads, state)
+  want = jax.jit(plain_step(tx))(params, grads, state)
+  chex.assert_trees_all_equal_dtypes(got, want)
+  for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0])):  # one bfloat16 rounding
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2**-7, atol=0)
+  assert_kernel_close(got[1], want[1], "moments")
 
 
 # --- the boundary ----------------------------------------------------------------------------
