@@ -96,7 +96,8 @@ def _concrete(x: Any) -> float | None:
     value = np.asarray(x)
   except Exception:  # noqa: BLE001 - not array-like: the caller raises a TypeError.
     return None
-  if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+  # jnp's dtype lattice: numpy does not count bfloat16 (an ml_dtypes type) as a number.
+  if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.number) or np.iscomplexobj(value):
     return None
   return float(value)
 
@@ -192,6 +193,11 @@ def check_number(x: Any, name: str, who: str, *, positive: bool = False, below: 
     if below is not None:
       bound = f"in {'(' if positive else '['}0, {below:g})"
     hint = hint if value < 0 else ""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+      # e.g. optax.inject_hyperparams(..., hyperparam_dtype=jnp.bfloat16): 0.999 rounds to 1.
+      hint = (f"{hint} The value is a {jnp.dtype(dtype).name} scalar, which may have rounded "
+              "it; pass hyperparameters in float32.").strip()
     raise ValueError(f"{who}: {name} must be finite and {bound}, got {value!r}. {hint}".rstrip())
 
 

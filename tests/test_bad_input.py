@@ -228,6 +228,26 @@ def test_schedules_are_accepted_as_weight_decay_and_learning_rate():
     p = optax.apply_updates(p, u)
 
 
+def test_bfloat16_hyperparameters_are_numbers_and_their_rounding_is_named():
+  """Hyperparameters in bfloat16 (``optax.inject_hyperparams(..., hyperparam_dtype=...)``).
+
+  A bfloat16 scalar is a number (numpy alone does not count it as one). Oracle: optax.adamw
+  with the same bfloat16-rounded hyperparameters. 0.999 rounds to 1.0 in bfloat16, outside
+  Adam's b2 range [0, 1): the error says the dtype rounded it.
+  """
+  params = _params()
+  grads = _grads(params)
+  ours = optax.inject_hyperparams(od.adamw, hyperparam_dtype=jnp.bfloat16)(
+      1e-2, b2=0.99, weight_decay=1e-2)
+  ref = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.bfloat16)(
+      1e-2, b2=0.99, weight_decay=1e-2)
+  u, _ = ours.update(grads, ours.init(params), params)
+  v, _ = ref.update(grads, ref.init(params), params)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), u, v)
+  with pytest.raises(ValueError, match=r"b2 must be .* got 1\.0\. The value is a bfloat16"):
+    od.adamw(1e-2, b2=jnp.bfloat16(0.999))
+
+
 @pytest.mark.parametrize("make", [
     lambda: od.add_decoupled_decay(1e-2),
     lambda: od.add_l2_to_grad(1e-2, mask=od.exclude_names("bias")),
