@@ -172,9 +172,11 @@ def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, 
   for name, tree in arrays.items():
     dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
     if dtypes - allowed[name]:
+      hint = (" (bfloat16 weights: keep the moments in float32 with "
+              "mu_dtype=nu_dtype=jnp.float32; a clipped step: float32 grads)"
+              if bf16 in dtypes else "")
       return (f"the kernel takes {name} in {sorted(str(d) for d in allowed[name])}, got "
-              f"{sorted(str(d) for d in dtypes)} (bfloat16 weights: keep the moments in "
-              "float32 with mu_dtype=nu_dtype=jnp.float32; a clipped step: float32 grads)")
+              f"{sorted(str(d) for d in dtypes)}{hint}")
   if len(mults) > 127:  # decay indices are int8
     return f"the kernel takes at most 127 distinct decay multipliers, got {len(mults)}"
   values = {"learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
