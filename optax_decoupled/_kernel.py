@@ -54,7 +54,7 @@ def _adam_path(inner: Any) -> tuple[int, ...] | None:
   return None
 
 
-def _parts(inner: Any) -> tuple[Any, Any, Any]:
+def state_parts(inner: Any) -> tuple[Any, Any, Any]:
   """(Adam state, decay state, learning-rate state) of a chain state :func:`_adam_path`
   recognises."""
   path = _adam_path(inner)
@@ -146,7 +146,7 @@ def _moments_stay_float32(target: _targets.Target, new_state: Any) -> str | None
   new_inner = _adamw_state(target, new_state)
   if new_inner is None:
     return "the chain's new state is not laid out as its input state"
-  adam = _parts(new_inner)[0]
+  adam = state_parts(new_inner)[0]
   dtypes = {jnp.result_type(x) for x in jax.tree.leaves((adam.mu, adam.nu))}
   if dtypes - {jnp.dtype(jnp.float32)}:
     return (f"the chain's step returns moments in {sorted(str(d) for d in dtypes)} and the "
@@ -167,7 +167,7 @@ def _unsupported(spec: _targets.AdamWSpec, target: _targets.Target, inner: Any, 
              "grads": {f32, bf16} if widened and target.max_norm is None and not l2
              else {f32},
              "mu": {f32}, "nu": {f32}}
-  adam = _parts(inner)[0]
+  adam = state_parts(inner)[0]
   arrays = {"params": params, "grads": grads, "mu": adam.mu, "nu": adam.nu}
   for name, tree in arrays.items():
     dtypes = {jnp.result_type(x) for x in jax.tree.leaves(tree)}
@@ -203,7 +203,7 @@ def _traced(tx, target, params, grads, state):
   paths, and yields the ``od.adamw`` arguments: the alias's record, or the record of the
   ``od.adamw`` that ``tx.update`` builds (with this trace's values)."""
   inner = target.state_of(state)
-  adam = _parts(inner)[0]
+  adam = state_parts(inner)[0]
   standin_state = target.with_state(state, _with_moments(inner, _standins(adam.mu),
                                                          _standins(adam.nu)))
   with warnings.catch_warnings(), _recipes.collecting() as built:
@@ -222,7 +222,7 @@ def _scalars(spec: _targets.AdamWSpec, state: Any, max_norm: Any, grads: Any,
   optax.scale_by_adam, the decay term of ``_decay.decay``, optax.scale_by_learning_rate),
   each rounded to float32 where the chain rounds it, then the decay coefficient of each
   multiplier in ``mults`` (decay index k is ``mults[k - 1]``). ``state`` is the chain's."""
-  adam, wd_state, lr_state = _parts(state)
+  adam, wd_state, lr_state = state_parts(state)
   clip: Any = 0.0
   g_norm: Any = 1.0
   if max_norm is not None:  # optax/transforms/_clipping.py: g_norm = optax.tree.norm(g)
@@ -323,7 +323,7 @@ def adamw_step(prepared: Prepared, params: Any, grads: Any, state: Any) -> tuple
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   p_leaves, treedef = jax.tree.flatten(params)
   inner = target.state_of(state)
-  adam = _parts(inner)[0]
+  adam = state_parts(inner)[0]
   leaves = list(zip(p_leaves, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),  # type: ignore[attr-defined]
                     treedef.flatten_up_to(adam.nu)))  # type: ignore[attr-defined]
   decay, mults = prepared.decay, list(prepared.mults)
@@ -349,7 +349,7 @@ def adamw_flat_step(prepared: Prepared, layout: Any, flat: jax.Array, flat_grads
   original leaf, whose path decides its decay (``prepared`` on the unpacked tree)."""
   target, spec, new_state = prepared.target, prepared.spec, prepared.new_state
   inner = target.state_of(state)
-  adam = _parts(inner)[0]
+  adam = state_parts(inner)[0]
   grads = layout.unpack(flat_grads)  # the clip's norm is taken leaf by leaf, as optax does.
   decay, mults = prepared.decay, list(prepared.mults)
 
@@ -367,7 +367,7 @@ def reference(prepared: Prepared, params: Any, grads: Any, state: Any) -> list[t
   given (:func:`_scalars`). Concrete arrays only; ``_verify`` compares it with ``tx.update``."""
   target, spec = prepared.target, prepared.spec
   inner = target.state_of(state)
-  adam = _parts(inner)[0]
+  adam = state_parts(inner)[0]
   s = np.asarray(_scalars(spec, inner, target.max_norm, grads, list(prepared.mults)),
                  np.float64)
   (neg_lr, omb1, b1, omb2, b2, bc1, bc2, eps, eps_root, mode, clip, g_norm, max_norm,

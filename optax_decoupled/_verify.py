@@ -81,7 +81,7 @@ def _check(tx, target, params, like_grads) -> str | None:
       return f"the recognised optax chain could not be checked: {why}"
     want = _kernel.reference(prepared, theta, grads, state)
     updates, new_state = tx.update(grads, state, theta)
-    adam = _kernel._parts(target.state_of(new_state))[0]
+    adam = _kernel.state_parts(target.state_of(new_state))[0]
     got = zip(jax.tree.leaves(updates), jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu))
     for (u_want, m_want, v_want), (u, m, v), x in zip(want, got, jax.tree.leaves(theta)):
       rtol = 1e-4 if jnp.result_type(x) == jnp.float32 else 2e-2
