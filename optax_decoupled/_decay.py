@@ -85,6 +85,13 @@ def multipliers(params: Any, mask: Any, who: str, cautious: bool = False) -> lis
   return [d.multiplier for d in decisions]
 
 
+def _same_shape(who: str, what: str, x: Any, param: Any, fix: str) -> None:
+  """Refuse ``x`` (a leaf of the updates or of θ_ref) whose shape is not its parameter's."""
+  shape, expected = np.shape(x), np.shape(_paths.leaf_value(param))
+  if shape != expected:
+    raise ValueError(f"{who}: {what} has shape {shape}, the parameter {expected}. {fix}")
+
+
 def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any:
   """θ_ref, stored for the decayed leaves only (None elsewhere)."""
   # optax.MaskedNode leaves (inside optax.masked / multi_transform) are leaves here, so a
@@ -103,12 +110,8 @@ def _reference(params: Any, reference: Any, mults: list[float], who: str) -> Any
       out.append(None)
       continue
     r = _paths.leaf_value(r)
-    if np.shape(r) != np.shape(_paths.leaf_value(p)):
-      raise ValueError(
-          f"{who}: the reference leaf {path!r} has shape {np.shape(r)}, the parameter "
-          f"{np.shape(_paths.leaf_value(p))}. Give θ_ref with the parameters' shapes "
-          "(broadcasting is not applied)."
-      )
+    _same_shape(who, f"the reference leaf {path!r}", r, p,
+                "Give θ_ref with the parameters' shapes (broadcasting is not applied).")
     out.append(jnp.array(r, dtype=_paths.leaf_dtype(p), copy=True))
   values = iter(out)
   return treedef.unflatten([x if m else next(values)  # type: ignore[attr-defined]
@@ -166,13 +169,9 @@ def decay(
       if u is None or not mult or zero:
         return u
       value = _paths.leaf_value(u)
-      if np.shape(value) != np.shape(_paths.leaf_value(p)):
-        # c·θ would broadcast into the update and change its shape (or fail deep in jax).
-        raise ValueError(
-            f"{who}: the update at {_paths.path_to_str(keypath)!r} has shape "
-            f"{np.shape(value)}, the parameter {np.shape(_paths.leaf_value(p))}. Pass the "
-            "parameters the updates are for: tx.update(updates, state, params)."
-        )
+      # c·θ would broadcast into the update and change its shape (or fail deep in jax).
+      _same_shape(who, f"the update at {_paths.path_to_str(keypath)!r}", value, p,
+                  "Pass the parameters the updates are for: tx.update(updates, state, params).")
       return _paths.with_value(u, term_of(value, p, mult, ref))
 
     def term_of(u, p, mult, ref):
