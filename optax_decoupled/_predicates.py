@@ -183,7 +183,7 @@ class _NameRules(Predicate):
     out = []
     for alternatives in self.rules:
       if not any(re.search(a, p) for a in alternatives for p in paths):
-        close = [c for a in alternatives for c in _rules.closest(a, paths)]
+        close = list(dict.fromkeys(c for a in alternatives for c in _rules.closest(a, paths)))
         hint = f". Closest paths: {close[:3]}" if close else ""
         out.append(f"pattern {_rule_str(alternatives)} of {self!r} matches no parameter{hint}")
     return out

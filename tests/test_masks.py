@@ -206,6 +206,15 @@ def test_typo_pattern_is_an_error_naming_pattern_and_closest_paths():
   assert "allow_unmatched=True" in msg
 
 
+def test_closest_paths_of_alternative_spellings_are_each_named_once():
+  """A tuple of spellings that all miss: each suggested path appears once."""
+  params = {"norm": {"weight": jnp.ones(3), "bias": jnp.ones(3)}, "lin": {"weight": jnp.ones(3)}}
+  with pytest.raises(ValueError, match="matches no parameter") as info:
+    od.exclude_names(("LayerNorm", "layer_norm"))(params)
+  close = re.search(r"Closest paths: \[([^\]]*)\]", str(info.value)).group(1).split(", ")
+  assert close and len(close) == len(set(close)), close
+
+
 def test_typo_is_raised_at_init_of_a_transform():
   params = bert_linen_params()
   tx = od.adamw(1e-3, mask=od.exclude_names("layernorm"))  # wrong case: matches nothing
