@@ -21,6 +21,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 
@@ -202,6 +203,42 @@ def test_hf_excludes_stacked_layernorms_by_type():
   assert got["blocks/attn/relative_position_bias_table"] is False  # HF: "bias" anywhere
   assert repr(odf.hf_trainer_mask(StackedNet(nnx.Rngs(0)))).startswith(
       "(exclude_module_types(LayerNorm, allow_unmatched=True) & hf_forbidden_names('bias'")
+
+
+class OtherNames(nnx.Module):
+  """NamedNorms' shape with the LayerNorm under another attribute name."""
+
+  def __init__(self, rngs):
+    self.ln_1 = nnx.LayerNorm(D, rngs=rngs)
+    self.normal_head = nnx.Linear(D, D, rngs=rngs)
+
+
+@pytest.mark.parametrize("preset", [
+    odf.hf_trainer_mask, odf.stacked_ndim_mask, odf.norm_and_bias_mask,
+    lambda m: odf.exclude_module_types(m, nnx.LayerNorm, allow_unmatched=True)])
+def test_type_rules_refuse_a_tree_of_another_model_even_when_unmatched_is_allowed(preset):
+  """Claim: a preset that reads module types from one model refuses the leaves of another.
+
+  Oracle: HF's rule on OtherNames excludes ``ln_1`` by type; a mask built from NamedNorms
+  does not know ``ln_1`` and used to decay its scale silently (its type rule allows
+  unmatched rules, which also turned off the wrong-model check)."""
+  other = OtherNames(nnx.Rngs(0))
+  params = nnx.state(other, nnx.Param)
+  assert "ln_1.scale" not in hf_get_decay_parameter_names(other)
+  with pytest.raises(ValueError, match=r"built from a NamedNorms .* no parameter at 'ln_1/"):
+    od.resolve_mask(params, preset(NamedNorms(nnx.Rngs(0))))
+  # A layer added after the mask was built is a path the mask has not seen: the same error.
+  model = OtherNames(nnx.Rngs(0))
+  mask = preset(model)
+  model.ln_2 = nnx.LayerNorm(D, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="no parameter at 'ln_2/"):
+    od.resolve_mask(nnx.state(model, nnx.Param), mask)
+  # Inside optax.masked, the other group's leaves are MaskedNodes of the same model: fine.
+  od.resolve_mask(params, preset(other))
+  tx = optax.masked(od.adamw(1e-2, weight_decay=0.1, mask=preset(other)),
+                    {"ln_1": {"scale": False, "bias": False},
+                     "normal_head": {"kernel": True, "bias": False}})
+  tx.init(nnx.to_pure_dict(params))
 
 
 # ---------------------------------------------------------------------------------- nanoGPT
