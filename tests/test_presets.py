@@ -241,6 +241,55 @@ def test_type_rules_refuse_a_tree_of_another_model_even_when_unmatched_is_allowe
   tx.init(nnx.to_pure_dict(params))
 
 
+# ------------------------------------------------------------------------------------- BERT
+
+# google-research/bert optimization.py, AdamWeightDecayOptimizer._do_use_weight_decay, with
+# create_optimizer's exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]; the
+# names are the "/"-joined paths, as TF's variable names are.
+def bert_do_use_weight_decay(param_name, weight_decay_rate=0.01,
+                             exclude_from_weight_decay=("LayerNorm", "layer_norm", "bias")):
+  if not weight_decay_rate:
+    return False
+  if exclude_from_weight_decay:
+    for r in exclude_from_weight_decay:
+      if re.search(r, param_name) is not None:
+        return False
+  return True
+
+
+class ModernBertLike(nnx.Module):
+  """No bias anywhere (ModernBERT's layout), norms named as BERT names them."""
+
+  def __init__(self, rngs):
+    self.tok_embeddings = nnx.Embed(11, D, rngs=rngs)
+    self.attn = nnx.Linear(D, 3 * D, use_bias=False, rngs=rngs)
+    self.LayerNorm = nnx.LayerNorm(D, use_bias=False, rngs=rngs)
+    self.layer_norm_final = nnx.LayerNorm(D, use_bias=False, rngs=rngs)
+
+
+def test_bert_mask_equals_do_use_weight_decay_on_a_bias_free_model():
+  """Claim: BERT's rule has nothing to exclude by "bias" on a bias-free model, and bert_mask
+  says so instead of raising. Oracle: the transcription above, leaf by leaf."""
+  params = nnx.state(ModernBertLike(nnx.Rngs(0)), nnx.Param)
+  got = _mask_dict(params, odf.bert_mask())
+  assert got == {p: bert_do_use_weight_decay(p) for p in got}
+  assert {p for p, m in got.items() if not m} == {"LayerNorm/scale", "layer_norm_final/scale"}
+
+
+def test_bert_mask_still_refuses_norms_its_names_miss_and_allow_unmatched_is_its_way_out():
+  """Claim: a tree with no LayerNorm/layer_norm path raises (a norm named otherwise would
+  decay silently), and the advice of that error, allow_unmatched=True, is accepted.
+  Oracle: on a norm-free MLP, BERT's rule excludes exactly the biases."""
+  mlp = {"fc1": {"kernel": jnp.ones((D, D)), "bias": jnp.ones(D)},
+         "fc2": {"kernel": jnp.ones((D, D)), "bias": jnp.ones(D)}}
+  with pytest.raises(ValueError, match=r"'LayerNorm'.*matches no parameter.*allow_unmatched"):
+    od.resolve_mask(mlp, odf.bert_mask())
+  got = _mask_dict(mlp, odf.bert_mask(allow_unmatched=True))
+  assert got == {p: bert_do_use_weight_decay(p) for p in got}
+  with pytest.raises(TypeError, match="allow_unmatched must be True or False"):
+    odf.bert_mask(allow_unmatched="False")
+
+
 # ---------------------------------------------------------------------------------- nanoGPT
 
 # karpathy/nanoGPT model.py, GPT.configure_optimizers (``requires_grad``: every leaf here)

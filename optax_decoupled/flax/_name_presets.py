@@ -18,17 +18,24 @@ from optax_decoupled import _paths, _predicates, _rules
 __all__ = ["bert_mask", "nanogpt_mask", "timm_mask"]
 
 
-def bert_mask() -> _predicates.Predicate:
+def bert_mask(*, allow_unmatched: bool = False) -> _predicates.Predicate:
   """BERT's preset: no decay on any path containing LayerNorm/layer_norm or bias.
 
-  ``od.exclude_names(*od.BERT_EXCLUDE)``: google-research/bert optimization.py,
-  ``AdamWeightDecayOptimizer._do_use_weight_decay`` (``re.search`` of "LayerNorm",
-  "layer_norm", "bias"), with the two norm spellings as one rule. Purely by name: nnx
-  attributes and linen submodules must be *called* ``LayerNorm...`` or ``layer_norm...``
-  (linen's automatic ``LayerNorm_0`` is), else the rule is unmatched and resolving it
-  raises. Stacking does not matter (names only).
+  google-research/bert optimization.py, ``AdamWeightDecayOptimizer._do_use_weight_decay``
+  (``re.search`` of "LayerNorm", "layer_norm", "bias"), with the two norm spellings as one
+  rule. Purely by name: nnx attributes and linen submodules must be *called*
+  ``LayerNorm...`` or ``layer_norm...`` (linen's automatic ``LayerNorm_0`` is), else the
+  norm rule is unmatched and resolving it raises, since a norm under another name would
+  silently decay. The "bias" rule may match nothing: Flax (and Equinox) name every bias
+  ``bias``, so a tree without one is a bias-free model, on which BERT's rule is the norm
+  rule alone (a Haiku-style ``b`` is not a bias to this rule, nor to BERT's). Stacking
+  does not matter (names only).
 
   Decay convention: none of its own (a mask); the optimizer it is given to keeps its own.
+
+  Args:
+    allow_unmatched: if True, a tree with no LayerNorm/layer_norm path (a model without
+      norms) is not an error; the mask then excludes the biases only.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled.flax as odf
@@ -36,7 +43,9 @@ def bert_mask() -> _predicates.Predicate:
     ...                  "kernel": jnp.ones((2, 2))}})
     {'dense': {'bias': False, 'kernel': True}, 'layer_norm': {'scale': False}}
   """
-  return _predicates.exclude_names(*_predicates.BERT_EXCLUDE)
+  norm, bias = _predicates.BERT_EXCLUDE
+  return (_predicates.exclude_names(norm, allow_unmatched=allow_unmatched)
+          & _predicates.exclude_names(bias, allow_unmatched=True))
 
 
 def nanogpt_mask() -> _predicates.Predicate:
