@@ -438,6 +438,17 @@ def test_timm_mask_equals_param_groups_weight_decay_on_a_vit_tree():
   assert repr(odf.timm_mask()) == "timm_mask()"
 
 
+def test_timm_mask_takes_the_empty_dict_a_timm_model_returns_from_no_weight_decay():
+  """Claim: ``odf.timm_mask(model.no_weight_decay())`` works for every timm model. timm's
+  pvt_v2 returns ``{}``, which param_groups_weight_decay iterates as no pattern. Oracle:
+  the transcription with that ``{}``; a nonempty dict is still refused (not a pattern list)."""
+  tree = _vit_tree()
+  assert _decayed(tree, odf.timm_mask({})) == set(timm_decay_names(_named_parameters(tree), {}))
+  assert odf.timm_mask({}) == odf.timm_mask()
+  with pytest.raises(TypeError, match="no_weight_decay takes a pattern"):
+    odf.timm_mask({"pos_embed": 0.0})
+
+
 def test_timm_patterns_match_the_whole_dotted_name():
   table = jnp.ones((15, 2))
   tree = {"layers": [{"blocks": [{"attn": {"relative_position_bias_table": table,

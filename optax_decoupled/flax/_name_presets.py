@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,7 +113,8 @@ def timm_mask(
   Decay convention: none of its own (a mask); the optimizer it is given to keeps its own.
 
   Args:
-    no_weight_decay: fnmatch patterns (a set, like ``model.no_weight_decay()``).
+    no_weight_decay: fnmatch patterns (a set, like ``model.no_weight_decay()``; the empty
+      dict some timm models return counts as no pattern).
     allow_unmatched: True (default) ignores a pattern that matches no parameter, as timm
       does; False raises ``ValueError`` for it, when the mask is resolved.
 
@@ -124,6 +125,8 @@ def timm_mask(
     >>> odf.timm_mask({"pos_embed", "cls_token"})(params)
     {'head': {'bias': False, 'kernel': True}, 'pos_embed': False}
   """
+  if isinstance(no_weight_decay, Mapping) and not no_weight_decay:
+    no_weight_decay = ()  # timm's pvt_v2 returns {} from no_weight_decay(): no pattern
   patterns = _rules.patterns(no_weight_decay, "timm_mask()", "no_weight_decay")
   if not all(isinstance(p, str) for p in patterns):
     raise TypeError(f"timm_mask() takes fnmatch patterns (str); got {no_weight_decay!r}.")
