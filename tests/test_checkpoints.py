@@ -354,5 +354,26 @@ def test_restore_does_not_create_a_missing_directory_and_names_bad_steps(tmp_pat
   finally:
     os.chdir(cwd)
 
+
+def test_saving_a_state_a_donating_step_consumed_names_the_leaf_and_writes_nothing(tmp_path):
+  """Claim: saving the state passed to a donating step (not the one it returned) is refused
+  naming a deleted leaf, and no partial checkpoint directory is left; orbax raised "Array
+  has been deleted" with no leaf and left "1.orbax-checkpoint-tmp" behind."""
+  import flax.linen as nn
+  from flax.training import train_state
+
+  import optax_decoupled.flax as odf
+
+  net = nn.Dense(2)
+  params = net.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  old = train_state.TrainState.create(apply_fn=net.apply, params=params, tx=od.adamw(1e-2))
+  step = odf.linen_train_step(lambda p, x: jnp.mean(net.apply({"params": p}, x) ** 2))
+  new, _ = step(old, jnp.ones((4, 3)))
+  with pytest.raises(RuntimeError, match=r"leaf .*params.* is a deleted array.*returned"):
+    odf.save_checkpoint(tmp_path, 1, old)
+  assert not os.listdir(tmp_path)
+  odf.save_checkpoint(tmp_path, 1, new)  # the returned state saves
+  assert odf.restore_checkpoint(tmp_path, new)[0] == 1
+
 if __name__ == "__main__":
   _main(sys.argv[1], sys.argv[2])

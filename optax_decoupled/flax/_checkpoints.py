@@ -122,6 +122,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
   ``orbax.checkpoint.CheckpointManager`` with ``StandardSave``; the values are
   stored exactly (restoring gives bitwise the same arrays).
 
+  Raises:
+    ValueError: ``step`` is not a non-negative integer.
+    NotADirectoryError: ``directory`` is a file.
+    RuntimeError: a leaf is an array a donating train step deleted (named, before
+      anything is written).
+
   Example:
     >>> import tempfile, jax.numpy as jnp, optax_decoupled.flax as odf
     >>> d = tempfile.mkdtemp()
@@ -137,6 +143,13 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
     raise NotADirectoryError(f"save_checkpoint: {path!r} is a file, not a checkpoint directory.")
   if _is_nnx_state(tree):
     tree = nnx.to_pure_dict(tree)
+  for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      raise RuntimeError(
+          f"save_checkpoint: leaf {jax.tree_util.keystr(keypath)} of the tree is a deleted array:"
+          " a train step that donates its inputs (odf.nnx_train_step, odf.linen_train_step)"
+          " consumed it. Save the model, optimizer or state as they are after the step (for"
+          " linen, the state the step returned), not a tree taken before it.")
   with ocp.CheckpointManager(path) as mgr:
     if step in mgr.all_steps():
       mgr.delete(step)  # a re-run overwrites its own step instead of failing
