@@ -290,6 +290,23 @@ def test_bert_mask_still_refuses_norms_its_names_miss_and_allow_unmatched_is_its
     odf.bert_mask(allow_unmatched="False")
 
 
+@pytest.mark.parametrize("cls, why", [
+    (nn.LayerNorm, r"linen class.*nnx.LayerNorm"), (nnx.Param, r"Variable type.*wrt="),
+    (int, "not an nnx.Module subclass"), (nnx.Pytree, "not an nnx.Module subclass")])
+def test_type_rules_refuse_classes_no_nnx_module_graph_holds(cls, why):
+  """Claim: a class that can never own a parameter of an nnx model (linen's LayerNorm, a
+  Variable type, a non-Module) is a TypeError naming the fix, also where unmatched rules
+  are allowed: stacked_ndim_mask(model, norm_types=nn.LayerNorm) excluded no norm, silently.
+  Oracle: nnx.iter_modules yields nnx.Module instances only."""
+  model = NamedNorms(nnx.Rngs(0))
+  assert all(isinstance(m, nnx.Module) for _, m in nnx.iter_modules(model))
+  for build in (lambda: odf.exclude_module_types(model, cls, allow_unmatched=True),
+                lambda: odf.stacked_ndim_mask(model, norm_types=cls),
+                lambda: odf.norm_and_bias_mask(model, (nnx.RMSNorm, cls), allow_unmatched=True)):
+    with pytest.raises(TypeError, match="takes nnx module classes.*" + why):
+      build()
+
+
 # ---------------------------------------------------------------------------------- nanoGPT
 
 # karpathy/nanoGPT model.py, GPT.configure_optimizers (``requires_grad``: every leaf here)

@@ -51,8 +51,25 @@ def _normalize_type_rules(types: Sequence[TypeRule]) -> tuple[tuple[type, ...], 
     if not alternatives or not all(isinstance(a, type) for a in alternatives):
       raise TypeError("exclude_module_types() takes module classes (e.g. nnx.LayerNorm), or "
                       f"tuples of classes that count as one rule; got {t!r}.")
+    for a in alternatives:
+      if not issubclass(a, nnx.Module):
+        raise TypeError(f"exclude_module_types() takes nnx module classes; {_not_nnx_module(a)}")
     rules.append(alternatives)
   return tuple(rules)
+
+
+def _not_nnx_module(cls: type) -> str:
+  """Why ``cls`` owns no parameter of an nnx model, and what to pass instead."""
+  name = f"{cls.__module__}.{cls.__qualname__}"
+  if issubclass(cls, nnx.Variable):
+    return (f"{name} is a Variable type: it selects what is optimized, which is wrt= (e.g. "
+            "wrt=nnx.Param), not a module whose parameters to exclude.")
+  if cls.__module__.startswith("flax.linen") or any(
+      c.__module__.startswith("flax.linen") for c in cls.__mro__[1:]):
+    return (f"{name} is a linen class, which no nnx model contains: pass its nnx "
+            f"counterpart (e.g. nnx.{cls.__name__}).")
+  return (f"{name} is not an nnx.Module subclass, and the owners of parameters are read from"
+          " the model's modules (nnx.iter_modules): make it an nnx.Module.")
 
 
 def _param_owners_by_rule(
