@@ -431,6 +431,7 @@ def test_train_steps_name_the_loss_fn_mistake_before_differentiating(fused):
       (lambda m, x: jnp.sum(m(x) > 0), {}, r"got an array int32\[\].*floating point"),
       (lambda m, x: (_small_loss(m, x), {"n": 1}), {}, r"a tuple of 2.*has_aux=True"),
       (_small_loss, {"has_aux": True}, r"has_aux=True.*must return a pair.*has_aux=False"),
+      (lambda m, x: [_small_loss(m, x), 0.0], {"has_aux": True}, r"pair.*got a list of 2"),
   ]
   for loss_fn, kw, match in bad:
     model = _Small(nnx.Rngs(0))

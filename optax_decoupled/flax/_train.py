@@ -112,7 +112,7 @@ def _checked_loss(loss_fn: Callable[..., Any], has_aux: bool, who: str) -> Calla
   def checked(*args):
     out = loss_fn(*args)
     if has_aux:
-      if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      if not (isinstance(out, tuple) and len(out) == 2):  # jax takes a tuple only
         raise TypeError(
             f"{who}(loss_fn, has_aux=True): loss_fn must return a pair (loss, aux), got "
             f"{_describe_output(out)}. Return (loss, aux), or build the step with "
