@@ -17,8 +17,9 @@ them breaks loading old checkpoints and must be deliberate.
 The ``test_restore_*`` tests hold ``odf.restore_checkpoint`` (optax_decoupled/flax/_checkpoints.py)
 to its bitwise promise: a template ``like`` whose dtype or shape differs from the saved leaf
 (read from orbax's checkpoint metadata) is refused with a ValueError naming the leaf, instead
-of orbax silently casting float32 to bfloat16; a matching template restores bit for bit, for a
-plain pytree and for an ``nnx.State``.
+of orbax silently casting float32 to bfloat16; a template of another structure is refused
+naming the leaves; a matching template restores bit for bit, for a plain pytree and for an
+``nnx.State``; bad steps and directories are named without creating anything.
 """
 
 from __future__ import annotations
@@ -289,6 +290,90 @@ def test_restore_checks_an_nnx_state(tmp_path):
   for k, v in _flat(nnx.to_pure_dict(like)).items():  # the template is left untouched
     np.testing.assert_array_equal(v, before[k], err_msg=k)
 
+
+
+def test_restore_refuses_a_template_of_another_structure_naming_the_leaves(tmp_path):
+  """Claim: a template whose leaves are not the saved ones (params only for a params +
+  optimizer checkpoint, or an extra leaf) is refused naming the leaves; orbax's own
+  error printed its whole metadata tree. Oracle: the leaf names of the two trees."""
+  import optax_decoupled.flax as odf
+
+  odf.save_checkpoint(tmp_path, 1, _saved_tree())
+  n = len(jax.tree.leaves(_saved_tree())) - len(jax.tree.leaves(_params()))
+  with pytest.raises(ValueError, match=rf"structure .*; {n} saved leaves missing from it, 0 of "
+                     r"its leaves not saved\): the checkpoint has 'opt_state/0/count'"):
+    odf.restore_checkpoint(tmp_path, {"params": _params()})
+  like = {**_saved_tree(), "extra": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"the template has 'extra', the checkpoint does not"):
+    odf.restore_checkpoint(tmp_path, like)
+  # A Python scalar in the template for a saved array is a shape mismatch, named.
+  like = _saved_tree()
+  like["params"]["head"]["kernel"] = 0.0
+  with pytest.raises(ValueError, match=r"\['head'\]\['kernel'\] was saved as float32\[4,3\] "
+                     r"but the template `like` has a Python scalar"):
+    odf.restore_checkpoint(tmp_path, like)
+
+
+def test_restore_does_not_create_a_missing_directory_and_names_bad_steps(tmp_path):
+  """Claim: restoring from a directory that does not exist says so and leaves no directory
+  behind (orbax's CheckpointManager created it); a step that is not a non-negative integer
+  is refused by both functions ("1" reported "no checkpoint 1" next to step 1, True looked
+  for a directory "True"); numpy and JAX integers are steps. Relative paths resolve
+  against the working directory."""
+  import optax_decoupled.flax as odf
+
+  missing = tmp_path / "nope"
+  with pytest.raises(FileNotFoundError, match="no checkpoint directory .*nope"):
+    odf.restore_checkpoint(missing, {"w": jnp.zeros(2)})
+  assert not missing.exists()
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(NotADirectoryError, match="is a file"):
+    odf.save_checkpoint(a_file, 1, {"w": jnp.ones(2)})
+  with pytest.raises(FileNotFoundError, match="it is a file"):
+    odf.restore_checkpoint(a_file, {"w": jnp.zeros(2)})
+
+  odf.save_checkpoint(tmp_path / "ok", np.int64(2), {"w": jnp.ones(2)})
+  odf.save_checkpoint(tmp_path / "ok", jnp.int32(4), {"w": 2 * jnp.ones(2)})
+  for bad in ("1", True, -1, 1.0):
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+      odf.restore_checkpoint(tmp_path / "ok", {"w": jnp.zeros(2)}, step=bad)
+    with pytest.raises(ValueError, match="step must be a non-negative integer"):
+      odf.save_checkpoint(tmp_path / "ok", bad, {"w": jnp.ones(2)})
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint 3 .*available steps: \[2, 4\]"):
+    odf.restore_checkpoint(tmp_path / "ok", {"w": jnp.zeros(2)}, step=3)
+  step, got = odf.restore_checkpoint(tmp_path / "ok", {"w": jnp.zeros(2)})
+  assert step == 4 and np.array_equal(got["w"], [2.0, 2.0])
+
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    odf.save_checkpoint("relative", 5, {"w": jnp.ones(2)})
+    os.chdir(tmp_path / "ok")
+    assert odf.restore_checkpoint("../relative", {"w": jnp.zeros(2)})[0] == 5
+  finally:
+    os.chdir(cwd)
+
+
+def test_saving_a_state_a_donating_step_consumed_names_the_leaf_and_writes_nothing(tmp_path):
+  """Claim: saving the state passed to a donating step (not the one it returned) is refused
+  naming a deleted leaf, and no partial checkpoint directory is left; orbax raised "Array
+  has been deleted" with no leaf and left "1.orbax-checkpoint-tmp" behind."""
+  import flax.linen as nn
+  from flax.training import train_state
+
+  import optax_decoupled.flax as odf
+
+  net = nn.Dense(2)
+  params = net.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  old = train_state.TrainState.create(apply_fn=net.apply, params=params, tx=od.adamw(1e-2))
+  step = odf.linen_train_step(lambda p, x: jnp.mean(net.apply({"params": p}, x) ** 2))
+  new, _ = step(old, jnp.ones((4, 3)))
+  with pytest.raises(RuntimeError, match=r"leaf .*params.* is a deleted array.*returned"):
+    odf.save_checkpoint(tmp_path, 1, old)
+  assert not os.listdir(tmp_path)
+  odf.save_checkpoint(tmp_path, 1, new)  # the returned state saves
+  assert odf.restore_checkpoint(tmp_path, new)[0] == 1
 
 if __name__ == "__main__":
   _main(sys.argv[1], sys.argv[2])

@@ -405,3 +405,86 @@ def test_linen_step_names_a_donated_input_before_the_call():
   again, _ = safe(fresh, *batch)
   again, _ = safe(fresh, *batch)  # without donation the input stays usable
   assert not any(x.is_deleted() for x in jax.tree.leaves(fresh.params))
+
+
+class _Small(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(4, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dense(x)
+
+
+def _small_loss(model, x):
+  return jnp.mean(model(x) ** 2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_steps_name_the_loss_fn_mistake_before_differentiating(fused):
+  """Claim: a loss that is not a float scalar, or whose aux does not match has_aux, is a
+  TypeError naming the fix (jax's own errors, e.g. "iteration over a 0-d array", do not).
+  Oracle: the messages, for both steps."""
+  x = jnp.ones((3, 4))
+  bad = [
+      (lambda m, x: m(x) ** 2, {}, r"float scalar \(shape \(\)\), got an array float32\[3, 1\]"
+       r".*jnp.mean"),
+      (lambda m, x: jnp.sum(m(x) > 0), {}, r"got an array int32\[\].*floating point"),
+      (lambda m, x: (_small_loss(m, x), {"n": 1}), {}, r"a tuple of 2.*has_aux=True"),
+      (_small_loss, {"has_aux": True}, r"has_aux=True.*must return a pair.*has_aux=False"),
+      (lambda m, x: [_small_loss(m, x), 0.0], {"has_aux": True}, r"pair.*got a list of 2"),
+  ]
+  for loss_fn, kw, match in bad:
+    model = _Small(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, od.adamw(1e-2), wrt=nnx.Param)
+    with pytest.raises(TypeError, match="nnx_train_step.*" + match):
+      odf.nnx_train_step(loss_fn, fused=fused, **kw)(model, optimizer, x)
+    net = nn.Dense(1)
+    params = net.init(jax.random.key(0), x)["params"]
+    state = train_state.TrainState.create(apply_fn=net.apply, params=params, tx=od.adamw(1e-2))
+
+    def linen_loss(p, x, loss_fn=loss_fn):  # the same loss, the model as a closure
+      return loss_fn(lambda x: net.apply({"params": p}, x), x)
+
+    with pytest.raises(TypeError, match="linen_train_step.*" + match):
+      odf.linen_train_step(linen_loss, fused=fused, **kw)(state, x)
+
+
+def test_train_steps_refuse_arguments_of_the_wrong_kind_before_tracing():
+  """Claim: the nnx step's (model, optimizer) and the linen step's state are checked, with
+  a message naming the fix; jax's were "... as an abstract array" and "'M' object has no
+  attribute 'wrt'"."""
+  model, x = _Small(nnx.Rngs(0)), jnp.ones((3, 4))
+  optimizer = nnx.Optimizer(model, od.adamw(1e-2), wrt=nnx.Param)
+  step = odf.nnx_train_step(_small_loss)
+  with pytest.raises(TypeError, match="swapped"):
+    step(optimizer, model, x)
+  with pytest.raises(TypeError, match=r"must be an nnx.Optimizer.*nnx.Optimizer\(model, tx"):
+    step(model, od.adamw(1e-2), x)
+  with pytest.raises(TypeError, match="must be an nnx.Module.*linen_train_step"):
+    step({"dense": 1}, optimizer, x)
+  with pytest.raises(TypeError, match="must be a TrainState"):
+    odf.linen_train_step(lambda p, x: jnp.sum(p["w"]))({"w": jnp.ones(2)}, x)
+  with pytest.raises(TypeError, match="must be callable"):
+    odf.nnx_train_step(None)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nnx_step_takes_a_model_and_optimizer_as_it_takes_an_optimizer(fused):
+  """Claim: nnx.ModelAndOptimizer works with both update paths (it failed with
+  "update() takes 2 positional arguments" unfused). Oracle: the same parameters as
+  nnx.Optimizer after three steps; a ModelAndOptimizer of another model is refused."""
+  x = jnp.arange(12.0).reshape(3, 4)
+  results = []
+  for make in (nnx.Optimizer, nnx.ModelAndOptimizer):
+    model = _Small(nnx.Rngs(0))
+    optimizer = make(model, od.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param)
+    step = odf.nnx_train_step(_small_loss, fused=fused)
+    for _ in range(3):
+      step(model, optimizer, x)
+    assert int(optimizer.step[...]) == 3
+    results.append(_params(model))
+  for path in results[0]:
+    np.testing.assert_array_equal(results[0][path], results[1][path])
+  other = nnx.ModelAndOptimizer(_Small(nnx.Rngs(1)), od.adamw(1e-2), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="holds another model"):
+    odf.nnx_train_step(_small_loss, fused=fused)(_Small(nnx.Rngs(0)), other, x)

@@ -21,6 +21,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 
@@ -204,6 +205,108 @@ def test_hf_excludes_stacked_layernorms_by_type():
       "(exclude_module_types(LayerNorm, allow_unmatched=True) & hf_forbidden_names('bias'")
 
 
+class OtherNames(nnx.Module):
+  """NamedNorms' shape with the LayerNorm under another attribute name."""
+
+  def __init__(self, rngs):
+    self.ln_1 = nnx.LayerNorm(D, rngs=rngs)
+    self.normal_head = nnx.Linear(D, D, rngs=rngs)
+
+
+@pytest.mark.parametrize("preset", [
+    odf.hf_trainer_mask, odf.stacked_ndim_mask, odf.norm_and_bias_mask,
+    lambda m: odf.exclude_module_types(m, nnx.LayerNorm, allow_unmatched=True)])
+def test_type_rules_refuse_a_tree_of_another_model_even_when_unmatched_is_allowed(preset):
+  """Claim: a preset that reads module types from one model refuses the leaves of another.
+
+  Oracle: HF's rule on OtherNames excludes ``ln_1`` by type; a mask built from NamedNorms
+  does not know ``ln_1`` and used to decay its scale silently (its type rule allows
+  unmatched rules, which also turned off the wrong-model check)."""
+  other = OtherNames(nnx.Rngs(0))
+  params = nnx.state(other, nnx.Param)
+  assert "ln_1.scale" not in hf_get_decay_parameter_names(other)
+  with pytest.raises(ValueError, match=r"built from a NamedNorms .* no parameter at 'ln_1/"):
+    od.resolve_mask(params, preset(NamedNorms(nnx.Rngs(0))))
+  # A layer added after the mask was built is a path the mask has not seen: the same error.
+  model = OtherNames(nnx.Rngs(0))
+  mask = preset(model)
+  model.ln_2 = nnx.LayerNorm(D, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="no parameter at 'ln_2/"):
+    od.resolve_mask(nnx.state(model, nnx.Param), mask)
+  # Inside optax.masked, the other group's leaves are MaskedNodes of the same model: fine.
+  od.resolve_mask(params, preset(other))
+  tx = optax.masked(od.adamw(1e-2, weight_decay=0.1, mask=preset(other)),
+                    {"ln_1": {"scale": False, "bias": False},
+                     "normal_head": {"kernel": True, "bias": False}})
+  tx.init(nnx.to_pure_dict(params))
+
+
+# ------------------------------------------------------------------------------------- BERT
+
+# google-research/bert optimization.py, AdamWeightDecayOptimizer._do_use_weight_decay, with
+# create_optimizer's exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]; the
+# names are the "/"-joined paths, as TF's variable names are.
+def bert_do_use_weight_decay(param_name, weight_decay_rate=0.01,
+                             exclude_from_weight_decay=("LayerNorm", "layer_norm", "bias")):
+  if not weight_decay_rate:
+    return False
+  if exclude_from_weight_decay:
+    for r in exclude_from_weight_decay:
+      if re.search(r, param_name) is not None:
+        return False
+  return True
+
+
+class ModernBertLike(nnx.Module):
+  """No bias anywhere (ModernBERT's layout), norms named as BERT names them."""
+
+  def __init__(self, rngs):
+    self.tok_embeddings = nnx.Embed(11, D, rngs=rngs)
+    self.attn = nnx.Linear(D, 3 * D, use_bias=False, rngs=rngs)
+    self.LayerNorm = nnx.LayerNorm(D, use_bias=False, rngs=rngs)
+    self.layer_norm_final = nnx.LayerNorm(D, use_bias=False, rngs=rngs)
+
+
+def test_bert_mask_equals_do_use_weight_decay_on_a_bias_free_model():
+  """Claim: BERT's rule has nothing to exclude by "bias" on a bias-free model, and bert_mask
+  says so instead of raising. Oracle: the transcription above, leaf by leaf."""
+  params = nnx.state(ModernBertLike(nnx.Rngs(0)), nnx.Param)
+  got = _mask_dict(params, odf.bert_mask())
+  assert got == {p: bert_do_use_weight_decay(p) for p in got}
+  assert {p for p, m in got.items() if not m} == {"LayerNorm/scale", "layer_norm_final/scale"}
+
+
+def test_bert_mask_still_refuses_norms_its_names_miss_and_allow_unmatched_is_its_way_out():
+  """Claim: a tree with no LayerNorm/layer_norm path raises (a norm named otherwise would
+  decay silently), and the advice of that error, allow_unmatched=True, is accepted.
+  Oracle: on a norm-free MLP, BERT's rule excludes exactly the biases."""
+  mlp = {"fc1": {"kernel": jnp.ones((D, D)), "bias": jnp.ones(D)},
+         "fc2": {"kernel": jnp.ones((D, D)), "bias": jnp.ones(D)}}
+  with pytest.raises(ValueError, match=r"'LayerNorm'.*matches no parameter.*allow_unmatched"):
+    od.resolve_mask(mlp, odf.bert_mask())
+  got = _mask_dict(mlp, odf.bert_mask(allow_unmatched=True))
+  assert got == {p: bert_do_use_weight_decay(p) for p in got}
+  with pytest.raises(TypeError, match="allow_unmatched must be True or False"):
+    odf.bert_mask(allow_unmatched="False")
+
+
+@pytest.mark.parametrize("cls, why", [
+    (nn.LayerNorm, r"linen class.*nnx.LayerNorm"), (nnx.Param, r"Variable type.*wrt="),
+    (int, "not an nnx.Module subclass"), (nnx.Pytree, "not an nnx.Module subclass")])
+def test_type_rules_refuse_classes_no_nnx_module_graph_holds(cls, why):
+  """Claim: a class that can never own a parameter of an nnx model (linen's LayerNorm, a
+  Variable type, a non-Module) is a TypeError naming the fix, also where unmatched rules
+  are allowed: stacked_ndim_mask(model, norm_types=nn.LayerNorm) excluded no norm, silently.
+  Oracle: nnx.iter_modules yields nnx.Module instances only."""
+  model = NamedNorms(nnx.Rngs(0))
+  assert all(isinstance(m, nnx.Module) for _, m in nnx.iter_modules(model))
+  for build in (lambda: odf.exclude_module_types(model, cls, allow_unmatched=True),
+                lambda: odf.stacked_ndim_mask(model, norm_types=cls),
+                lambda: odf.norm_and_bias_mask(model, (nnx.RMSNorm, cls), allow_unmatched=True)):
+    with pytest.raises(TypeError, match="takes nnx module classes.*" + why):
+      build()
+
+
 # ---------------------------------------------------------------------------------- nanoGPT
 
 # karpathy/nanoGPT model.py, GPT.configure_optimizers (``requires_grad``: every leaf here)
@@ -350,6 +453,17 @@ def test_timm_mask_equals_param_groups_weight_decay_on_a_vit_tree():
                         "'reg_token'))")
   assert mask == odf.timm_mask(sorted(vit_no_wd)) and hash(mask) == hash(odf.timm_mask(vit_no_wd))
   assert repr(odf.timm_mask()) == "timm_mask()"
+
+
+def test_timm_mask_takes_the_empty_dict_a_timm_model_returns_from_no_weight_decay():
+  """Claim: ``odf.timm_mask(model.no_weight_decay())`` works for every timm model. timm's
+  pvt_v2 returns ``{}``, which param_groups_weight_decay iterates as no pattern. Oracle:
+  the transcription with that ``{}``; a nonempty dict is still refused (not a pattern list)."""
+  tree = _vit_tree()
+  assert _decayed(tree, odf.timm_mask({})) == set(timm_decay_names(_named_parameters(tree), {}))
+  assert odf.timm_mask({}) == odf.timm_mask()
+  with pytest.raises(TypeError, match="no_weight_decay takes a pattern"):
+    odf.timm_mask({"pos_embed": 0.0})
 
 
 def test_timm_patterns_match_the_whole_dotted_name():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any
 
@@ -24,7 +25,24 @@ def _name(dtype: Any) -> str:
 
 
 def _describe(dtype: Any, shape: Any) -> str:
+  if dtype is None and not shape:
+    return "a Python scalar"
   return f"{_name(dtype) if dtype is not None else '?'}[{','.join(map(str, shape))}]"
+
+
+def _join(keys: tuple[Any, ...]) -> str:
+  return "/".join(map(str, keys))
+
+
+def _check_step(step: Any, who: str) -> int:
+  """``step`` as an int: any integer (Python, numpy, a concrete JAX scalar), not a bool."""
+  try:
+    value = operator.index(step)
+  except TypeError:
+    value = None
+  if isinstance(step, (bool, np.bool_)) or value is None or value < 0:
+    raise ValueError(f"{who}: step must be a non-negative integer, got {step!r}.")
+  return value
 
 
 def _check_against_metadata(metadata: Any, abstract: Any, step: int, path: str) -> None:
@@ -34,8 +52,9 @@ def _check_against_metadata(metadata: Any, abstract: Any, step: int, path: str) 
   ``TreeMetadata``; None for a checkpoint without metadata, then nothing is
   checked). Leaves are matched by orbax's own flat keys (``to_flat_dict``:
   dict keys and sequence indices as strings, NamedTuple fields by name), so an
-  ``optax`` state or an ``nnx`` pure dict is compared leaf by leaf; leaves the
-  checkpoint lacks are left to orbax's own structure error.
+  ``optax`` state or an ``nnx`` pure dict is compared leaf by leaf, after the sets of
+  leaves themselves (a template with leaves the checkpoint lacks, or without some of
+  its leaves, is refused naming them).
   """
   import orbax.checkpoint as ocp
 
@@ -43,16 +62,28 @@ def _check_against_metadata(metadata: Any, abstract: Any, step: int, path: str) 
     return
   saved = ocp.tree.to_flat_dict(getattr(metadata, "tree", metadata))
   leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  wanted = {ocp.utils.tuple_path_from_keypath(k) for k, _ in leaves}
+  only_saved = sorted(set(saved) - wanted, key=str)
+  only_like = sorted(wanted - set(saved), key=str)
+  if only_saved or only_like:
+    diffs = ([f"the checkpoint has {_join(k)!r}, the template does not" for k in only_saved[:2]]
+             + [f"the template has {_join(k)!r}, the checkpoint does not" for k in only_like[:2]])
+    raise ValueError(
+        f"restore_checkpoint: the template `like` does not have the saved tree's structure"
+        f" (checkpoint {step} in {path!r}; {len(only_saved)} saved leaves missing from it,"
+        f" {len(only_like)} of its leaves not saved): {'; '.join(diffs)}. Build `like` as the"
+        " saved tree was built, e.g. nnx.state((model, optimizer)) for both, with the same"
+        " model and optimizer configuration.")
   bad = []
   for keypath, leaf in leaves:
     meta = saved.get(ocp.utils.tuple_path_from_keypath(keypath))
-    if meta is None or not hasattr(leaf, "shape"):
-      continue  # not in the checkpoint (orbax reports it), or a Python scalar
-    want_dtype = getattr(leaf, "dtype", None)
+    if meta is None:
+      continue
+    want_dtype = getattr(leaf, "dtype", None)  # None for a Python scalar: no fixed width
     if want_dtype is not None and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key):
       leaf = jax.eval_shape(jax.random.key_data, leaf)  # typed keys are saved as their data
       want_dtype = leaf.dtype
-    want_shape = tuple(leaf.shape)
+    want_shape = tuple(getattr(leaf, "shape", ()))
     got_shape = tuple(getattr(meta, "shape", None) or ())
     got_dtype = getattr(meta, "dtype", None)
     # A saved Python scalar (orbax ScalarMetadata) has no fixed-width dtype.
@@ -91,6 +122,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
   ``orbax.checkpoint.CheckpointManager`` with ``StandardSave``; the values are
   stored exactly (restoring gives bitwise the same arrays).
 
+  Raises:
+    ValueError: ``step`` is not a non-negative integer.
+    NotADirectoryError: ``directory`` is a file.
+    RuntimeError: a leaf is an array a donating train step deleted (named, before
+      anything is written).
+
   Example:
     >>> import tempfile, jax.numpy as jnp, optax_decoupled.flax as odf
     >>> d = tempfile.mkdtemp()
@@ -100,11 +137,20 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tree: Any) -> None:
   """
   import orbax.checkpoint as ocp
 
-  if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-    raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}.")
+  step = _check_step(step, "save_checkpoint")
+  path = os.path.abspath(os.fspath(directory))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"save_checkpoint: {path!r} is a file, not a checkpoint directory.")
   if _is_nnx_state(tree):
     tree = nnx.to_pure_dict(tree)
-  with ocp.CheckpointManager(os.path.abspath(os.fspath(directory))) as mgr:
+  for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+      raise RuntimeError(
+          f"save_checkpoint: leaf {jax.tree_util.keystr(keypath)} of the tree is a deleted array:"
+          " a train step that donates its inputs (odf.nnx_train_step, odf.linen_train_step)"
+          " consumed it. Save the model, optimizer or state as they are after the step (for"
+          " linen, the state the step returned), not a tree taken before it.")
+  with ocp.CheckpointManager(path) as mgr:
     if step in mgr.all_steps():
       mgr.delete(step)  # a re-run overwrites its own step instead of failing
     mgr.save(step, args=ocp.args.StandardSave(tree), force=True)
@@ -128,8 +174,11 @@ def restore_checkpoint(
     ``nnx.State`` to apply with ``nnx.update((model, optimizer), tree)``.
 
   Raises:
-    FileNotFoundError: there is no checkpoint (``step``) in ``directory``.
-    ValueError: a leaf of ``like`` has another dtype or shape than the saved
+    FileNotFoundError: there is no directory ``directory`` (it is not created), or no
+      checkpoint (``step``) in it.
+    ValueError: ``step`` is not a non-negative integer; ``like`` has leaves the
+      checkpoint lacks or lacks some of its leaves (the first are named); or
+      a leaf of ``like`` has another dtype or shape than the saved
       one (read from the checkpoint's metadata). orbax would cast silently (a
       float32 checkpoint restored into a bfloat16 template comes back rounded),
       so the restore is refused and the message names the first such leaf.
@@ -150,6 +199,12 @@ def restore_checkpoint(
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(os.fspath(directory))
+  if step is not None:
+    step = _check_step(step, "restore_checkpoint")
+  if not os.path.isdir(path):  # CheckpointManager would create it
+    raise FileNotFoundError(
+        f"restore_checkpoint: no checkpoint directory {path!r}"
+        f"{' (it is a file)' if os.path.exists(path) else ''}.")
   # The handler lets ``item_metadata`` read the saved shapes and dtypes (without
   # it, orbax-checkpoint 0.12 returns None for an item it was not told how to read).
   with ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler()) as mgr:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,17 +18,24 @@ from optax_decoupled import _paths, _predicates, _rules
 __all__ = ["bert_mask", "nanogpt_mask", "timm_mask"]
 
 
-def bert_mask() -> _predicates.Predicate:
+def bert_mask(*, allow_unmatched: bool = False) -> _predicates.Predicate:
   """BERT's preset: no decay on any path containing LayerNorm/layer_norm or bias.
 
-  ``od.exclude_names(*od.BERT_EXCLUDE)``: google-research/bert optimization.py,
-  ``AdamWeightDecayOptimizer._do_use_weight_decay`` (``re.search`` of "LayerNorm",
-  "layer_norm", "bias"), with the two norm spellings as one rule. Purely by name: nnx
-  attributes and linen submodules must be *called* ``LayerNorm...`` or ``layer_norm...``
-  (linen's automatic ``LayerNorm_0`` is), else the rule is unmatched and resolving it
-  raises. Stacking does not matter (names only).
+  google-research/bert optimization.py, ``AdamWeightDecayOptimizer._do_use_weight_decay``
+  (``re.search`` of "LayerNorm", "layer_norm", "bias"), with the two norm spellings as one
+  rule. Purely by name: nnx attributes and linen submodules must be *called*
+  ``LayerNorm...`` or ``layer_norm...`` (linen's automatic ``LayerNorm_0`` is), else the
+  norm rule is unmatched and resolving it raises, since a norm under another name would
+  silently decay. The "bias" rule may match nothing: Flax (and Equinox) name every bias
+  ``bias``, so a tree without one is a bias-free model, on which BERT's rule is the norm
+  rule alone (a Haiku-style ``b`` is not a bias to this rule, nor to BERT's). Stacking
+  does not matter (names only).
 
   Decay convention: none of its own (a mask); the optimizer it is given to keeps its own.
+
+  Args:
+    allow_unmatched: if True, a tree with no LayerNorm/layer_norm path (a model without
+      norms) is not an error; the mask then excludes the biases only.
 
   Example:
     >>> import jax.numpy as jnp, optax_decoupled.flax as odf
@@ -36,7 +43,9 @@ def bert_mask() -> _predicates.Predicate:
     ...                  "kernel": jnp.ones((2, 2))}})
     {'dense': {'bias': False, 'kernel': True}, 'layer_norm': {'scale': False}}
   """
-  return _predicates.exclude_names(*_predicates.BERT_EXCLUDE)
+  norm, bias = _predicates.BERT_EXCLUDE
+  return (_predicates.exclude_names(norm, allow_unmatched=allow_unmatched)
+          & _predicates.exclude_names(bias, allow_unmatched=True))
 
 
 def nanogpt_mask() -> _predicates.Predicate:
@@ -104,7 +113,8 @@ def timm_mask(
   Decay convention: none of its own (a mask); the optimizer it is given to keeps its own.
 
   Args:
-    no_weight_decay: fnmatch patterns (a set, like ``model.no_weight_decay()``).
+    no_weight_decay: fnmatch patterns (a set, like ``model.no_weight_decay()``; the empty
+      dict some timm models return counts as no pattern).
     allow_unmatched: True (default) ignores a pattern that matches no parameter, as timm
       does; False raises ``ValueError`` for it, when the mask is resolved.
 
@@ -115,6 +125,8 @@ def timm_mask(
     >>> odf.timm_mask({"pos_embed", "cls_token"})(params)
     {'head': {'bias': False, 'kernel': True}, 'pos_embed': False}
   """
+  if isinstance(no_weight_decay, Mapping) and not no_weight_decay:
+    no_weight_decay = ()  # timm's pvt_v2 returns {} from no_weight_decay(): no pattern
   patterns = _rules.patterns(no_weight_decay, "timm_mask()", "no_weight_decay")
   if not all(isinstance(p, str) for p in patterns):
     raise TypeError(f"timm_mask() takes fnmatch patterns (str); got {no_weight_decay!r}.")

@@ -51,8 +51,25 @@ def _normalize_type_rules(types: Sequence[TypeRule]) -> tuple[tuple[type, ...], 
     if not alternatives or not all(isinstance(a, type) for a in alternatives):
       raise TypeError("exclude_module_types() takes module classes (e.g. nnx.LayerNorm), or "
                       f"tuples of classes that count as one rule; got {t!r}.")
+    for a in alternatives:
+      if not issubclass(a, nnx.Module):
+        raise TypeError(f"exclude_module_types() takes nnx module classes; {_not_nnx_module(a)}")
     rules.append(alternatives)
   return tuple(rules)
+
+
+def _not_nnx_module(cls: type) -> str:
+  """Why ``cls`` owns no parameter of an nnx model, and what to pass instead."""
+  name = f"{cls.__module__}.{cls.__qualname__}"
+  if issubclass(cls, nnx.Variable):
+    return (f"{name} is a Variable type: it selects what is optimized, which is wrt= (e.g. "
+            "wrt=nnx.Param), not a module whose parameters to exclude.")
+  if cls.__module__.startswith("flax.linen") or any(
+      c.__module__.startswith("flax.linen") for c in cls.__mro__[1:]):
+    return (f"{name} is a linen class, which no nnx model contains: pass its nnx "
+            f"counterpart (e.g. nnx.{cls.__name__}).")
+  return (f"{name} is not an nnx.Module subclass, and the owners of parameters are read from"
+          " the model's modules (nnx.iter_modules): make it an nnx.Module.")
 
 
 def _param_owners_by_rule(
@@ -90,6 +107,8 @@ class _ModuleTypes(_predicates.Predicate):
   owners: tuple[tuple[tuple[str, str], ...], ...]
   model_name: str
   allow_unmatched: bool = False
+  #: Every ``wrt`` path of the model the owners were read from.
+  model_paths: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
   _lookup: tuple[dict[str, str], ...] = dataclasses.field(
       init=False, repr=False, compare=False, hash=False)
 
@@ -107,17 +126,20 @@ class _ModuleTypes(_predicates.Predicate):
     return _rules.Decision(True, "not in an excluded module type")
 
   def unmatched(self, paths: Sequence[str]) -> list[str]:
+    # Module types are read from one model: on a leaf that model does not have, this
+    # predicate cannot tell who owns it, whatever allow_unmatched says.
+    foreign = [p for p in paths if p not in self.model_paths]
+    if foreign:
+      raise ValueError(
+          f"Weight-decay mask: {self!r} was built from a {self.model_name} that has no "
+          f"parameter at {foreign[0]!r} ({len(foreign)} of {len(paths)} paths of the tree "
+          f"being masked are not the model's; it has e.g. {min(self.model_paths, default=None)!r}):"
+          " build it from the model you optimize, after adding all its layers, with the"
+          " optimizer's wrt (allow_unmatched does not apply: the module types of those leaves"
+          " are unknown).")
     if self.allow_unmatched:
       return []
     present = set(paths)
-    known = set().union(*self.owned)
-    if known and not known & present:
-      problem = (
-          f"{self!r} was built from a {self.model_name} whose parameter paths "
-          f"(e.g. {min(known)!r}) are not in the tree being masked "
-          f"(e.g. {sorted(present)[:1]}): build it from the model you optimize"
-      )
-      return [problem]
     return [
         f"module type {_rule_name(alternatives)} of {self!r} owns no parameter "
         "of the tree being masked"
@@ -159,6 +181,9 @@ def exclude_module_types(
       tuples of classes that count as one rule.
     allow_unmatched: if False (default), a rule whose types own no parameter is a
       ``ValueError`` here, and again when the mask is resolved on a tree that lacks them.
+      Either way, resolving it on a tree with a leaf ``model`` does not have (another
+      model, a layer added since, another ``wrt``) is a ``ValueError``: the module type
+      of that leaf is unknown.
     wrt: the nnx filter of the optimized variables (``nnx.Optimizer``'s ``wrt``).
 
   Returns:
@@ -180,7 +205,7 @@ def exclude_module_types(
   _check_model(model, "exclude_module_types(model, *types)")
   rules = _normalize_type_rules(types)
   all_paths, owners = _param_owners_by_rule(model, rules, wrt)
-  pred = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched)
+  pred = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched, frozenset(all_paths))
   problems = pred.unmatched(all_paths)
   if problems:
     raise _rules.unmatched_error(
@@ -218,7 +243,8 @@ def hf_trainer_mask(model: nnx.Module, *, wrt: Any = nnx.Param) -> _predicates.P
   read as ``blocks.0.attn_norm.scale``); every other parameter, embeddings included, is
   decayed: ``nnx.BatchNorm``/``GroupNorm``/``RMSNorm`` scales decay unless their
   attribute is named like a norm (``norm``, ``*_norm``, ``*layernorm*``, ``*rmsnorm*``).
-  As in HF, rules that match nothing are fine (a bias-free RMSNorm model does not raise).
+  As in HF, rules that match nothing are fine (a bias-free RMSNorm model does not raise);
+  a tree with a leaf ``model`` does not have (another model's) raises ``ValueError``.
   For every norm type, plus "bias", with the unmatched check: :func:`norm_and_bias_mask`.
 
   Decay convention: none of its own (a mask); the optimizer it is given to keeps its own.
@@ -238,8 +264,9 @@ def hf_trainer_mask(model: nnx.Module, *, wrt: Any = nnx.Param) -> _predicates.P
   """
   _check_model(model, "hf_trainer_mask(model)")
   rules = ((nnx.LayerNorm,),)
-  _, owners = _param_owners_by_rule(model, rules, wrt, skip_root=True)
-  by_type = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched=True)
+  all_paths, owners = _param_owners_by_rule(model, rules, wrt, skip_root=True)
+  by_type = _ModuleTypes(rules, owners, type(model).__name__, allow_unmatched=True,
+                         model_paths=frozenset(all_paths))
   return by_type & _DottedNames(_HF_FORBIDDEN_NAMES)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from optax_decoupled import _fused
@@ -40,6 +43,13 @@ def nnx_train_step(
       memory on CPU; the C++ kernel for ``od.adamw`` with float32 moments) instead of
       ``optimizer.update``; same results to round-off, same optimizer state.
 
+  The optimizer is an ``nnx.Optimizer`` (or an ``nnx.ModelAndOptimizer`` of ``model``).
+
+  Raises:
+    TypeError: at the call, for arguments that are not ``(nnx.Module, nnx.Optimizer)``
+      (swapped, or a bare optax transform); at tracing, for a loss that is not a float
+      scalar, or an output that does not match ``has_aux``.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -50,17 +60,90 @@ def nnx_train_step(
     >>> loss = step(model, opt, jnp.ones((4, 2)), jnp.zeros((4, 1)))
   """
 
+  checked_loss = _checked_loss(loss_fn, has_aux, "nnx_train_step")
+
   def step(model, optimizer, *batch):
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=has_aux, argnums=nnx.DiffState(0, optimizer.wrt))
+    grad_fn = nnx.value_and_grad(checked_loss, has_aux=has_aux,
+                                 argnums=nnx.DiffState(0, optimizer.wrt))
     out, grads = grad_fn(model, *batch)
     if fused:
       _fused_nnx_update(model, optimizer, grads)
     else:
-      optimizer.update(model, grads)
+      # nnx.ModelAndOptimizer.update takes the gradients only; the model is its own.
+      nnx.Optimizer.update(optimizer, model, grads)
     return out
 
   donated = ("model", "optimizer") if donate else None
-  return nnx.jit(step, donate_argnames=donated)
+  jitted = nnx.jit(step, donate_argnames=donated)
+
+  def checked_step(model, optimizer, *batch):
+    _check_nnx_arguments(model, optimizer)
+    return jitted(model, optimizer, *batch)
+
+  for name in ("lower", "trace", "eval_shape"):
+    setattr(checked_step, name, getattr(jitted, name))
+  return checked_step
+
+
+def _check_nnx_arguments(model: Any, optimizer: Any) -> None:
+  """A clear error, before tracing, for arguments that are not ``(model, optimizer)``."""
+  call = "nnx_train_step(loss_fn)(model, optimizer, *batch)"
+  if isinstance(model, nnx.Optimizer) and isinstance(optimizer, nnx.Module):
+    raise TypeError(f"{call}: the model comes first, then the optimizer; got them swapped.")
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{call}: model must be an nnx.Module, got {type(model).__name__}. For "
+                    "linen parameters and a TrainState use odf.linen_train_step.")
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+        f"{call}: optimizer must be an nnx.Optimizer, got {type(optimizer).__name__}. Wrap "
+        "the transform: nnx.Optimizer(model, tx, wrt=nnx.Param).")
+  own = getattr(optimizer, "model", None)
+  if isinstance(optimizer, nnx.ModelAndOptimizer) and own is not model:
+    raise ValueError(f"{call}: this nnx.ModelAndOptimizer holds another model "
+                     f"({type(own).__name__}) than the one passed: pass its .model.")
+
+
+def _checked_loss(loss_fn: Callable[..., Any], has_aux: bool, who: str) -> Callable[..., Any]:
+  """``loss_fn``, whose output is checked at trace time: a scalar float loss (and an aux)."""
+  if not callable(loss_fn):
+    raise TypeError(f"{who}(loss_fn): loss_fn must be callable, got {type(loss_fn).__name__}.")
+
+  @functools.wraps(loss_fn)
+  def checked(*args):
+    out = loss_fn(*args)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):  # jax takes a tuple only
+        raise TypeError(
+            f"{who}(loss_fn, has_aux=True): loss_fn must return a pair (loss, aux), got "
+            f"{_describe_output(out)}. Return (loss, aux), or build the step with "
+            "has_aux=False.")
+      loss = out[0]
+    else:
+      if isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"{who}(loss_fn): loss_fn returned {_describe_output(out)}, not a scalar loss. "
+            "If it returns (loss, aux), build the step with has_aux=True.")
+      loss = out
+    shape = tuple(np.shape(loss))
+    dtype = getattr(loss, "dtype", None) or np.result_type(type(loss))
+    if shape or not jnp.issubdtype(dtype, jnp.floating):
+      fix = ("Reduce it, e.g. return jnp.mean(per_example_losses)" if shape else
+             "Compute it in floating point (gradients of integers are not defined)")
+      raise TypeError(
+          f"{who}(loss_fn): the loss must be a float scalar (shape ()), got "
+          f"{_describe_output(loss)}. {fix}"
+          + (", and return aux in the second slot." if has_aux else "."))
+    return out
+
+  return checked
+
+
+def _describe_output(out: Any) -> str:
+  if isinstance(out, (tuple, list)):
+    return f"a {type(out).__name__} of {len(out)}"
+  if hasattr(out, "shape") and hasattr(out, "dtype"):
+    return f"an array {np.dtype(out.dtype).name}{list(out.shape)}"
+  return f"a {type(out).__name__}"
 
 
 def _fused_nnx_update(model, optimizer, grads) -> None:
@@ -99,6 +182,12 @@ def linen_train_step(
       memory on CPU; the C++ kernel for ``od.adamw`` with float32 moments) instead of
       ``state.apply_gradients``; same results to round-off, same state.
 
+  Raises:
+    TypeError: at the call, for a ``state`` without ``params`` and ``apply_gradients``;
+      at tracing, for a loss that is not a float scalar, or an output that does not
+      match ``has_aux``.
+    RuntimeError: with ``donate``, for a state holding an array an earlier call deleted.
+
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from flax.training import train_state
@@ -112,8 +201,10 @@ def linen_train_step(
     >>> state, loss = odf.linen_train_step(loss_fn)(state, jnp.ones((4, 2)), jnp.zeros((4, 1)))
   """
 
+  checked_loss = _checked_loss(loss_fn, has_aux, "linen_train_step")
+
   def step(state, *batch):
-    out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(state.params, *batch)
+    out, grads = jax.value_and_grad(checked_loss, has_aux=has_aux)(state.params, *batch)
     if not fused:
       return state.apply_gradients(grads=grads), out
     # TrainState.apply_gradients, with the update and its application in one fused step.
@@ -121,11 +212,15 @@ def linen_train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
   jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
-  if not donate:
-    return jitted
 
   def donating_step(state, *batch):
-    _check_not_donated(state, "state")
+    if not (hasattr(state, "params") and hasattr(state, "apply_gradients")):
+      raise TypeError(
+          "linen_train_step(loss_fn)(state, *batch): state must be a TrainState (anything "
+          f"with params and apply_gradients), got {type(state).__name__}. Build it with "
+          "train_state.TrainState.create(apply_fn=..., params=params, tx=tx).")
+    if donate:
+      _check_not_donated(state, "state")
     return jitted(state, *batch)
 
   donating_step.lower = jitted.lower  # type: ignore[attr-defined]
