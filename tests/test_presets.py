@@ -28,6 +28,7 @@ from flax import nnx
 import optax_decoupled as od
 import optax_decoupled.flax as odf
 from optax_decoupled import _paths
+from tests import references
 
 D = 8
 
@@ -243,18 +244,12 @@ def test_type_rules_refuse_a_tree_of_another_model_even_when_unmatched_is_allowe
 
 # ------------------------------------------------------------------------------------- BERT
 
-# google-research/bert optimization.py, AdamWeightDecayOptimizer._do_use_weight_decay, with
+# The oracle: google-research/bert optimization.py, transcribed in tests/references.py, with
 # create_optimizer's exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]; the
 # names are the "/"-joined paths, as TF's variable names are.
-def bert_do_use_weight_decay(param_name, weight_decay_rate=0.01,
-                             exclude_from_weight_decay=("LayerNorm", "layer_norm", "bias")):
-  if not weight_decay_rate:
-    return False
-  if exclude_from_weight_decay:
-    for r in exclude_from_weight_decay:
-      if re.search(r, param_name) is not None:
-        return False
-  return True
+def bert_do_use_weight_decay(param_name):
+  return references.bert_do_use_weight_decay(param_name, 0.01,
+                                             ("LayerNorm", "layer_norm", "bias"))
 
 
 class ModernBertLike(nnx.Module):
