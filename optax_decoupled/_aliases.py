@@ -351,6 +351,8 @@ def bert_adamw(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-6,
     exclude: str | Collection[Any] | None = _predicates.BERT_EXCLUDE,
+    *,
+    allow_unmatched: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""BERT's ``AdamWeightDecayOptimizer``: AdamW without bias correction.
 
@@ -365,7 +367,9 @@ def bert_adamw(
   either spelling passes the unmatched-pattern check; a rule that matches
   nothing is an error (see :func:`exclude_names`). ``exclude=()`` or ``None``
   decays every parameter, as BERT's ``exclude_from_weight_decay=None``. A bare
-  string is one pattern (``exclude="bias"``).
+  string is one pattern (``exclude="bias"``). ``allow_unmatched=True`` lets a
+  rule match nothing (a model without biases, whose bias may also be named
+  otherwise: ``b`` in Haiku), as :func:`exclude_names`'s.
 
   The patterns are case-sensitive, as BERT's: a model that spells its norm
   ``layernorm`` (MindSpore's BERT) leaves the default's norm rule unmatched, which
@@ -390,7 +394,10 @@ def bert_adamw(
   _alias_checks.check_lr_wd(who, learning_rate, weight_decay)
   _transforms.check_adam(who, b1, b2, eps, 0.0)
   patterns = _rules.patterns(exclude, who, "exclude") if exclude is not None else ()
-  mask = _predicates.exclude_names(*patterns) if patterns else None  # BERT: no list, no exclusion.
+  _hyperparams.check_flag(allow_unmatched, "allow_unmatched", who)
+  # BERT: no list, no exclusion.
+  mask = (_predicates.exclude_names(*patterns, allow_unmatched=allow_unmatched) if patterns
+          else None)
   tx = optax.chain(
       _transforms.adam_scaling(b1, b2, eps, 0.0, None, nesterov=False, bias_correction=False),
       _decay.decay(weight_decay, mask, who=who, sign=+1, state=_decay.WeightDecayState),

@@ -429,6 +429,20 @@ def test_bert_adamw_takes_a_bare_string_as_one_pattern():
     od.bert_adamw(0.1, exclude=od.exclude_names("bias"))
 
 
+def test_bert_adamw_on_a_model_without_biases_needs_allow_unmatched():
+  """A bias-free model leaves BERT's "bias" rule unmatched: an error by default (a bias
+  named otherwise would decay silently); with allow_unmatched=True, BERT's rule applies.
+  Oracle: with zero gradients BERT's step is -η·λ·θ on decayed leaves, 0 on excluded ones
+  (google-research/bert optimization.py, _do_use_weight_decay)."""
+  params = {"LayerNorm": {"scale": jnp.full((2,), 3.0)}, "dense": {"kernel": jnp.full((2,), 2.0)}}
+  with pytest.raises(ValueError, match="pattern 'bias' .* matches no parameter"):
+    od.bert_adamw(0.1).init(params)
+  tx = od.bert_adamw(0.1, 0.5, allow_unmatched=True)
+  u, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_allclose(u["dense"]["kernel"], [-0.1, -0.1], rtol=1e-6)
+  np.testing.assert_array_equal(u["LayerNorm"]["scale"], np.zeros(2))
+
+
 def test_bert_adamw_case_insensitive_pattern_for_mindspore_names():
   """MindSpore's BERT spells the norm ``layernorm``: the default rule is unmatched (an
   error); ``(?i)`` makes a case-insensitive pattern that excludes it."""

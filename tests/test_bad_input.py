@@ -154,6 +154,8 @@ BAD = [
     Row("bert-on-model-without-bias",
         lambda: od.bert_adamw(1e-4), ValueError, "matches no parameter",
         params=lambda: {"LayerNorm": {"scale": jnp.ones(2)}, "w": jnp.ones((2, 2))}),
+    Row("bert-allow-unmatched-not-a-bool", lambda: od.bert_adamw(1e-4, allow_unmatched="no"),
+        TypeError, "allow_unmatched"),
     # Non-float leaves the mask decays: decay is defined for floating leaves only.
     Row("int-leaf-decayed", lambda: od.adamw(1e-3), TypeError,
         "floating-point parameters only", params=_int_params),
