@@ -244,6 +244,7 @@ def test_scan_over_steps_equals_the_plain_steps():
   assert_kernel_close(run(od.fused_step(tx)), run(plain_step(tx)), "scan")
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_second_derivatives_of_a_kernel_step_are_the_plain_steps():
   # A Hessian (jacfwd of grad) differentiates the derivative rule itself: its primal output
@@ -411,6 +412,7 @@ def test_a_closed_over_traced_hyperparameter_of_optax_adamw_cannot_be_verified()
   chex.assert_trees_all_equal(got, jax.jit(plain)(0.1))
 
 
+@pytest.mark.slow  # over a second: the quick suite leaves it out
 @needs_kernel
 def test_a_clip_on_bfloat16_weights_is_verified_with_the_gradients_dtype():
   # The clip is read from optax's closures, so the kernel is checked on probes first; the
