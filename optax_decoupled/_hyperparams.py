@@ -75,17 +75,20 @@ class MaskSpec:
 MASK_FACTORY = "_od_mask_factory"
 
 
-# jax.core.Tracer is the one way to tell a traced value from a concrete one (jax's own
-# documentation uses it); looked up once, and listed in BUILD_NOTES. Should a release drop
-# it, a traced value is one without concrete buffers (no ``addressable_shards``).
-_TRACER = getattr(getattr(jax, "core", None), "Tracer", None)
-
-
 def is_traced(x: Any) -> bool:
-  """Whether ``x`` is a value being traced (by ``jit``, ``vmap``, ``grad``...), not data."""
-  if _TRACER is not None:
-    return isinstance(x, _TRACER)
-  return isinstance(x, jax.Array) and not hasattr(x, "addressable_shards")
+  """Whether ``x`` is a value being traced (by ``jit``, ``vmap``, ``grad``...), not data.
+
+  Public APIs only: a traced ``jax.Array`` has no concrete buffers, so reading its
+  ``committed`` property raises ``jax.errors.ConcretizationTypeError`` (under every
+  transformation, on every supported jax); a concrete array answers.
+  """
+  if not isinstance(x, jax.Array):
+    return False
+  try:
+    x.committed  # noqa: B018 - read for its error only.
+  except jax.errors.ConcretizationTypeError:
+    return True
+  return False
 
 
 def _concrete(x: Any) -> float | None:
