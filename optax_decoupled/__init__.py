@@ -5,8 +5,8 @@ import importlib.metadata as _metadata
 from optax_decoupled._aliases import adam_l2 as adam_l2
 from optax_decoupled._aliases import adamw as adamw
 from optax_decoupled._aliases import bert_adamw as bert_adamw
-from optax_decoupled._aliases import sgd_l2 as sgd_l2
-from optax_decoupled._aliases import sgdw as sgdw
+from optax_decoupled._sgd_aliases import sgd_l2 as sgd_l2
+from optax_decoupled._sgd_aliases import sgdw as sgdw
 from optax_decoupled._audit import DecayAudit as DecayAudit
 from optax_decoupled._audit import DecayAuditRow as DecayAuditRow
 from optax_decoupled._audit import audit_decay as audit_decay
