@@ -66,7 +66,12 @@ class LayerDecision:
 
 @dataclasses.dataclass(frozen=True)
 class LayerDecay:
-  """Layer-wise learning-rate decay rules; see :func:`layer_decay`."""
+  """Layer-wise learning-rate decay rules; see :func:`layer_decay`.
+
+  Decay convention: none of its own (it scales updates). After ``od.adamw`` it scales the
+  decay term with the step, so the shrink of layer l is η·γ^(L+1−l)·λ (lr-coupled, as
+  torch's ``AdamW`` on timm's ``param_groups_layer_decay`` groups).
+  """
 
   decay: float
   num_layers: int

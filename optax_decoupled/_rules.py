@@ -52,6 +52,9 @@ class Decision:
   Rules that give a multiplier (``od.decay_multipliers``) set ``weight``; the decisions of a
   whole tree (``od.describe_mask``, ``Predicate.decisions``) also carry the leaf's ``path``
   and ``leaf``.
+
+  Decay convention: none (a decision selects leaves; the transform it is given to applies
+  its own convention).
   """
 
   decay: bool
