@@ -36,10 +36,9 @@ _GRADS = (np.zeros(8),
 
 
 def kernel_agrees(tx: optax.GradientTransformation, target: _targets.Target,
-                  params: Any, grads: Any = None) -> str | None:
+                  params: Any, grads: Any) -> str | None:
   """None when the kernel computes ``tx``'s step on probes of ``params``' structure (and
   ``params``' dtypes, ``grads``' for the gradients), else why it was not trusted."""
-  grads = params if grads is None else grads
   key = (jax.tree.structure(params),
          tuple((jnp.ndim(x), jnp.result_type(x)) for x in jax.tree.leaves(params)),
          tuple(jnp.result_type(x) for x in jax.tree.leaves(grads)))
